@@ -1,0 +1,119 @@
+//! Map layouts shared by the connect4 hook (`rulebpf-ebpf`) and the loader.
+//!
+//! The loader compiles an ordered rule list into three lookup structures; the
+//! hook walks them in a fixed number of steps, whatever the number of rules:
+//!
+//! 1. **Destination address: a 4-step automaton, one step per octet.**
+//!    State [`DFA_ROOT`] reads the first octet; each step looks up
+//!    [`DfaEdge`] `{state, octet}` in `RULEBPF_DFA_EDGES` and, when absent, takes
+//!    `RULEBPF_DFA_DEFAULT[state]` (the "any other octet" transition). After the
+//!    fourth octet the state number is a *port table* id. [`DFA_DEAD`] at any
+//!    step means "no rule can match this address".
+//! 2. **Destination port: an LPM trie keyed by `{table, port}`** (`RULEBPF_PORTS`).
+//!    Each table's port intervals are stored as disjoint prefixes, so the
+//!    longest-prefix match of `{table, port}/48` is the interval holding the port.
+//!    The value is the [`Verdict`]: which rule decided and its origin range.
+//! 3. **Per-rule state**, indexed by [`Verdict::rule`]: `RULEBPF_STATS`
+//!    (per-CPU [`RuleStats`]) and `RULEBPF_CURSOR` (`u64`, the rotating start of
+//!    the origin-port search, shared by all CPUs; the BPF target has 64-bit
+//!    atomics only).
+//!
+//! First-match order and negation are resolved entirely by the compiler; the
+//! hook never sees a rule list.
+#![no_std]
+
+/// Name of the connect4 program in the object file.
+pub const PROGRAM_NAME: &str = "rulebpf_connect4";
+
+/// Map names, as the loader finds them in the object file.
+pub mod map_names {
+    pub const DFA_EDGES: &str = "RULEBPF_DFA_EDGES";
+    pub const DFA_DEFAULT: &str = "RULEBPF_DFA_DEFAULT";
+    pub const PORTS: &str = "RULEBPF_PORTS";
+    pub const STATS: &str = "RULEBPF_STATS";
+    pub const CURSOR: &str = "RULEBPF_CURSOR";
+}
+
+/// Names of the read-only globals the loader sets before the program loads.
+pub mod global_names {
+    /// `u32`: [`super::POLICY_STRICT`] or [`super::POLICY_FALLBACK`].
+    pub const POLICY: &str = "RULEBPF_POLICY";
+}
+
+/// No free port in the range: `connect()` fails with `EADDRNOTAVAIL`.
+pub const POLICY_STRICT: u32 = 0;
+/// No free port in the range: leave the socket alone, the OS picks a port.
+pub const POLICY_FALLBACK: u32 = 1;
+
+/// The automaton's start state.
+pub const DFA_ROOT: u32 = 0;
+/// Transition target meaning "no rule matches any address on this path".
+pub const DFA_DEAD: u32 = u32::MAX;
+/// Number of automaton steps: one per IPv4 octet.
+pub const DFA_STEPS: u32 = 4;
+
+/// Key of `RULEBPF_DFA_EDGES` (hash map, value: next state as `u32`).
+///
+/// Only octets whose next state differs from the state's default are stored.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DfaEdge {
+    pub state: u32,
+    /// The octet value, 0..=255, widened so the key has no padding.
+    pub octet: u32,
+}
+
+/// Data of the `RULEBPF_PORTS` LPM trie key, big-endian so that prefixes
+/// compare bit by bit: the first 32 bits select the table, the next 16 the port.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub table_be: [u8; 4],
+    pub port_be: [u8; 2],
+}
+
+/// Bits in a [`PortKey`]: a full-length lookup uses this prefix length.
+pub const PORT_KEY_BITS: u32 = 48;
+
+impl PortKey {
+    pub const fn new(table: u32, port: u16) -> Self {
+        Self {
+            table_be: table.to_be_bytes(),
+            port_be: port.to_be_bytes(),
+        }
+    }
+}
+
+/// Value of `RULEBPF_PORTS`: the decision for a destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    /// Index of the deciding rule in the compiled rule list (not its line):
+    /// the index into `RULEBPF_STATS` and `RULEBPF_CURSOR`.
+    pub rule: u32,
+    /// First origin port; `0` means "let the OS choose".
+    pub org_lo: u16,
+    /// Last origin port (inclusive); equal to `org_lo` for a single port.
+    pub org_hi: u16,
+}
+
+/// Value of `RULEBPF_STATS` (per-CPU array indexed by rule).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    /// connect() calls this rule decided.
+    pub matched: u64,
+    /// Sockets bound to an origin port of the rule's range.
+    pub bound: u64,
+    /// connect() calls for which no port of the range could be bound.
+    pub exhausted: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are `repr(C)` plain integers without padding.
+    unsafe impl aya::Pod for super::DfaEdge {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::Verdict {}
+    unsafe impl aya::Pod for super::RuleStats {}
+}

@@ -1,0 +1,126 @@
+//! Finding the cgroup v2 directory a rule set is attached to.
+//!
+//! `--cgroup` takes an absolute path or one relative to the cgroup2 mount,
+//! which is found in /proc/mounts (on hybrid hosts it is
+//! /sys/fs/cgroup/unified, not /sys/fs/cgroup).
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+
+/// A cgroup v2 directory and its id (the directory's inode number, which is
+/// what the kernel reports as the cgroup id for cgroup2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup {
+    pub path: PathBuf,
+    pub id: u64,
+}
+
+/// The first cgroup2 mount point listed in /proc/mounts.
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mount_of_type(&mounts, "cgroup2")
+        .context("no cgroup2 file system in /proc/mounts: rulebpf needs cgroup v2")
+}
+
+/// The mount point of the first file system of type `fstype` in a
+/// /proc/mounts text (octal escapes such as `\040` decoded).
+pub fn mount_of_type(mounts: &str, fstype: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_dev, dir, ty) = (fields.next()?, fields.next()?, fields.next()?);
+        (ty == fstype).then(|| PathBuf::from(unescape_mount_path(dir)))
+    })
+}
+
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len() + 1
+            && let Some(code) = s
+                .get(i + 1..i + 4)
+                .and_then(|oct| u8::from_str_radix(oct, 8).ok())
+        {
+            out.push(code);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Cgroup {
+    /// Resolves `arg` (absolute, or relative to the cgroup2 mount) to an
+    /// existing cgroup v2 directory.
+    pub fn resolve(arg: &Path) -> anyhow::Result<Self> {
+        let root = cgroup2_mount()?;
+        let path = if arg.is_absolute() {
+            arg.to_path_buf()
+        } else {
+            root.join(arg)
+        };
+        let meta = fs::metadata(&path)
+            .with_context(|| format!("cgroup {}: no such directory", path.display()))?;
+        if !meta.is_dir() || !path.join("cgroup.procs").exists() {
+            bail!("{} is not a cgroup directory", path.display());
+        }
+        if !path.starts_with(&root) {
+            bail!(
+                "{} is not under the cgroup2 mount {} (rulebpf needs cgroup v2)",
+                path.display(),
+                root.display()
+            );
+        }
+        Ok(Self {
+            path,
+            id: meta.ino(),
+        })
+    }
+
+    /// The path relative to the cgroup2 mount, for display (`/` for the root).
+    pub fn display_path(&self) -> String {
+        match cgroup2_mount() {
+            Ok(root) => match self.path.strip_prefix(&root) {
+                Ok(rel) => format!("/{}", rel.display()),
+                Err(_) => self.path.display().to_string(),
+            },
+            Err(_) => self.path.display().to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_on_a_hybrid_host() {
+        let mounts = "sysfs /sys sysfs rw 0 0\n\
+                      tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            mount_of_type(mounts, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(mount_of_type(mounts, "bpf"), None);
+    }
+
+    #[test]
+    fn decodes_escaped_mount_points() {
+        let mounts = "none /mnt/with\\040space cgroup2 rw 0 0\n";
+        assert_eq!(
+            mount_of_type(mounts, "cgroup2"),
+            Some(PathBuf::from("/mnt/with space"))
+        );
+    }
+}

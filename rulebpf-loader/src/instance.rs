@@ -1,0 +1,371 @@
+//! One attached rule set per cgroup: its kernel objects pinned in bpffs, its
+//! description in /run, and the atomic swap between rule sets.
+//!
+//! ```text
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/link          the cgroup link (keeps the hook attached)
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/prog  the program of rule set N
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/RULEBPF_*  its maps
+//! /run/rulebpf/cg-<cgroup id>/state.json            cgroup, file, rules of set N
+//! /run/rulebpf/cg-<cgroup id>/lock                  serialises attach/detach
+//! ```
+//!
+//! **Swap.** A new rule set is a new program with its own, fully written maps;
+//! `BPF_LINK_UPDATE` then replaces the program on the link in one step. Each
+//! connect() runs either the old program with the old maps or the new one with
+//! the new maps, never a mix; the old objects are freed by the kernel once no
+//! CPU runs them (RCU). Nothing before the update touches what is in force, so
+//! any failure leaves the old rules as they were.
+//! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L863
+
+use std::{
+    fs::{self, File},
+    io::Write as _,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    maps::MapData,
+    programs::{
+        CgroupAttachMode,
+        cgroup_sock_addr::CgroupSockAddrLink,
+        links::{FdLink, PinnedLink},
+    },
+};
+use rulebpf_common::{RuleStats, map_names};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cgroup::{self, Cgroup},
+    maps::{self, Policy},
+    ruleset::RuleSet,
+};
+
+/// Where every instance pins its objects.
+pub const BPFFS_DIR: &str = "/sys/fs/bpf/rulebpf";
+/// Where every instance keeps its description.
+pub const RUN_DIR: &str = "/run/rulebpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What `status` and `stats` know about an attached rule set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub rules_file: PathBuf,
+    /// Rule sets attached to this cgroup so far; names the `gen-<N>` pins.
+    pub generation: u64,
+    pub program_id: u32,
+    pub policy: Policy,
+    /// Instructions the verifier processed for the program (kernel 5.16+).
+    pub verified_insns: Option<u32>,
+    /// Seconds since the Unix epoch.
+    pub attached_at: u64,
+    pub updated_at: u64,
+    /// In compiled order: `RULEBPF_STATS[i]` counts `rules[i]`.
+    pub rules: Vec<RuleInfo>,
+    /// Names that did not resolve when the set was compiled.
+    pub unresolved: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RuleInfo {
+    pub line: u32,
+    pub text: String,
+}
+
+/// The rulebpf instance of one cgroup (attached or not).
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub cgroup_id: u64,
+    bpf_dir: PathBuf,
+    run_dir: PathBuf,
+}
+
+/// Result of [`Instance::apply`].
+#[derive(Debug)]
+pub struct Applied {
+    pub state: State,
+    /// True when rules were already attached and have been swapped.
+    pub swapped: bool,
+}
+
+/// Holds the per-instance lock until dropped.
+struct Lock(#[allow(dead_code)] File);
+
+impl Instance {
+    pub fn of(cgroup: &Cgroup) -> Self {
+        Self::from_id(cgroup.id)
+    }
+
+    fn from_id(cgroup_id: u64) -> Self {
+        let name = format!("cg-{cgroup_id}");
+        Self {
+            cgroup_id,
+            bpf_dir: Path::new(BPFFS_DIR).join(&name),
+            run_dir: Path::new(RUN_DIR).join(&name),
+        }
+    }
+
+    /// Every instance with objects pinned in bpffs.
+    pub fn all() -> anyhow::Result<Vec<Self>> {
+        let entries = match fs::read_dir(BPFFS_DIR) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(e).context(BPFFS_DIR),
+        };
+        let mut out: Vec<Self> = entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name();
+                let id = name.to_str()?.strip_prefix("cg-")?.parse().ok()?;
+                Some(Self::from_id(id))
+            })
+            .collect();
+        out.sort_by_key(|i| i.cgroup_id);
+        Ok(out)
+    }
+
+    /// The instance whose recorded cgroup path is `path` (for a cgroup that
+    /// no longer exists, so has no id to look up).
+    pub fn by_recorded_path(path: &Path) -> anyhow::Result<Option<Self>> {
+        let root = cgroup::cgroup2_mount()?;
+        let wanted = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            root.join(path)
+        };
+        for instance in Self::all()? {
+            if instance.state()?.is_some_and(|s| s.cgroup == wanted) {
+                return Ok(Some(instance));
+            }
+        }
+        Ok(None)
+    }
+
+    fn link_path(&self) -> PathBuf {
+        self.bpf_dir.join("link")
+    }
+
+    fn gen_dir(&self, generation: u64) -> PathBuf {
+        self.bpf_dir.join(format!("gen-{generation}"))
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.run_dir.join("state.json")
+    }
+
+    /// Whether the cgroup link is pinned (the hook is in force).
+    pub fn is_attached(&self) -> bool {
+        self.link_path().exists()
+    }
+
+    /// The description of the rule set in force, if any.
+    pub fn state(&self) -> anyhow::Result<Option<State>> {
+        match fs::read(self.state_path()) {
+            Ok(bytes) => {
+                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+                    self.state_path().display().to_string()
+                })?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context(self.state_path().display().to_string()),
+        }
+    }
+
+    fn lock(&self) -> anyhow::Result<Lock> {
+        fs::create_dir_all(&self.run_dir).with_context(|| self.run_dir.display().to_string())?;
+        let file = File::create(self.run_dir.join("lock"))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking the instance");
+        }
+        Ok(Lock(file))
+    }
+
+    /// Puts `set` in force on `cgroup`: attaches, or swaps atomically when a
+    /// rule set is already attached. On error, what was in force stays.
+    pub fn apply(&self, cgroup: &Cgroup, set: &RuleSet, policy: Policy) -> anyhow::Result<Applied> {
+        ensure_bpffs()?;
+        let _lock = self.lock()?;
+        let previous = self.state()?;
+        let attached = self.is_attached();
+        let generation = previous.as_ref().map_or(0, |s| s.generation) + 1;
+
+        let mut ebpf = maps::load(&set.compiled, policy)?;
+        let gen_dir = self.gen_dir(generation);
+        let cleanup = RemoveOnDrop(Some(gen_dir.clone()));
+        fs::create_dir_all(&gen_dir).with_context(|| gen_dir.display().to_string())?;
+        for (name, map) in ebpf.maps() {
+            if !name.starts_with('.') {
+                map.pin(gen_dir.join(name))
+                    .with_context(|| format!("pinning map {name}"))?;
+            }
+        }
+        let program = maps::program(&mut ebpf)?;
+        program
+            .pin(gen_dir.join("prog"))
+            .context("pinning the program")?;
+        let info = program.info()?;
+
+        if attached {
+            let pinned =
+                PinnedLink::from_pin(self.link_path()).context("opening the pinned link")?;
+            let link = CgroupSockAddrLink::try_from(FdLink::from(pinned))?;
+            program
+                .attach_to_link(link)
+                .context("swapping the program on the cgroup link")?;
+        } else {
+            let cgroup_dir =
+                File::open(&cgroup.path).with_context(|| cgroup.path.display().to_string())?;
+            // A cgroup link is always multi-attach: other connect4 programs
+            // (systemd's, a CNI's) keep running, and with nested rulebpf
+            // instances the innermost binds first and the outer ones see a
+            // bound socket. link_create takes no flags (EINVAL otherwise):
+            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
+            let id = program
+                .attach(cgroup_dir, CgroupAttachMode::Single)
+                .context("attaching to the cgroup")?;
+            let link: FdLink = program.take_link(id)?.try_into()?;
+            link.pin(self.link_path()).context("pinning the link")?;
+        }
+        cleanup.keep();
+
+        let now = unix_now();
+        let state = State {
+            cgroup: cgroup.path.clone(),
+            cgroup_id: cgroup.id,
+            rules_file: set.path.clone(),
+            generation,
+            program_id: info.id(),
+            policy,
+            verified_insns: info.verified_instruction_count(),
+            attached_at: previous
+                .as_ref()
+                .filter(|_| attached)
+                .map_or(now, |s| s.attached_at),
+            updated_at: now,
+            rules: set
+                .rules
+                .iter()
+                .map(|r| RuleInfo {
+                    line: r.line,
+                    text: r.text.clone(),
+                })
+                .collect(),
+            unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
+        };
+        self.write_state(&state)?;
+        self.remove_generations_except(Some(generation))?;
+        Ok(Applied {
+            state,
+            swapped: attached,
+        })
+    }
+
+    /// Removes the hook and every pinned object. Returns false when nothing
+    /// was attached.
+    pub fn detach(&self) -> anyhow::Result<bool> {
+        let _lock = self.lock()?;
+        let had_link = self.is_attached();
+        if had_link {
+            // The link is released with its last reference (this pin): the
+            // kernel detaches the program then.
+            fs::remove_file(self.link_path()).context("removing the pinned link")?;
+        }
+        self.remove_generations_except(None)?;
+        let _ = fs::remove_dir(&self.bpf_dir);
+        let _ = fs::remove_file(self.state_path());
+        Ok(had_link)
+    }
+
+    /// Per-rule counters of the rule set in force, with its description.
+    pub fn stats(&self) -> anyhow::Result<(State, Vec<RuleStats>)> {
+        let state = self
+            .state()?
+            .with_context(|| format!("instance cg-{} has no state", self.cgroup_id))?;
+        let path = self.gen_dir(state.generation).join(map_names::STATS);
+        let map = MapData::from_pin(&path).with_context(|| path.display().to_string())?;
+        let stats = maps::read_stats(map, state.rules.len() as u32)?;
+        Ok((state, stats))
+    }
+
+    fn write_state(&self, state: &State) -> anyhow::Result<()> {
+        let tmp = self.run_dir.join("state.json.tmp");
+        let mut file = File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec_pretty(state)?)?;
+        file.sync_all()?;
+        fs::rename(&tmp, self.state_path())?;
+        Ok(())
+    }
+
+    fn remove_generations_except(&self, keep: Option<u64>) -> anyhow::Result<()> {
+        let Ok(entries) = fs::read_dir(&self.bpf_dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(generation) = name.to_str().and_then(|n| n.strip_prefix("gen-")) else {
+                continue;
+            };
+            if keep.is_some_and(|k| generation == k.to_string()) {
+                continue;
+            }
+            remove_pins(&entry.path())?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes a directory of pins (bpffs has no recursive unlink).
+fn remove_pins(dir: &Path) -> anyhow::Result<()> {
+    for entry in fs::read_dir(dir)?.flatten() {
+        fs::remove_file(entry.path()).with_context(|| entry.path().display().to_string())?;
+    }
+    fs::remove_dir(dir).with_context(|| dir.display().to_string())
+}
+
+/// Removes a half-written generation if the apply fails before the swap.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = remove_pins(&dir);
+            // The instance directory too, when this was the first attach.
+            if let Some(parent) = dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+/// bpffs must be mounted at /sys/fs/bpf for the pins to outlive the loader.
+fn ensure_bpffs() -> anyhow::Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    let c_path = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
+    // SAFETY: statfs into a zeroed struct we own.
+    let mut fs_info: libc::statfs = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::statfs(c_path.as_ptr(), &mut fs_info) } == 0;
+    if !ok || fs_info.f_type as i64 != BPF_FS_MAGIC {
+        bail!(
+            "no bpf file system at {}: mount it with `mount -t bpf bpf /sys/fs/bpf`",
+            root.display()
+        );
+    }
+    fs::create_dir_all(BPFFS_DIR).with_context(|| BPFFS_DIR.to_string())?;
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,9 @@
+//! rulebpf: tcpoport.ini origin-port rules enforced in the kernel.
+pub mod cgroup;
+pub mod compile;
+pub mod instance;
+pub mod maps;
+pub mod report;
+pub mod resolve;
+pub mod rules;
+pub mod ruleset;

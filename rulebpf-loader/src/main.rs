@@ -1,0 +1,157 @@
+//! `rulebpf`: the command line. Thin glue over the library; see `--help`.
+
+use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use rulebpf_loader::{
+    cgroup::Cgroup,
+    instance::Instance,
+    maps::Policy,
+    report,
+    ruleset::{RuleFileError, RuleSet},
+};
+
+/// Origin (source) ports for outgoing TCP connections, chosen in the kernel
+/// by tcpoport.ini rules, for every program in a cgroup.
+///
+/// Exit status: 0 success, 1 runtime failure, 2 bad input or usage.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and compile a rule file; print a summary or every error
+    /// (`file:line:col: message`).
+    Check {
+        rules: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which rule decides a destination, and the origin ports it gives.
+    Explain {
+        rules: PathBuf,
+        /// Destination as IPv4:PORT, e.g. 10.1.2.3:21.
+        destination: SocketAddrV4,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load the rules and attach them to a cgroup. They stay in force after
+    /// this command exits; attaching again swaps the rules atomically.
+    Attach {
+        /// cgroup v2 directory: absolute, or relative to the cgroup2 mount.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// When no origin port of a rule's range is free: `strict` fails
+        /// connect() with EADDRNOTAVAIL, `fallback` lets the OS choose.
+        #[arg(long, value_enum, default_value_t = Policy::Strict)]
+        policy: Policy,
+        rules: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the hook from a cgroup, with all its pinned objects.
+    Detach {
+        #[arg(long)]
+        cgroup: PathBuf,
+    },
+    /// List attached instances: cgroup, rule file, rule count.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-rule counters: connects matched, ports bound, ranges exhausted.
+    Stats {
+        /// Only this cgroup's instance.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error in what the user gave us (exit status 2), as opposed to a
+/// failure while acting on valid input (exit status 1).
+#[derive(Debug)]
+struct BadInput(anyhow::Error);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn bad_input(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    BadInput(e.into()).into()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.downcast_ref::<RuleFileError>().is_some() || e.downcast_ref::<BadInput>().is_some()
+            {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("rulebpf: {e:#}");
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Check { rules, json } => {
+            let set = RuleSet::load(&rules)?;
+            report::check(&set, json)
+        }
+        Command::Explain {
+            rules,
+            destination,
+            json,
+        } => {
+            let set = RuleSet::load(&rules)?;
+            report::explain(&set, destination, json)
+        }
+        Command::Attach {
+            cgroup,
+            policy,
+            rules,
+            json,
+        } => {
+            let cgroup = Cgroup::resolve(&cgroup).map_err(bad_input)?;
+            let set = RuleSet::load(&rules)?;
+            let applied = Instance::of(&cgroup).apply(&cgroup, &set, policy)?;
+            report::applied(&set, &applied, json)
+        }
+        Command::Detach { cgroup } => {
+            let instance = match Cgroup::resolve(&cgroup) {
+                Ok(cg) => Instance::of(&cg),
+                // A deleted cgroup: find its instance by the recorded path.
+                Err(e) => Instance::by_recorded_path(&cgroup)?.ok_or_else(|| bad_input(e))?,
+            };
+            if instance.detach()? {
+                println!("detached from {}", cgroup.display());
+            } else {
+                println!("nothing attached to {}", cgroup.display());
+            }
+            Ok(())
+        }
+        Command::Status { json } => report::status(&Instance::all()?, json),
+        Command::Stats { cgroup, json } => {
+            let instances = match cgroup {
+                Some(cg) => vec![Instance::of(&Cgroup::resolve(&cg).map_err(bad_input)?)],
+                None => Instance::all()?,
+            };
+            report::stats(&instances, json)
+        }
+    }
+}

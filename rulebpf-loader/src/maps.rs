@@ -1,0 +1,140 @@
+//! A compiled rule set -> a freshly loaded eBPF object whose maps hold it.
+//!
+//! Every rule set gets its own object (program + maps, sized exactly): the
+//! running program's maps are never edited in place, which is what makes the
+//! swap in [`crate::instance`] atomic.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupSockAddr, ProgramError},
+};
+use rulebpf_common::{DfaEdge, PortKey, RuleStats, Verdict, global_names, map_names};
+
+use crate::compile::Compiled;
+
+/// The connect4 object built by build.rs from `rulebpf-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rulebpf"));
+
+/// What the hook does when no port of a rule's range is free.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// connect() fails with EADDRNOTAVAIL.
+    #[default]
+    Strict,
+    /// The OS chooses the port, as if no rule matched.
+    Fallback,
+}
+
+impl Policy {
+    fn as_global(self) -> u32 {
+        match self {
+            Self::Strict => rulebpf_common::POLICY_STRICT,
+            Self::Fallback => rulebpf_common::POLICY_FALLBACK,
+        }
+    }
+}
+
+/// Loads the object with maps sized for `compiled` and filled with it, and
+/// the connect4 program verified by the kernel (not yet attached).
+pub fn load(compiled: &Compiled, policy: Policy) -> anyhow::Result<Ebpf> {
+    use anyhow::Context as _;
+    let size = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+    let policy = policy.as_global();
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(map_names::DFA_EDGES, size(compiled.edges.len()))
+        .map_max_entries(map_names::DFA_DEFAULT, size(compiled.defaults.len()))
+        .map_max_entries(map_names::PORTS, size(compiled.ports.len()))
+        .map_max_entries(map_names::STATS, size(compiled.rule_count as usize))
+        .map_max_entries(map_names::CURSOR, size(compiled.rule_count as usize))
+        .override_global(global_names::POLICY, &policy, true)
+        .load(OBJECT)
+        .context("creating the eBPF maps")?;
+    fill(&mut ebpf, compiled).context("writing the rules into the maps")?;
+    program(&mut ebpf)?
+        .load()
+        .map_err(explain_verifier)
+        .context("loading the connect4 program")?;
+    Ok(ebpf)
+}
+
+/// The connect4 program of a loaded object.
+pub fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut CgroupSockAddr> {
+    let prog = ebpf
+        .program_mut(rulebpf_common::PROGRAM_NAME)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "program {} missing from the object",
+                rulebpf_common::PROGRAM_NAME
+            )
+        })?;
+    Ok(prog.try_into()?)
+}
+
+fn explain_verifier(error: ProgramError) -> anyhow::Error {
+    match error {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            anyhow::anyhow!("the kernel refused the program: {io_error}\n{verifier_log}")
+        }
+        other => other.into(),
+    }
+}
+
+fn fill(ebpf: &mut Ebpf, compiled: &Compiled) -> anyhow::Result<()> {
+    let mut edges: HashMap<_, DfaEdge, u32> = take(ebpf, map_names::DFA_EDGES)?;
+    for (edge, next) in &compiled.edges {
+        edges.insert(edge, next, 0)?;
+    }
+    let mut defaults: Array<_, u32> = take(ebpf, map_names::DFA_DEFAULT)?;
+    for (state, next) in compiled.defaults.iter().enumerate() {
+        defaults.set(state as u32, next, 0)?;
+    }
+    let mut ports: LpmTrie<_, PortKey, Verdict> = take(ebpf, map_names::PORTS)?;
+    for ((len, key), verdict) in &compiled.ports {
+        ports.insert(&Key::new(*len, *key), verdict, 0)?;
+    }
+    Ok(())
+}
+
+/// A map of the object, borrowed mutably as its typed view.
+fn take<'a, V>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<V>
+where
+    V: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| anyhow::anyhow!("map {name} missing from the object"))?;
+    Ok(V::try_from(map)?)
+}
+
+/// Per-rule counters summed over CPUs, read from a pinned stats map.
+pub fn read_stats(stats: MapData, rule_count: u32) -> anyhow::Result<Vec<RuleStats>> {
+    let map = aya::maps::Map::PerCpuArray(stats);
+    let stats: PerCpuArray<_, RuleStats> = PerCpuArray::try_from(map)?;
+    (0..rule_count.min(stats.len()))
+        .map(|i| {
+            let per_cpu = stats.get(&i, 0)?;
+            Ok(per_cpu
+                .iter()
+                .fold(RuleStats::default(), |sum, s| RuleStats {
+                    matched: sum.matched + s.matched,
+                    bound: sum.bound + s.bound,
+                    exhausted: sum.exhausted + s.exhausted,
+                }))
+        })
+        .collect()
+}

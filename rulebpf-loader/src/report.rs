@@ -1,0 +1,257 @@
+//! What the commands print: one function per command, text for people and
+//! `--json` for scripts (one JSON document on stdout).
+
+use std::net::SocketAddrV4;
+
+use anyhow::bail;
+use serde_json::{Value, json};
+
+use crate::{
+    instance::{Applied, Instance},
+    rules::{Origin, Rule},
+    ruleset::RuleSet,
+};
+
+fn print_json(value: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn origin_json(origin: Origin) -> Value {
+    match origin {
+        Origin::Os => json!({ "os_choice": true }),
+        Origin::Range(r) => json!({ "os_choice": false, "first": r.lo, "last": r.hi }),
+    }
+}
+
+/// Warnings every command that compiles a file shows.
+fn name_warnings(set: &RuleSet) {
+    for failure in &set.name_failures {
+        for rule in set
+            .rules
+            .iter()
+            .filter(|r| r.dest == crate::rules::Dest::Name(failure.name.clone()))
+        {
+            eprintln!(
+                "warning: {}:{}: `{}` did not resolve ({}); this rule matches nothing",
+                set.path.display(),
+                rule.line,
+                failure.name,
+                failure.reason
+            );
+        }
+    }
+}
+
+fn summary_json(set: &RuleSet) -> Value {
+    let c = &set.compiled;
+    json!({
+        "file": set.path,
+        "rules": set.rules.len(),
+        "names": set.names.len(),
+        "unresolved_names": set.name_failures.iter().map(|f| json!({"name": f.name, "reason": f.reason})).collect::<Vec<_>>(),
+        "automaton_states": c.defaults.len(),
+        "automaton_edges": c.edges.len(),
+        "port_tables": c.tables,
+        "port_prefixes": c.ports.len(),
+        "compile_seconds": set.compile_time.as_secs_f64(),
+    })
+}
+
+pub fn check(set: &RuleSet, json: bool) -> anyhow::Result<()> {
+    name_warnings(set);
+    if json {
+        return print_json(&summary_json(set));
+    }
+    let c = &set.compiled;
+    println!(
+        "{}: {} rules OK ({} DNS names); compiled in {:.1?} into {} automaton states, \
+         {} edges, {} port tables ({} prefixes)",
+        set.path.display(),
+        set.rules.len(),
+        set.names.len(),
+        set.compile_time,
+        c.defaults.len(),
+        c.edges.len(),
+        c.tables,
+        c.ports.len()
+    );
+    Ok(())
+}
+
+pub fn explain(set: &RuleSet, dest: SocketAddrV4, json: bool) -> anyhow::Result<()> {
+    name_warnings(set);
+    let verdict = set.compiled.lookup(*dest.ip(), dest.port());
+    let reference = set.first_match(*dest.ip(), dest.port());
+    if verdict.map(|v| v.rule as usize) != reference {
+        bail!(
+            "internal error: compiled lookup chose rule {:?}, first match chose {:?}; please report",
+            verdict.map(|v| v.rule),
+            reference
+        );
+    }
+    let rule: Option<&Rule> = reference.map(|i| &set.rules[i]);
+    if json {
+        return print_json(&json!({
+            "destination": dest.to_string(),
+            "matched": rule.map(|r| json!({ "line": r.line, "text": r.text, "origin": origin_json(r.origin) })),
+        }));
+    }
+    match rule {
+        None => println!("{dest}: no rule matches; the OS chooses the origin port"),
+        Some(r) => {
+            println!("{dest}: line {} decides: `{}`", r.line, r.text);
+            match r.origin {
+                Origin::Os => println!("  origin port: chosen by the OS (the rule says 0)"),
+                Origin::Range(range) => println!(
+                    "  origin port: {range} ({} port{})",
+                    range.len(),
+                    if range.len() == 1 { "" } else { "s" }
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn applied(set: &RuleSet, applied: &Applied, json: bool) -> anyhow::Result<()> {
+    name_warnings(set);
+    let s = &applied.state;
+    if json {
+        return print_json(&json!({
+            "cgroup": s.cgroup,
+            "cgroup_id": s.cgroup_id,
+            "swapped": applied.swapped,
+            "generation": s.generation,
+            "program_id": s.program_id,
+            "verified_insns": s.verified_insns,
+            "policy": s.policy,
+            "summary": summary_json(set),
+        }));
+    }
+    println!(
+        "{} {} ({} rules) {} {}: program {}, {} instructions verified, policy {:?}",
+        if applied.swapped {
+            "swapped in"
+        } else {
+            "attached"
+        },
+        set.path.display(),
+        s.rules.len(),
+        if applied.swapped { "on" } else { "to" },
+        s.cgroup.display(),
+        s.program_id,
+        s.verified_insns.map_or("?".into(), |n| n.to_string()),
+        s.policy,
+    );
+    Ok(())
+}
+
+pub fn status(instances: &[Instance], json: bool) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for instance in instances {
+        let state = instance.state()?;
+        rows.push(json!({
+            "cgroup_id": instance.cgroup_id,
+            "attached": instance.is_attached(),
+            "cgroup": state.as_ref().map(|s| &s.cgroup),
+            "cgroup_exists": state.as_ref().map(|s| s.cgroup.exists()),
+            "rules_file": state.as_ref().map(|s| &s.rules_file),
+            "rules": state.as_ref().map(|s| s.rules.len()),
+            "generation": state.as_ref().map(|s| s.generation),
+            "policy": state.as_ref().map(|s| s.policy),
+            "program_id": state.as_ref().map(|s| s.program_id),
+            "verified_insns": state.as_ref().and_then(|s| s.verified_insns),
+            "attached_at": state.as_ref().map(|s| s.attached_at),
+            "updated_at": state.as_ref().map(|s| s.updated_at),
+            "unresolved_names": state.as_ref().map(|s| &s.unresolved),
+        }));
+    }
+    if json {
+        return print_json(&Value::Array(rows));
+    }
+    if rows.is_empty() {
+        println!("no rulebpf instance attached");
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:>6} {:>4} {:<9} RULES FILE",
+        "CGROUP", "RULES", "GEN", "POLICY"
+    );
+    for (row, instance) in rows.iter().zip(instances) {
+        let text = |k: &str| match &row[k] {
+            Value::String(s) => s.clone(),
+            Value::Null => "-".into(),
+            v => v.to_string(),
+        };
+        let mut cgroup = text("cgroup");
+        if row["cgroup_exists"] == json!(false) {
+            cgroup.push_str(" (gone)");
+        }
+        if !instance.is_attached() {
+            cgroup.push_str(" (not attached)");
+        }
+        println!(
+            "{:<32} {:>6} {:>4} {:<9} {}",
+            cgroup,
+            text("rules"),
+            text("generation"),
+            text("policy"),
+            text("rules_file")
+        );
+    }
+    Ok(())
+}
+
+pub fn stats(instances: &[Instance], json: bool) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    for instance in instances {
+        let (state, stats) = instance.stats()?;
+        let rules: Vec<Value> = state
+            .rules
+            .iter()
+            .zip(&stats)
+            .map(|(rule, s)| {
+                json!({
+                    "line": rule.line,
+                    "text": rule.text,
+                    "matched": s.matched,
+                    "bound": s.bound,
+                    "exhausted": s.exhausted,
+                })
+            })
+            .collect();
+        out.push(json!({
+            "cgroup": state.cgroup,
+            "rules_file": state.rules_file,
+            "generation": state.generation,
+            "rules": rules,
+        }));
+    }
+    if json {
+        return print_json(&Value::Array(out));
+    }
+    for instance in &out {
+        println!(
+            "{} ({}, rule set {}):",
+            instance["cgroup"].as_str().unwrap_or("?"),
+            instance["rules_file"].as_str().unwrap_or("?"),
+            instance["generation"]
+        );
+        println!(
+            "  {:>6} {:>12} {:>12} {:>10}  RULE",
+            "LINE", "MATCHED", "BOUND", "EXHAUSTED"
+        );
+        for rule in instance["rules"].as_array().into_iter().flatten() {
+            println!(
+                "  {:>6} {:>12} {:>12} {:>10}  {}",
+                rule["line"],
+                rule["matched"],
+                rule["bound"],
+                rule["exhausted"],
+                rule["text"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

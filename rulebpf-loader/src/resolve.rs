@@ -1,0 +1,109 @@
+//! DNS names in rules -> IPv4 addresses, with the system resolver.
+//!
+//! getaddrinfo(3) is used (through the standard library), so /etc/hosts and
+//! nsswitch.conf are honoured exactly as for the gateway itself. Every IPv4
+//! address of a name is kept: a rule on a name covers all of them. Names are
+//! resolved by the loader, never in the kernel.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr, ToSocketAddrs as _},
+    thread,
+};
+
+use crate::{
+    compile::Names,
+    rules::{Dest, Rule},
+};
+
+/// A name that did not resolve, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameFailure {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The distinct DNS names used by `rules`, in first-use order.
+pub fn names_in(rules: &[Rule]) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    rules
+        .iter()
+        .filter_map(|r| match &r.dest {
+            Dest::Name(name) if seen.insert(name.clone()) => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Resolves every name (in parallel: a gateway's file can name many hosts).
+pub fn resolve_all(names: &[String]) -> (Names, Vec<NameFailure>) {
+    let results: Vec<(String, Result<Vec<Ipv4Addr>, String>)> = thread::scope(|scope| {
+        let handles: Vec<_> = names
+            .chunks(names.len().div_ceil(16).max(1))
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|n| (n.clone(), resolve(n)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut resolved = Names::new();
+    let mut failures = Vec::new();
+    for (name, result) in results {
+        match result {
+            Ok(addrs) => {
+                resolved.insert(name, addrs);
+            }
+            Err(reason) => failures.push(NameFailure { name, reason }),
+        }
+    }
+    (resolved, failures)
+}
+
+/// All IPv4 addresses of `name`, sorted, or why there are none.
+pub fn resolve(name: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let addrs = (name, 0).to_socket_addrs().map_err(|e| e.to_string())?;
+    let v4: BTreeSet<Ipv4Addr> = addrs
+        .filter_map(|a| match a {
+            SocketAddr::V4(v4) => Some(*v4.ip()),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    if v4.is_empty() {
+        return Err("no IPv4 address".into());
+    }
+    Ok(v4.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn localhost_resolves_through_the_system_resolver() {
+        assert!(resolve("localhost").unwrap().contains(&Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn a_name_that_cannot_exist_fails_with_a_reason() {
+        let (names, failures) = resolve_all(&["does-not-exist.invalid".to_string()]);
+        assert!(names.is_empty());
+        assert_eq!(failures.len(), 1);
+        assert!(!failures[0].reason.is_empty());
+    }
+
+    #[test]
+    fn names_are_listed_once_in_first_use_order() {
+        let rules =
+            crate::rules::parse("b.example * : 1\n1.2.3.4 * : 1\na.example * : 1\nb.example 2 : 1")
+                .unwrap();
+        assert_eq!(names_in(&rules), ["b.example", "a.example"]);
+    }
+}

@@ -1,0 +1,129 @@
+//! A rule file made ready for the kernel: read, parsed, names resolved,
+//! compiled. Nothing here touches the kernel, so `check` and `explain` use it
+//! as they are, and `attach` only proceeds once it succeeded as a whole.
+
+use std::{
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    compile::{self, CompileError, Compiled, Names},
+    resolve::{self, NameFailure},
+    rules::{self, Dest, ParseError, Rule},
+};
+
+/// A rule file that compiled.
+#[derive(Debug)]
+pub struct RuleSet {
+    pub path: PathBuf,
+    pub rules: Vec<Rule>,
+    pub names: Names,
+    /// Names that did not resolve: their rules match nothing.
+    pub name_failures: Vec<NameFailure>,
+    pub compiled: Compiled,
+    pub compile_time: Duration,
+}
+
+/// Why a rule file cannot be used. Always the user's input, never the kernel.
+#[derive(Debug)]
+pub enum RuleFileError {
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    Parse {
+        path: PathBuf,
+        errors: Vec<ParseError>,
+    },
+    Compile {
+        path: PathBuf,
+        error: CompileError,
+    },
+}
+
+impl fmt::Display for RuleFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { path, error } => write!(f, "{}: {error}", path.display()),
+            Self::Parse { path, errors } => {
+                let file = path.display().to_string();
+                for (i, e) in errors.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(f)?;
+                    }
+                    f.write_str(&e.in_file(&file))?;
+                }
+                Ok(())
+            }
+            Self::Compile { path, error } => write!(f, "{}: {error}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for RuleFileError {}
+
+impl RuleSet {
+    /// Reads, parses, resolves and compiles `path`.
+    pub fn load(path: &Path) -> Result<Self, RuleFileError> {
+        let text = std::fs::read_to_string(path).map_err(|error| RuleFileError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let rules = rules::parse(&text).map_err(|errors| RuleFileError::Parse {
+            path: path.to_path_buf(),
+            errors,
+        })?;
+        let (names, name_failures) = resolve::resolve_all(&resolve::names_in(&rules));
+        Self::from_parts(path, rules, names, name_failures)
+    }
+
+    /// Compiles already parsed rules with already resolved names.
+    pub fn from_parts(
+        path: &Path,
+        rules: Vec<Rule>,
+        names: Names,
+        name_failures: Vec<NameFailure>,
+    ) -> Result<Self, RuleFileError> {
+        let start = Instant::now();
+        let compiled =
+            compile::compile(&rules, &names).map_err(|error| RuleFileError::Compile {
+                path: path.to_path_buf(),
+                error,
+            })?;
+        Ok(Self {
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            rules,
+            names,
+            name_failures,
+            compiled,
+            compile_time: start.elapsed(),
+        })
+    }
+
+    /// The reference answer (first match, read straight from the rules): the
+    /// index of the deciding rule. Rules whose name has no address are skipped.
+    pub fn first_match(&self, addr: Ipv4Addr, port: u16) -> Option<usize> {
+        let candidates: Vec<(usize, &Rule)> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| match &rule.dest {
+                Dest::Name(name) => self.names.get(name).is_some_and(|a| !a.is_empty()),
+                Dest::Pattern(_) => true,
+            })
+            .collect();
+        rules::first_match(
+            &candidates,
+            port,
+            |(_, rule)| match &rule.dest {
+                Dest::Pattern(p) => p.matches(addr),
+                Dest::Name(name) => self.names.get(name).is_some_and(|a| a.contains(&addr)),
+            },
+            |(_, rule)| rule,
+        )
+        .map(|(i, _)| *i)
+    }
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs what building and testing rulebpf needs, idempotently, showing progress.
+# Sourced by scripts/demo.sh and scripts/test.sh; safe to run on its own.
+#
+# Why these pins: the aya 0.16 crate family needs rustc >= 1.98; the eBPF side is
+# built with nightly (build-std for bpfel-unknown-none), and bpf-linker must link
+# bitcode from the same LLVM major that rustc uses (nightly-2026-06-15 = LLVM 22).
+set -euo pipefail
+
+TOOLCHAIN=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../rust-toolchain.toml")
+BPF_LINKER_VERSION=0.13.0
+LLVM_MAJOR=22
+APT_PACKAGES=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev
+              iproute2 nftables)
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "setup: must run as root (installs apt packages; tests load BPF programs)" >&2
+    exit 1
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    step "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+    step "apt packages present"
+fi
+
+if ! command -v rustup >/dev/null; then
+    echo "setup: rustup not found; install it first (https://rustup.rs)" >&2
+    exit 1
+fi
+if rustup run "$TOOLCHAIN" rustc --version >/dev/null 2>&1 &&
+   [[ -d $(rustup run "$TOOLCHAIN" rustc --print sysroot)/lib/rustlib/src/rust ]]; then
+    step "toolchain $TOOLCHAIN present"
+else
+    step "rustup toolchain install $TOOLCHAIN (+rust-src, rustfmt, clippy)"
+    rustup toolchain install "$TOOLCHAIN" --profile minimal \
+        --component rust-src --component rustfmt --component clippy
+fi
+
+if bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    step "bpf-linker $BPF_LINKER_VERSION present"
+else
+    step "cargo install bpf-linker $BPF_LINKER_VERSION (LLVM $LLVM_MAJOR; takes a few minutes)"
+    env "LLVM_SYS_${LLVM_MAJOR}1_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}" \
+        "LLVM_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}" \
+        rustup run "$TOOLCHAIN" cargo install --locked bpf-linker \
+        --version "$BPF_LINKER_VERSION" --no-default-features --features llvm-${LLVM_MAJOR}
+fi
+
+# bpffs is where `rulebpf attach` pins; cgroup v2 must exist somewhere.
+if ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
+    step "mount bpffs at /sys/fs/bpf"
+    mount -t bpf bpf /sys/fs/bpf
+fi
+if ! grep -q ' cgroup2 ' /proc/mounts; then
+    echo "setup: no cgroup2 mount in /proc/mounts; rulebpf needs cgroup v2" >&2
+    exit 1
+fi
