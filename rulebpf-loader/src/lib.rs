@@ -3,6 +3,7 @@ pub mod cgroup;
 pub mod compile;
 pub mod instance;
 pub mod maps;
+pub mod probe;
 pub mod report;
 pub mod resolve;
 pub mod rules;

@@ -7,7 +7,7 @@ use rulebpf_loader::{
     cgroup::Cgroup,
     instance::Instance,
     maps::Policy,
-    report,
+    probe, report,
     ruleset::{RuleFileError, RuleSet},
 };
 
@@ -60,6 +60,27 @@ enum Command {
     },
     /// List attached instances: cgroup, rule file, rule count.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Connect from inside a cgroup, as the service would, and print the
+    /// origin port each connection got (or the error).
+    Probe {
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Destination as IPv4:PORT.
+        destination: SocketAddrV4,
+        /// Number of connections, made one after the other.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Keep all connections open until the last is made (each then needs
+        /// its own origin port).
+        #[arg(long)]
+        hold: bool,
+        /// Bind this origin port before connect(), as an application that
+        /// chooses its own port does (rulebpf must leave it alone).
+        #[arg(long)]
+        bind_port: Option<u16>,
         #[arg(long)]
         json: bool,
     },
@@ -144,6 +165,24 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("nothing attached to {}", cgroup.display());
             }
             Ok(())
+        }
+        Command::Probe {
+            cgroup,
+            destination,
+            count,
+            hold,
+            bind_port,
+            json,
+        } => {
+            let cgroup = Cgroup::resolve(&cgroup).map_err(bad_input)?;
+            probe::enter(&cgroup)?;
+            let outcomes = probe::run(&probe::Probe {
+                dest: destination,
+                count,
+                hold,
+                bind_port,
+            });
+            report::probe(destination, &outcomes, json)
         }
         Command::Status { json } => report::status(&Instance::all()?, json),
         Command::Stats { cgroup, json } => {

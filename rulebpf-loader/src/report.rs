@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::{
     instance::{Applied, Instance},
+    probe::Outcome,
     rules::{Origin, Rule},
     ruleset::RuleSet,
 };
@@ -105,8 +106,8 @@ pub fn explain(set: &RuleSet, dest: SocketAddrV4, json: bool) -> anyhow::Result<
                 Origin::Os => println!("  origin port: chosen by the OS (the rule says 0)"),
                 Origin::Range(range) => println!(
                     "  origin port: {range} ({} port{})",
-                    range.len(),
-                    if range.len() == 1 { "" } else { "s" }
+                    range.size(),
+                    if range.size() == 1 { "" } else { "s" }
                 ),
             }
         }
@@ -144,6 +145,21 @@ pub fn applied(set: &RuleSet, applied: &Applied, json: bool) -> anyhow::Result<(
         s.verified_insns.map_or("?".into(), |n| n.to_string()),
         s.policy,
     );
+    Ok(())
+}
+
+pub fn probe(dest: SocketAddrV4, outcomes: &[Outcome], json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(&serde_json::to_value(outcomes)?);
+    }
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Connected { local_port } => {
+                println!("{dest}: connected from origin port {local_port}")
+            }
+            Outcome::Failed { error, .. } => println!("{dest}: connect failed: {error}"),
+        }
+    }
     Ok(())
 }
 
@@ -243,12 +259,13 @@ pub fn stats(instances: &[Instance], json: bool) -> anyhow::Result<()> {
             "LINE", "MATCHED", "BOUND", "EXHAUSTED"
         );
         for rule in instance["rules"].as_array().into_iter().flatten() {
+            let n = |k: &str| rule[k].as_u64().unwrap_or(0);
             println!(
                 "  {:>6} {:>12} {:>12} {:>10}  {}",
-                rule["line"],
-                rule["matched"],
-                rule["bound"],
-                rule["exhausted"],
+                n("line"),
+                n("matched"),
+                n("bound"),
+                n("exhausted"),
                 rule["text"].as_str().unwrap_or("")
             );
         }

@@ -108,7 +108,7 @@ impl PortRange {
     }
 
     /// Number of ports in the range.
-    pub const fn len(self) -> u32 {
+    pub const fn size(self) -> u32 {
         self.hi as u32 - self.lo as u32 + 1
     }
 

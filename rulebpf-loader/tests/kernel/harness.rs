@@ -1,0 +1,301 @@
+//! What the kernel tests stand on: a real cgroup v2 directory, a real
+//! loopback listener that records the peer port of every connection it
+//! accepts, and the real `rulebpf` binary (attach, probe, stats, ...).
+//!
+//! Nothing is mocked. Without root and BPF every test fails with a message
+//! saying so: a skipped kernel test would be a silent lie in CI.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const RULEBPF: &str = env!("CARGO_BIN_EXE_rulebpf");
+
+/// The ephemeral range the OS picks from when rulebpf leaves a socket alone.
+pub fn os_port_range() -> (u16, u16) {
+    let text = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let mut it = text.split_whitespace().map(|v| v.parse().unwrap());
+    (it.next().unwrap(), it.next().unwrap())
+}
+
+pub fn is_os_port(port: u16) -> bool {
+    let (lo, hi) = os_port_range();
+    (lo..=hi).contains(&port)
+}
+
+/// Fails the test (never skips it) when the kernel side cannot be exercised.
+pub fn require_kernel() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kernel tests need root (BPF, cgroups): run `sudo scripts/test.sh`"
+    );
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("cgroup2")),
+        "kernel tests need a cgroup2 mount"
+    );
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")),
+        "kernel tests need bpffs at /sys/fs/bpf: `mount -t bpf bpf /sys/fs/bpf`"
+    );
+}
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .unwrap()
+}
+
+/// Runs the CLI; returns its output (any exit status).
+pub fn rulebpf(args: &[&str]) -> Output {
+    Command::new(RULEBPF)
+        .args(args)
+        .output()
+        .expect("running rulebpf")
+}
+
+/// Runs the CLI and asserts exit status 0.
+pub fn rulebpf_ok(args: &[&str]) -> String {
+    let out = rulebpf(args);
+    assert!(
+        out.status.success(),
+        "rulebpf {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A fresh cgroup for one test, detached and removed on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    rules_dir: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> Self {
+        require_kernel();
+        let leaf = format!("rulebpf-test-{}-{name}", std::process::id());
+        let path = cgroup2_root().join(&leaf);
+        let _ = fs::create_dir(&path);
+        let rules_dir = std::env::temp_dir().join(&leaf);
+        fs::create_dir_all(&rules_dir).unwrap();
+        Self { path, rules_dir }
+    }
+
+    /// A child cgroup (created if needed); removed with its parent.
+    pub fn child(&self, name: &str) -> PathBuf {
+        let path = self.path.join(name);
+        let _ = fs::create_dir(&path);
+        path
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    /// Writes `text` to a rule file of this test and returns its path.
+    pub fn rules_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.rules_dir.join(name);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// `rulebpf attach` with the rules in `text`; asserts success.
+    pub fn attach(&self, text: &str, extra: &[&str]) -> String {
+        let file = self.rules_file("tcpoport.ini", text);
+        let mut args = vec!["attach", "--cgroup", self.arg()];
+        args.extend_from_slice(extra);
+        args.push(file.to_str().unwrap());
+        rulebpf_ok(&args)
+    }
+
+    /// `rulebpf probe` from this cgroup.
+    pub fn probe(&self, dest: SocketAddrV4, count: u32, extra: &[&str]) -> Vec<Probed> {
+        probe_from(&self.path, dest, count, extra)
+    }
+
+    /// This cgroup's entry of `rulebpf status --json`.
+    pub fn status(&self) -> Value {
+        let v: Value = serde_json::from_str(&rulebpf_ok(&["status", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["cgroup"].as_str() == Some(self.arg()))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Per-rule `(line, matched, bound, exhausted)` from `rulebpf stats --json`.
+    pub fn stats(&self) -> Vec<(u64, u64, u64, u64)> {
+        let out = rulebpf_ok(&["stats", "--json", "--cgroup", self.arg()]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v[0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let n = |k: &str| r[k].as_u64().unwrap();
+                (n("line"), n("matched"), n("bound"), n("exhausted"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = rulebpf(&["detach", "--cgroup", self.arg()]);
+        if let Ok(entries) = fs::read_dir(&self.path) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+        let _ = fs::remove_dir_all(&self.rules_dir);
+    }
+}
+
+/// One connect() of a probe: the origin port it got, or its errno.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probed {
+    Port(u16),
+    Errno(i32),
+}
+
+/// `rulebpf probe --json` from `cgroup`.
+pub fn probe_from(cgroup: &Path, dest: SocketAddrV4, count: u32, extra: &[&str]) -> Vec<Probed> {
+    let count_arg = count.to_string();
+    let dest_arg = dest.to_string();
+    let mut args = vec![
+        "probe",
+        "--json",
+        "--cgroup",
+        cgroup.to_str().unwrap(),
+        "--count",
+        &count_arg,
+    ];
+    args.extend_from_slice(extra);
+    args.push(&dest_arg);
+    parse_probe(&rulebpf_ok(&args))
+}
+
+pub fn parse_probe(json: &str) -> Vec<Probed> {
+    let v: Value = serde_json::from_str(json).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| match o.get("local_port") {
+            Some(p) => Probed::Port(p.as_u64().unwrap() as u16),
+            None => Probed::Errno(o["errno"].as_i64().unwrap() as i32),
+        })
+        .collect()
+}
+
+/// A loopback server that records the peer port of every connection and
+/// closes it at once (the server closing first keeps TIME_WAIT off the
+/// client's origin ports).
+pub struct Listener {
+    pub addr: SocketAddrV4,
+    peers: Arc<Mutex<Vec<u16>>>,
+}
+
+impl Listener {
+    /// Listens on `ip` at a port the OS picks: unique per test.
+    pub fn on(ip: [u8; 4]) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::from(ip), 0)).unwrap();
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&peers);
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Ok(peer) = stream.peer_addr() {
+                    sink.lock().unwrap().push(peer.port());
+                }
+            }
+        });
+        Self { addr, peers }
+    }
+
+    /// Waits until `n` connections have been accepted; returns their peer
+    /// ports in order and forgets them.
+    pub fn take(&self, n: usize) -> Vec<u16> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let mut peers = self.peers.lock().unwrap();
+                if peers.len() >= n {
+                    return peers.drain(..).collect();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "listener {} saw fewer than {n} connections",
+                self.addr
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// Adds a line to /etc/hosts for the life of the guard.
+pub struct HostsEntry {
+    line: String,
+}
+
+impl HostsEntry {
+    pub fn add(ip: [u8; 4], name: &str) -> Self {
+        let line = format!(
+            "{} {name} # rulebpf test {}",
+            Ipv4Addr::from(ip),
+            std::process::id()
+        );
+        let mut hosts = fs::read_to_string("/etc/hosts").unwrap();
+        if !hosts.ends_with('\n') {
+            hosts.push('\n');
+        }
+        hosts.push_str(&line);
+        hosts.push('\n');
+        fs::write("/etc/hosts", hosts).unwrap();
+        Self { line }
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        if let Ok(hosts) = fs::read_to_string("/etc/hosts") {
+            let kept: String = hosts
+                .lines()
+                .filter(|l| *l != self.line)
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let _ = fs::write("/etc/hosts", kept);
+        }
+    }
+}
