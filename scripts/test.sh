@@ -14,5 +14,7 @@ step "cargo test (unit, property, kernel integration)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release 2>&1 | tee "$log"
+step "cargo xtask bench --smoke (the bench still works; figures: BENCHMARKS.md)"
+cargo xtask bench --smoke --out target/bench-smoke | tail -n 3
 # One closing line for the whole suite (the last cargo line is a doctest run).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -61,6 +61,9 @@ pub struct State {
     pub policy: Policy,
     /// Instructions the verifier processed for the program (kernel 5.16+).
     pub verified_insns: Option<u32>,
+    /// Kernel memory charged for the rule set's maps (`memlock` in fdinfo).
+    #[serde(default)]
+    pub map_memlock_bytes: u64,
     /// Seconds since the Unix epoch.
     pub attached_at: u64,
     pub updated_at: u64,
@@ -194,6 +197,7 @@ impl Instance {
         let generation = previous.as_ref().map_or(0, |s| s.generation) + 1;
 
         let mut ebpf = maps::load(&set.compiled, policy)?;
+        let map_memlock_bytes = ebpf.maps().map(|(_, map)| maps::memlock_bytes(map)).sum();
         let gen_dir = self.gen_dir(generation);
         let cleanup = RemoveOnDrop(Some(gen_dir.clone()));
         fs::create_dir_all(&gen_dir).with_context(|| gen_dir.display().to_string())?;
@@ -241,6 +245,7 @@ impl Instance {
             program_id: info.id(),
             policy,
             verified_insns: info.verified_instruction_count(),
+            map_memlock_bytes,
             attached_at: previous
                 .as_ref()
                 .filter(|_| attached)

@@ -121,6 +121,27 @@ where
     Ok(V::try_from(map)?)
 }
 
+/// Kernel memory charged for `map`, from the `memlock:` line of its fdinfo
+/// (0 when the kernel does not say).
+pub fn memlock_bytes(map: &aya::maps::Map) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = match map {
+        aya::maps::Map::Array(d)
+        | aya::maps::Map::HashMap(d)
+        | aya::maps::Map::LpmTrie(d)
+        | aya::maps::Map::PerCpuArray(d) => d.fd().as_fd().as_raw_fd(),
+        _ => return 0,
+    };
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Per-rule counters summed over CPUs, read from a pinned stats map.
 pub fn read_stats(stats: MapData, rule_count: u32) -> anyhow::Result<Vec<RuleStats>> {
     let map = aya::maps::Map::PerCpuArray(stats);

@@ -126,6 +126,7 @@ pub fn applied(set: &RuleSet, applied: &Applied, json: bool) -> anyhow::Result<(
             "generation": s.generation,
             "program_id": s.program_id,
             "verified_insns": s.verified_insns,
+            "map_memlock_bytes": s.map_memlock_bytes,
             "policy": s.policy,
             "summary": summary_json(set),
         }));
@@ -178,6 +179,7 @@ pub fn status(instances: &[Instance], json: bool) -> anyhow::Result<()> {
             "policy": state.as_ref().map(|s| s.policy),
             "program_id": state.as_ref().map(|s| s.program_id),
             "verified_insns": state.as_ref().and_then(|s| s.verified_insns),
+            "map_memlock_bytes": state.as_ref().map(|s| s.map_memlock_bytes),
             "attached_at": state.as_ref().map(|s| s.attached_at),
             "updated_at": state.as_ref().map(|s| s.updated_at),
             "unresolved_names": state.as_ref().map(|s| &s.unresolved),

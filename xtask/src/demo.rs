@@ -5,7 +5,7 @@ use std::{
     fs,
     io::Read as _,
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::mpsc,
     thread,
@@ -14,11 +14,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::{cgroup2_root, workspace};
+
 const DEST: &str = "127.0.0.2:7000";
 const RULES: &str = "examples/tcpoport.ini";
 
 pub fn run() -> anyhow::Result<()> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let workspace = workspace();
     let rulebpf = workspace.join("target/release/rulebpf");
     if !rulebpf.exists() {
         bail!(
@@ -106,14 +108,4 @@ fn cli(rulebpf: &Path, args: &[&str]) -> anyhow::Result<()> {
         bail!("rulebpf {} failed ({status})", args.join(" "));
     }
     Ok(())
-}
-
-fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    fs::read_to_string("/proc/mounts")?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup2 mount in /proc/mounts")
 }
