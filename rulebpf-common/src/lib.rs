@@ -91,6 +91,8 @@ pub struct Verdict {
     /// Index of the deciding rule in the compiled rule list (not its line):
     /// the index into `RULEBPF_STATS` and `RULEBPF_CURSOR`.
     pub rule: u32,
+    /// The rule's line in its file, for the kernel log.
+    pub line: u32,
     /// First origin port; `0` means "let the OS choose".
     pub org_lo: u16,
     /// Last origin port (inclusive); equal to `org_lo` for a single port.

@@ -19,6 +19,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::SockAddrContext,
 };
+use aya_log_ebpf::{debug, warn};
 use rulebpf_common::{
     DFA_DEAD, DFA_ROOT, DfaEdge, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, RuleStats, Verdict,
 };
@@ -76,6 +77,17 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(verdict) = decide(dest, port) else {
         return Ok(ALLOW);
     };
+    // Log calls cost one branch unless the loader enabled their level
+    // (AYA_LOG_LEVEL is set at load: off for `attach`, --log-level for `run`).
+    debug!(
+        ctx,
+        "connect {:i}:{} -> line {} origin {}-{}",
+        dest,
+        port,
+        verdict.line,
+        verdict.org_lo,
+        verdict.org_hi
+    );
     let stats = RULEBPF_STATS.get_ptr_mut(verdict.rule).ok_or(ALLOW)?;
     // SAFETY: per-CPU slot, this program is the only writer on this CPU.
     let stats = unsafe { &mut *stats };
@@ -93,6 +105,16 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         }
         Err(errno) => {
             stats.exhausted += 1;
+            warn!(
+                ctx,
+                "connect {:i}:{}: no origin port of {}-{} usable (line {}, errno {})",
+                dest,
+                port,
+                verdict.org_lo,
+                verdict.org_hi,
+                verdict.line,
+                errno
+            );
             // SAFETY: plain read of a load-time constant.
             if unsafe { core::ptr::read_volatile(&RULEBPF_POLICY) } == POLICY_FALLBACK {
                 return Ok(ALLOW);

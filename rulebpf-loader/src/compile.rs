@@ -101,6 +101,7 @@ impl Compiled {
 
 /// Per-rule facts the automaton needs, indexed like the rule list.
 struct RuleFacts {
+    line: u32,
     negated: bool,
     ports: PortRange,
     origin: Origin,
@@ -140,6 +141,7 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
     let facts: Vec<RuleFacts> = rules
         .iter()
         .map(|r| RuleFacts {
+            line: r.line,
             negated: r.negated,
             ports: r.dest_ports,
             origin: r.origin,
@@ -317,6 +319,7 @@ impl Builder<'_> {
         };
         Verdict {
             rule,
+            line: self.facts[rule as usize].line,
             org_lo,
             org_hi,
         }

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroup::{self, Cgroup},
-    maps::{self, Policy},
+    maps::{self, LoadOptions, Policy},
     ruleset::RuleSet,
 };
 
@@ -71,6 +71,26 @@ pub struct State {
     pub rules: Vec<RuleInfo>,
     /// Names that did not resolve when the set was compiled.
     pub unresolved: Vec<String>,
+    /// The last attempt to change the rules (by `attach` or `run`).
+    #[serde(default)]
+    pub last_reload: Option<Reload>,
+    /// Set while `rulebpf run` manages this instance.
+    #[serde(default)]
+    pub service_pid: Option<u32>,
+    #[serde(default)]
+    pub dns_refreshes: u64,
+    #[serde(default)]
+    pub dns_failures: u64,
+}
+
+/// When the rules were last (re)loaded, and how it went.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Reload {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    pub ok: bool,
+    /// What changed, or every error (`file:line:col: message`).
+    pub message: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -189,14 +209,25 @@ impl Instance {
 
     /// Puts `set` in force on `cgroup`: attaches, or swaps atomically when a
     /// rule set is already attached. On error, what was in force stays.
-    pub fn apply(&self, cgroup: &Cgroup, set: &RuleSet, policy: Policy) -> anyhow::Result<Applied> {
+    pub fn apply(
+        &self,
+        cgroup: &Cgroup,
+        set: &RuleSet,
+        options: LoadOptions,
+    ) -> anyhow::Result<Applied> {
         ensure_bpffs()?;
         let _lock = self.lock()?;
         let previous = self.state()?;
         let attached = self.is_attached();
         let generation = previous.as_ref().map_or(0, |s| s.generation) + 1;
 
-        let mut ebpf = maps::load(&set.compiled, policy)?;
+        let mut ebpf = maps::load(&set.compiled, options)?;
+        if let Some(previous) = previous.as_ref().filter(|_| attached) {
+            // Counters of rules that stay (same text) continue where they were;
+            // increments between this read and the swap below are lost.
+            let seeds = self.carried_stats(previous, set).unwrap_or_default();
+            maps::seed_stats(&mut ebpf, &seeds)?;
+        }
         let map_memlock_bytes = ebpf.maps().map(|(_, map)| maps::memlock_bytes(map)).sum();
         let gen_dir = self.gen_dir(generation);
         let cleanup = RemoveOnDrop(Some(gen_dir.clone()));
@@ -243,7 +274,7 @@ impl Instance {
             rules_file: set.path.clone(),
             generation,
             program_id: info.id(),
-            policy,
+            policy: options.policy,
             verified_insns: info.verified_instruction_count(),
             map_memlock_bytes,
             attached_at: previous
@@ -260,6 +291,14 @@ impl Instance {
                 })
                 .collect(),
             unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
+            last_reload: Some(Reload {
+                at: now,
+                ok: true,
+                message: format!("{} rules from {}", set.rules.len(), set.path.display()),
+            }),
+            service_pid: previous.as_ref().and_then(|s| s.service_pid),
+            dns_refreshes: previous.as_ref().map_or(0, |s| s.dns_refreshes),
+            dns_failures: previous.as_ref().map_or(0, |s| s.dns_failures),
         };
         self.write_state(&state)?;
         self.remove_generations_except(Some(generation))?;
@@ -294,6 +333,40 @@ impl Instance {
         let map = MapData::from_pin(&path).with_context(|| path.display().to_string())?;
         let stats = maps::read_stats(map, state.rules.len() as u32)?;
         Ok((state, stats))
+    }
+
+    /// Changes the recorded state (service bookkeeping: failed reloads, DNS
+    /// counters); the rules in force are not touched.
+    pub fn update_state(&self, change: impl FnOnce(&mut State)) -> anyhow::Result<()> {
+        let _lock = self.lock()?;
+        if let Some(mut state) = self.state()? {
+            change(&mut state);
+            self.write_state(&state)?;
+        }
+        Ok(())
+    }
+
+    /// Totals of the rule set in force, re-indexed for `set`: a rule keeps
+    /// its counters when a rule with the same text (and occurrence) stays.
+    fn carried_stats(
+        &self,
+        previous: &State,
+        set: &RuleSet,
+    ) -> anyhow::Result<Vec<(u32, RuleStats)>> {
+        let (_, totals) = self.stats()?;
+        let mut by_text: std::collections::HashMap<&str, Vec<RuleStats>> = Default::default();
+        for (rule, stats) in previous.rules.iter().zip(totals).rev() {
+            by_text.entry(rule.text.as_str()).or_default().push(stats);
+        }
+        Ok(set
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, rule)| {
+                let stats = by_text.get_mut(rule.text.as_str())?.pop()?;
+                Some((i as u32, stats))
+            })
+            .collect())
     }
 
     fn write_state(&self, state: &State) -> anyhow::Result<()> {

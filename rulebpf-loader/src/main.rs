@@ -6,9 +6,10 @@ use clap::{Parser, Subcommand};
 use rulebpf_loader::{
     cgroup::Cgroup,
     instance::Instance,
-    maps::Policy,
+    maps::{LoadOptions, Policy},
     probe, report,
     ruleset::{RuleFileError, RuleSet},
+    service,
 };
 
 /// Origin (source) ports for outgoing TCP connections, chosen in the kernel
@@ -52,6 +53,28 @@ enum Command {
         rules: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Foreground service: attach (or adopt what is pinned), reload on file
+    /// change or SIGHUP, re-resolve DNS names, print the kernel log. The rules
+    /// stay in force when it exits (unless --detach-on-exit).
+    Run {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long, value_enum, default_value_t = Policy::Strict)]
+        policy: Policy,
+        /// Re-resolve DNS names this often (`30s`, `5m`, `1h`).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        dns_refresh: std::time::Duration,
+        /// error, warn, info, debug (one kernel line per connect) or trace.
+        #[arg(long, default_value = "info")]
+        log_level: log::LevelFilter,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// Remove the rules when the service stops.
+        #[arg(long)]
+        detach_on_exit: bool,
+        rules: PathBuf,
     },
     /// Remove the hook from a cgroup, with all its pinned objects.
     Detach {
@@ -150,8 +173,46 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let cgroup = Cgroup::resolve(&cgroup).map_err(bad_input)?;
             let set = RuleSet::load(&rules)?;
-            let applied = Instance::of(&cgroup).apply(&cgroup, &set, policy)?;
+            let options = LoadOptions {
+                policy,
+                kernel_log: log::LevelFilter::Off,
+            };
+            let applied = Instance::of(&cgroup).apply(&cgroup, &set, options)?;
             report::applied(&set, &applied, json)
+        }
+        Command::Run {
+            cgroup,
+            policy,
+            dns_refresh,
+            log_level,
+            metrics_listen,
+            detach_on_exit,
+            rules,
+        } => {
+            // Our own lines and the hook's (target `rulebpf`) at --log-level;
+            // libraries (aya's loader chatter) at warn.
+            env_logger::Builder::new()
+                .filter_level(log_level.min(log::LevelFilter::Warn))
+                .filter_module("rulebpf_loader", log_level)
+                .filter_module("rulebpf", log_level)
+                .format_timestamp_millis()
+                .init();
+            let options = service::Options {
+                cgroup: Cgroup::resolve(&cgroup).map_err(bad_input)?,
+                rules_path: rules,
+                load: LoadOptions {
+                    policy,
+                    kernel_log: log_level,
+                },
+                dns_refresh,
+                metrics_listen,
+                detach_on_exit,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(service::run(options))
         }
         Command::Detach { cgroup } => {
             let instance = match Cgroup::resolve(&cgroup) {

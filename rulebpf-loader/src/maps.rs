@@ -46,12 +46,23 @@ impl Policy {
     }
 }
 
+/// How to load a rule set's object.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub policy: Policy,
+    /// Most verbose kernel log level compiled in (`Off` for `attach`, where no
+    /// one reads the log: each log call then costs one branch).
+    pub kernel_log: log::LevelFilter,
+}
+
 /// Loads the object with maps sized for `compiled` and filled with it, and
 /// the connect4 program verified by the kernel (not yet attached).
-pub fn load(compiled: &Compiled, policy: Policy) -> anyhow::Result<Ebpf> {
+pub fn load(compiled: &Compiled, options: LoadOptions) -> anyhow::Result<Ebpf> {
     use anyhow::Context as _;
     let size = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-    let policy = policy.as_global();
+    let policy = options.policy.as_global();
+    // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
+    let log_level = options.kernel_log as usize as u8;
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::DFA_EDGES, size(compiled.edges.len()))
         .map_max_entries(map_names::DFA_DEFAULT, size(compiled.defaults.len()))
@@ -59,6 +70,7 @@ pub fn load(compiled: &Compiled, policy: Policy) -> anyhow::Result<Ebpf> {
         .map_max_entries(map_names::STATS, size(compiled.rule_count as usize))
         .map_max_entries(map_names::CURSOR, size(compiled.rule_count as usize))
         .override_global(global_names::POLICY, &policy, true)
+        .override_global(aya_log::LEVEL, &log_level, true)
         .load(OBJECT)
         .context("creating the eBPF maps")?;
     fill(&mut ebpf, compiled).context("writing the rules into the maps")?;
@@ -140,6 +152,20 @@ pub fn memlock_bytes(map: &aya::maps::Map) -> u64 {
                 .and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Starts the counters of a freshly loaded object at `seeds`
+/// (`(rule index, totals)`), so that counters survive a swap.
+pub fn seed_stats(ebpf: &mut Ebpf, seeds: &[(u32, RuleStats)]) -> anyhow::Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    let mut stats: PerCpuArray<_, RuleStats> = take(ebpf, map_names::STATS)?;
+    for &(index, totals) in seeds {
+        // Totals on CPU 0: readers sum over CPUs anyway.
+        let mut values = vec![RuleStats::default(); cpus.get() as usize];
+        values[0] = totals;
+        stats.set(index, aya::maps::PerCpuValues::try_from(values)?, 0)?;
+    }
+    Ok(())
 }
 
 /// Per-rule counters summed over CPUs, read from a pinned stats map.

@@ -183,6 +183,10 @@ pub fn status(instances: &[Instance], json: bool) -> anyhow::Result<()> {
             "attached_at": state.as_ref().map(|s| s.attached_at),
             "updated_at": state.as_ref().map(|s| s.updated_at),
             "unresolved_names": state.as_ref().map(|s| &s.unresolved),
+            "last_reload": state.as_ref().map(|s| &s.last_reload),
+            "service_pid": state.as_ref().and_then(|s| s.service_pid),
+            "dns_refreshes": state.as_ref().map(|s| s.dns_refreshes),
+            "dns_failures": state.as_ref().map(|s| s.dns_failures),
         }));
     }
     if json {
@@ -217,6 +221,28 @@ pub fn status(instances: &[Instance], json: bool) -> anyhow::Result<()> {
             text("policy"),
             text("rules_file")
         );
+        let reload = &row["last_reload"];
+        if reload.is_object() {
+            println!(
+                "    last reload: {} at {} (unix): {}",
+                if reload["ok"] == json!(true) {
+                    "ok"
+                } else {
+                    "REFUSED"
+                },
+                reload["at"],
+                reload["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .replace('\n', "\n      ")
+            );
+        }
+        if let Some(pid) = row["service_pid"].as_u64() {
+            println!(
+                "    managed by `rulebpf run` (pid {pid}); DNS refreshes {}, failures {}",
+                row["dns_refreshes"], row["dns_failures"]
+            );
+        }
     }
     Ok(())
 }

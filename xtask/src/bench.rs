@@ -36,7 +36,9 @@ const SERVER_IP: [u8; 4] = [127, 0, 0, 2];
 /// Destination ports: one fresh port per (round, configuration); bulk last.
 const FIRST_PORT: u16 = 7400;
 const BULK_PORT: u16 = 7599;
-const ORIGIN: (u16, u16) = (20000, 29999);
+/// Origin range of the rules and of SNAT; outside the ephemeral range and
+/// apart from the ranges the kernel tests use (20100-21599).
+const ORIGIN: (u16, u16) = (22000, 31999);
 const CGROUP: &str = "rulebpf-bench";
 const RULE_COUNTS: [u32; 4] = [1, 1_000, 10_000, 100_000];
 
@@ -286,7 +288,7 @@ impl Bench {
 
 /// Loopback server: one thread per destination port; closes every
 /// connection at once (server closes first), and on the bulk port reads
-/// everything and then closes.
+/// the announced number of bytes and then closes.
 struct Server {
     recording: Arc<AtomicBool>,
     recorded: Arc<Mutex<Vec<u16>>>,
@@ -308,8 +310,15 @@ impl Server {
                         recorded.lock().unwrap().push(peer.port());
                     }
                     if port == BULK_PORT {
-                        let mut buf = vec![0u8; 1 << 18];
-                        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                        // Length-prefixed, so the server can close first
+                        // here too: TIME_WAIT stays off the origin ports.
+                        let mut len = [0u8; 8];
+                        if stream.read_exact(&mut len).is_ok() {
+                            let _ = std::io::copy(
+                                &mut (&mut stream).take(u64::from_be_bytes(len)),
+                                &mut std::io::sink(),
+                            );
+                        }
                     }
                 }
             });
@@ -339,6 +348,7 @@ pub fn client(cgroup: &Path, port: u16, count: u32, bulk: Option<u64>) -> anyhow
     let start = Instant::now();
     if let Some(bytes) = bulk {
         let mut stream = TcpStream::connect(dest)?;
+        stream.write_all(&bytes.to_be_bytes())?;
         let chunk = vec![0x5au8; 1 << 18];
         let mut sent = 0u64;
         while sent < bytes {
@@ -346,7 +356,7 @@ pub fn client(cgroup: &Path, port: u16, count: u32, bulk: Option<u64>) -> anyhow
             stream.write_all(&chunk[..n])?;
             sent += n as u64;
         }
-        stream.shutdown(std::net::Shutdown::Write)?;
+        // Wait for the server's close.
         let _ = stream.read(&mut [0u8; 1]);
     } else {
         let mut buf = [0u8; 1];

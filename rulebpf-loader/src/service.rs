@@ -1,0 +1,356 @@
+//! `rulebpf run`: the foreground service that keeps a cgroup's rules current
+//! for months.
+//!
+//! * **Start**: attaches, or adopts the instance already pinned for the cgroup.
+//!   Adopting is a swap on the existing link, so enforcement never has a gap.
+//! * **Live reload**: the rule file's directory is watched (inotify), so
+//!   editors that write a new file and rename it are seen too; SIGHUP forces a
+//!   reload. An invalid file is logged with every `file:line:col` error and
+//!   changes nothing.
+//! * **DNS refresh**: every name is re-resolved once per refresh interval;
+//!   a changed answer swaps in the recompiled rules; a failed lookup keeps the
+//!   last good answer.
+//! * **Kernel log**: aya-log lines of the hook are printed at `--log-level`.
+//! * **Exit**: SIGTERM/SIGINT leave the rules in force (`--detach-on-exit`
+//!   removes them). After `kill -9` they stay in force too, being pinned.
+//!
+//! Every change goes through [`Instance::apply`]: one atomic swap.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use aya_log::EbpfLogger;
+use log::{error, info, warn};
+use notify::Watcher as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    cgroup::Cgroup,
+    compile::Names,
+    instance::{Instance, Reload},
+    maps::LoadOptions,
+    metrics::{self, Metrics},
+    resolve,
+    rules::{self, Rule},
+    ruleset::RuleSet,
+};
+
+/// The reader of the hook's aya-log ring buffer, printing through `log`.
+type KernelLog = EbpfLogger<&'static dyn log::Log>;
+
+/// How to run the service.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub cgroup: Cgroup,
+    pub rules_path: PathBuf,
+    pub load: LoadOptions,
+    pub dns_refresh: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    pub detach_on_exit: bool,
+}
+
+/// What the service keeps between events.
+struct Service {
+    options: Options,
+    instance: Instance,
+    /// The rules in force (as parsed), for DNS refreshes.
+    rules: Vec<Rule>,
+    /// Last good answer for every name.
+    names: Names,
+    metrics: Arc<Metrics>,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let instance = Instance::of(&options.cgroup);
+    let adopting = instance.is_attached();
+    let mut service = Service {
+        instance: instance.clone(),
+        rules: Vec::new(),
+        names: Names::new(),
+        metrics: Arc::new(Metrics::default()),
+        options,
+    };
+    let cgroup = service.options.cgroup.path.display().to_string();
+    info!(
+        "{} {cgroup} with {}",
+        if adopting {
+            "adopting the rules in force on"
+        } else {
+            "attaching to"
+        },
+        service.options.rules_path.display()
+    );
+    if let Err(e) = service.reload("start") {
+        if !adopting {
+            return Err(e);
+        }
+        error!("keeping the rules already in force: {e:#}");
+    }
+    let pid = std::process::id();
+    instance.update_state(|s| s.service_pid = Some(pid))?;
+
+    let (changed_tx, mut changed) = mpsc::channel::<()>(8);
+    let _watcher = watch(&service.options.rules_path, changed_tx)?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut dns_tick = tokio::time::interval(service.options.dns_refresh);
+    dns_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    dns_tick.tick().await; // the first tick is immediate: names were just resolved
+    if let Some(addr) = service.options.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics listener on {addr}"))?;
+        info!("serving metrics on http://{addr}/metrics");
+        tokio::spawn(metrics::serve(
+            listener,
+            service.instance.clone(),
+            Arc::clone(&service.metrics),
+        ));
+    }
+    let mut logger = service.kernel_logger();
+
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM"); break; }
+            _ = interrupt.recv() => { info!("SIGINT"); break; }
+            _ = hangup.recv() => {
+                if service.reload("SIGHUP").is_ok() { logger = service.kernel_logger(); }
+            }
+            Some(()) = changed.recv() => {
+                // Editors write in several steps: let them finish.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                while changed.try_recv().is_ok() {}
+                if service.reload("file changed").is_ok() { logger = service.kernel_logger(); }
+            }
+            _ = dns_tick.tick() => {
+                if service.refresh_dns().await { logger = service.kernel_logger(); }
+            }
+            guard = readable(&mut logger) => {
+                if let Ok(mut guard) = guard {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+
+    if service.options.detach_on_exit {
+        instance.detach()?;
+        info!("detached from {cgroup} (--detach-on-exit)");
+    } else {
+        instance.update_state(|s| s.service_pid = None)?;
+        info!("exiting; the rules stay in force on {cgroup}");
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Reads, parses, resolves, compiles and swaps in the rule file.
+    fn reload(&mut self, why: &str) -> anyhow::Result<()> {
+        let result = self.try_reload();
+        match &result {
+            Ok(summary) => {
+                self.metrics.reloaded(true);
+                info!("{why}: rules in force: {summary}");
+            }
+            Err(e) => {
+                self.metrics.reloaded(false);
+                for line in format!("{e:#}").lines() {
+                    error!("{why}: {line}");
+                }
+                error!("{why}: nothing changed; the rules in force stay");
+                let message = format!("{e:#}");
+                let at = unix_now();
+                let _ = self.instance.update_state(|s| {
+                    s.last_reload = Some(Reload {
+                        at,
+                        ok: false,
+                        message,
+                    })
+                });
+            }
+        }
+        result.map(drop)
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<String> {
+        let path = &self.options.rules_path;
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        let rules = rules::parse(&text).map_err(|errors| crate::ruleset::RuleFileError::Parse {
+            path: path.clone(),
+            errors,
+        })?;
+        let (fresh, failures) = resolve::resolve_all(&resolve::names_in(&rules));
+        for failure in &failures {
+            warn!("{} did not resolve: {}", failure.name, failure.reason);
+        }
+        // A failed lookup keeps the last good answer.
+        let mut names = fresh;
+        for failure in &failures {
+            if let Some(old) = self.names.get(&failure.name) {
+                names.insert(failure.name.clone(), old.clone());
+            }
+        }
+        let failures = failures
+            .into_iter()
+            .filter(|f| !names.contains_key(&f.name))
+            .collect();
+        let set = RuleSet::from_parts(path, rules, names, failures)?;
+        let applied = self
+            .instance
+            .apply(&self.options.cgroup, &set, self.options.load)?;
+        self.rules = set.rules;
+        self.names = set.names;
+        Ok(format!(
+            "{} rules, rule set {}, program {}",
+            self.rules.len(),
+            applied.state.generation,
+            applied.state.program_id
+        ))
+    }
+
+    /// Re-resolves every name; swaps in new rules if an answer changed.
+    /// Returns true when the rules were swapped.
+    async fn refresh_dns(&mut self) -> bool {
+        let wanted = resolve::names_in(&self.rules);
+        if wanted.is_empty() {
+            return false;
+        }
+        let (fresh, failures) = tokio::task::spawn_blocking(move || resolve::resolve_all(&wanted))
+            .await
+            .unwrap_or_default();
+        for failure in &failures {
+            warn!(
+                "DNS refresh: {} did not resolve ({}); keeping its last answer",
+                failure.name, failure.reason
+            );
+        }
+        self.metrics.dns_refreshed(failures.len() as u64);
+        let failed = failures.len() as u64;
+        let _ = self.instance.update_state(|s| {
+            s.dns_refreshes += 1;
+            s.dns_failures += failed;
+        });
+        let mut names = self.names.clone();
+        let mut changed = false;
+        for (name, addrs) in fresh {
+            if names.get(&name) != Some(&addrs) {
+                info!("DNS refresh: {name} now resolves to {addrs:?}");
+                names.insert(name, addrs);
+                changed = true;
+            }
+        }
+        if !changed {
+            return false;
+        }
+        let unresolved = failures
+            .into_iter()
+            .filter(|f| !names.contains_key(&f.name))
+            .collect();
+        let swapped = RuleSet::from_parts(
+            &self.options.rules_path,
+            self.rules.clone(),
+            names,
+            unresolved,
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(|set| {
+            let applied = self
+                .instance
+                .apply(&self.options.cgroup, &set, self.options.load)?;
+            self.names = set.names;
+            Ok(applied)
+        });
+        match swapped {
+            Ok(applied) => {
+                self.metrics.reloaded(true);
+                info!(
+                    "DNS refresh: rules swapped in (rule set {})",
+                    applied.state.generation
+                );
+                true
+            }
+            Err(e) => {
+                self.metrics.reloaded(false);
+                error!("DNS refresh: could not swap the rules: {e:#}");
+                false
+            }
+        }
+    }
+
+    /// A reader of the kernel log of the program in force (none when the
+    /// kernel log is off).
+    fn kernel_logger(&self) -> Option<AsyncFd<KernelLog>> {
+        if self.options.load.kernel_log == log::LevelFilter::Off {
+            return None;
+        }
+        let program_id = self.instance.state().ok()??.program_id;
+        let logger = match EbpfLogger::init_from_id(program_id) {
+            Ok(logger) => logger,
+            Err(e) => {
+                warn!("kernel log unavailable: {e}");
+                return None;
+            }
+        };
+        // SAFETY: the logger owns its ring buffer fd and keeps it open for as
+        // long as the AsyncFd that owns the logger lives.
+        match unsafe { AsyncFd::register(logger) } {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("kernel log unavailable: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// Waits until the kernel log has lines (forever when there is no log).
+async fn readable<'a>(
+    logger: &'a mut Option<AsyncFd<KernelLog>>,
+) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'a, KernelLog>> {
+    match logger {
+        Some(fd) => fd.readable_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches the directory of `path` and signals changes to that file.
+fn watch(path: &Path, changed: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
+    let path = std::path::absolute(path)?;
+    let dir = path
+        .parent()
+        .context("rule file has no directory")?
+        .to_path_buf();
+    let name = path
+        .file_name()
+        .context("rule file has no name")?
+        .to_owned();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !event.kind.is_access()
+            && event.paths.iter().any(|p| p.file_name() == Some(&name))
+        {
+            let _ = changed.try_send(());
+        }
+    })?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok(watcher)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
