@@ -9,6 +9,7 @@ use std::{
     fs,
     net::{Ipv4Addr, SocketAddrV4, TcpListener},
     path::{Path, PathBuf},
+    process::Child,
     process::{Command, Output},
     sync::{Arc, Mutex},
     thread,
@@ -223,7 +224,12 @@ pub struct Listener {
 impl Listener {
     /// Listens on `ip` at a port the OS picks: unique per test.
     pub fn on(ip: [u8; 4]) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::from(ip), 0)).unwrap();
+        Self::on_port(ip, 0)
+    }
+
+    /// Listens on `ip:port` (port 0: the OS picks).
+    pub fn on_port(ip: [u8; 4], port: u16) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::from(ip), port)).unwrap();
         let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             unreachable!()
         };
@@ -269,8 +275,12 @@ pub struct HostsEntry {
     line: String,
 }
 
+/// Tests edit /etc/hosts in parallel: one read-modify-write at a time.
+static HOSTS: Mutex<()> = Mutex::new(());
+
 impl HostsEntry {
     pub fn add(ip: [u8; 4], name: &str) -> Self {
+        let _one_at_a_time = HOSTS.lock().unwrap();
         let line = format!(
             "{} {name} # rulebpf test {}",
             Ipv4Addr::from(ip),
@@ -289,6 +299,7 @@ impl HostsEntry {
 
 impl Drop for HostsEntry {
     fn drop(&mut self) {
+        let _one_at_a_time = HOSTS.lock().unwrap();
         if let Ok(hosts) = fs::read_to_string("/etc/hosts") {
             let kept: String = hosts
                 .lines()
@@ -298,4 +309,92 @@ impl Drop for HostsEntry {
             let _ = fs::write("/etc/hosts", kept);
         }
     }
+}
+
+/// Polls `done` every 10 ms until it holds; returns how long that took.
+pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed()
+}
+
+/// A `rulebpf run` process for a test cgroup; SIGTERM on drop.
+pub struct RunningService {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl RunningService {
+    /// Starts `rulebpf run --cgroup CG EXTRA.. RULES` and waits until it
+    /// manages the instance.
+    pub fn start(cg: &TestCgroup, rules: &Path, extra: &[&str]) -> Self {
+        let log = rules.with_extension(format!(
+            "log.{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = Command::new(RULEBPF)
+            .args(["run", "--cgroup", cg.arg()])
+            .args(extra)
+            .arg(rules)
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = u64::from(child.id());
+        let service = Self { child, log };
+        wait_until("the service to take over", Duration::from_secs(10), || {
+            cg.status()["service_pid"].as_u64() == Some(pid)
+        });
+        service
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Sends `signal` and waits for the process to end.
+    pub fn stop(mut self, signal: i32) {
+        self.signal(signal);
+        let _ = self.child.wait();
+        self.child = Command::new("true").spawn().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /metrics` from a `rulebpf run --metrics-listen` endpoint.
+pub fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the first sample of `metric` in a scrape.
+pub fn sample(text: &str, metric: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {metric} in\n{text}"))
 }

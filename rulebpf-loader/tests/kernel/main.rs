@@ -4,6 +4,7 @@
 //! origin ranges (outside the OS ephemeral range), so tests run in parallel.
 
 mod harness;
+mod service;
 
 use std::{collections::BTreeSet, thread};
 
