@@ -92,7 +92,8 @@ pub fn run(size: Size, out_dir: &Path) -> anyhow::Result<()> {
     let bench = Bench {
         rulebpf,
         cgroup: cgroup.clone(),
-        rules_dir: out_dir.join("rules"),
+        // Generated rule files are inputs, not results: keep them out of the tree.
+        rules_dir: workspace().join("target/bench-rules"),
         server: Server::start()?,
     };
     let result = bench.run_all(size, out_dir);
@@ -546,11 +547,82 @@ impl Report {
                 a["verified_insns"]
             )?;
         }
+        self.targets(&mut md)?;
         writeln!(
             md,
             "\n![connects/s and attach time against rule count](BENCHMARKS.svg)"
         )?;
         Ok(md)
+    }
+
+    /// The issue's targets, each with the figure and met / missed.
+    fn targets(&self, md: &mut String) -> anyhow::Result<()> {
+        let results = self.json["results"].as_array().unwrap();
+        let row = |name: &str| results.iter().find(|r| r["config"] == name).unwrap();
+        let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+        let (one, big) = (row("rulebpf 1 rules"), row("rulebpf 100000 rules"));
+        let spread = one["connects_per_sec_rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(
+                row("no hook")["connects_per_sec_rounds"]
+                    .as_array()
+                    .unwrap(),
+            )
+            .map(|(a, b)| a.as_f64().unwrap() / b.as_f64().unwrap())
+            .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
+        let attach_100k = self.json["attach"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["rules"] == 100_000)
+            .map_or(0.0, |a| f(a, "attach_seconds"));
+        let one_vs_big =
+            (f(one, "connects_ratio_to_no_hook") - f(big, "connects_ratio_to_no_hook")).abs();
+        let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+        writeln!(md, "\n| target | measured | |")?;
+        writeln!(md, "|---|---:|---|")?;
+        let c = f(big, "connects_ratio_to_no_hook");
+        writeln!(
+            md,
+            "| rulebpf 100,000 rules >= 0.97 of no-hook connects/s | {c:.3} | {} |",
+            verdict(c >= 0.97)
+        )?;
+        writeln!(
+            md,
+            "| 1 rule vs 100,000 rules within 2% | {:.1}% | {} |",
+            one_vs_big * 100.0,
+            verdict(one_vs_big <= 0.02)
+        )?;
+        let n = f(big, "connects_ratio_to_nft");
+        writeln!(
+            md,
+            "| rulebpf (100,000 rules) >= nft SNAT connects/s | {n:.3} | {} |",
+            verdict(n >= 1.0)
+        )?;
+        let b = f(big, "bulk_ratio_to_nft");
+        writeln!(
+            md,
+            "| rulebpf (100,000 rules) >= nft SNAT bulk throughput | {b:.3} | {} |",
+            verdict(b >= 1.0)
+        )?;
+        writeln!(
+            md,
+            "| 100,000 rules compiled and attached in < 1 s | {attach_100k:.3} s | {} |",
+            verdict(attach_100k < 1.0)
+        )?;
+        writeln!(
+            md,
+            "\nNoise: on this machine the per-round ratio of *1 rule* to no hook ranged from {:.3} to {:.3}, \
+             so differences of a few percent between rule counts are within one round's spread. \
+             The hook's instruction count does not depend on the rule count; what does grow is the \
+             memory the lookups touch (the automaton's hash map, and the port LPM trie, which here holds \
+             one table per rule because every rule has its own counters), hence more cache misses per \
+             connect with 100,000 rules.",
+            spread.0, spread.1
+        )?;
+        Ok(())
     }
 
     /// Two panels against log10(rules): connects/s (with the no-hook and nft
