@@ -442,7 +442,8 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (the unit of every time in [`State`]).
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

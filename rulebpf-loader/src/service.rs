@@ -36,7 +36,7 @@ use tokio::{
 use crate::{
     cgroup::Cgroup,
     compile::Names,
-    instance::{Instance, Reload},
+    instance::{Instance, Reload, unix_now},
     maps::LoadOptions,
     metrics::{self, Metrics},
     resolve,
@@ -347,10 +347,4 @@ fn watch(path: &Path, changed: mpsc::Sender<()>) -> anyhow::Result<notify::Recom
         .watch(&dir, notify::RecursiveMode::NonRecursive)
         .with_context(|| format!("watching {}", dir.display()))?;
     Ok(watcher)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

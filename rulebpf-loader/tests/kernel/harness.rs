@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rulebpf_loader::cgroup::{cgroup2_mount, mount_of_type};
 use serde_json::Value;
 
 pub const RULEBPF: &str = env!("CARGO_BIN_EXE_rulebpf");
@@ -42,9 +43,7 @@ pub fn require_kernel() {
     );
     let mounts = fs::read_to_string("/proc/mounts").unwrap();
     assert!(
-        mounts
-            .lines()
-            .any(|l| l.split_whitespace().nth(2) == Some("cgroup2")),
+        mount_of_type(&mounts, "cgroup2").is_some(),
         "kernel tests need a cgroup2 mount"
     );
     assert!(
@@ -56,14 +55,7 @@ pub fn require_kernel() {
 }
 
 fn cgroup2_root() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .unwrap()
+    cgroup2_mount().unwrap()
 }
 
 /// Runs the CLI; returns its output (any exit status).
