@@ -67,6 +67,36 @@ pub fn resolve_all(names: &[String]) -> (Names, Vec<NameFailure>) {
     (resolved, failures)
 }
 
+/// The answers of one resolution round, where a failed lookup falls back to
+/// the last good answer (a gateway must not lose a partner to a DNS hiccup).
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// Fresh answers, and last good answers for failed lookups.
+    pub names: Names,
+    /// Failed lookups whose last good answer was kept.
+    pub stale: Vec<NameFailure>,
+    /// Failed lookups with no answer at all: their rules match nothing.
+    pub unresolved: Vec<NameFailure>,
+}
+
+/// Combines a round's results (`resolve_all`) with the last good answers.
+pub fn keep_last_good(fresh: Names, failures: Vec<NameFailure>, last_good: &Names) -> Answers {
+    let mut answers = Answers {
+        names: fresh,
+        ..Answers::default()
+    };
+    for failure in failures {
+        match last_good.get(&failure.name) {
+            Some(addrs) => {
+                answers.names.insert(failure.name.clone(), addrs.clone());
+                answers.stale.push(failure);
+            }
+            None => answers.unresolved.push(failure),
+        }
+    }
+    answers
+}
+
 /// All IPv4 addresses of `name`, sorted, or why there are none.
 pub fn resolve(name: &str) -> Result<Vec<Ipv4Addr>, String> {
     let addrs = (name, 0).to_socket_addrs().map_err(|e| e.to_string())?;
@@ -97,6 +127,21 @@ mod tests {
         assert!(names.is_empty());
         assert_eq!(failures.len(), 1);
         assert!(!failures[0].reason.is_empty());
+    }
+
+    #[test]
+    fn a_failed_lookup_keeps_its_last_good_answer() {
+        let fail = |n: &str| NameFailure {
+            name: n.into(),
+            reason: "timeout".into(),
+        };
+        let fresh = Names::from([("a".to_string(), vec![Ipv4Addr::new(192, 0, 2, 1)])]);
+        let last = Names::from([("b".to_string(), vec![Ipv4Addr::new(192, 0, 2, 2)])]);
+        let answers = keep_last_good(fresh, vec![fail("b"), fail("c")], &last);
+        assert_eq!(answers.names.len(), 2);
+        assert_eq!(answers.names["b"], [Ipv4Addr::new(192, 0, 2, 2)]);
+        assert_eq!(answers.stale, [fail("b")]);
+        assert_eq!(answers.unresolved, [fail("c")]);
     }
 
     #[test]

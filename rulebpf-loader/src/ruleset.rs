@@ -23,6 +23,9 @@ pub struct RuleSet {
     pub names: Names,
     /// Names that did not resolve: their rules match nothing.
     pub name_failures: Vec<NameFailure>,
+    /// Names that did not resolve now but kept their last good answer
+    /// (see [`RuleSet::load_keeping`]).
+    pub stale_names: Vec<NameFailure>,
     pub compiled: Compiled,
     pub compile_time: Duration,
 }
@@ -68,6 +71,12 @@ impl std::error::Error for RuleFileError {}
 impl RuleSet {
     /// Reads, parses, resolves and compiles `path`.
     pub fn load(path: &Path) -> Result<Self, RuleFileError> {
+        Self::load_keeping(path, &Names::new())
+    }
+
+    /// Like [`RuleSet::load`], but a name that fails to resolve keeps its
+    /// answer from `last_good` (the service's reloads).
+    pub fn load_keeping(path: &Path, last_good: &Names) -> Result<Self, RuleFileError> {
         let text = std::fs::read_to_string(path).map_err(|error| RuleFileError::Read {
             path: path.to_path_buf(),
             error,
@@ -76,8 +85,11 @@ impl RuleSet {
             path: path.to_path_buf(),
             errors,
         })?;
-        let (names, name_failures) = resolve::resolve_all(&resolve::names_in(&rules));
-        Self::from_parts(path, rules, names, name_failures)
+        let (fresh, failures) = resolve::resolve_all(&resolve::names_in(&rules));
+        let answers = resolve::keep_last_good(fresh, failures, last_good);
+        let mut set = Self::from_parts(path, rules, answers.names, answers.unresolved)?;
+        set.stale_names = answers.stale;
+        Ok(set)
     }
 
     /// Compiles already parsed rules with already resolved names.
@@ -98,6 +110,7 @@ impl RuleSet {
             rules,
             names,
             name_failures,
+            stale_names: Vec::new(),
             compiled,
             compile_time: start.elapsed(),
         })

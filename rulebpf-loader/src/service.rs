@@ -36,11 +36,11 @@ use tokio::{
 use crate::{
     cgroup::Cgroup,
     compile::Names,
-    instance::{Instance, Reload, unix_now},
+    instance::{Applied, Instance, Reload, unix_now},
     maps::LoadOptions,
     metrics::{self, Metrics},
     resolve,
-    rules::{self, Rule},
+    rules::Rule,
     ruleset::RuleSet,
 };
 
@@ -184,39 +184,33 @@ impl Service {
     }
 
     fn try_reload(&mut self) -> anyhow::Result<String> {
-        let path = &self.options.rules_path;
-        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        let rules = rules::parse(&text).map_err(|errors| crate::ruleset::RuleFileError::Parse {
-            path: path.clone(),
-            errors,
-        })?;
-        let (fresh, failures) = resolve::resolve_all(&resolve::names_in(&rules));
-        for failure in &failures {
+        let set = RuleSet::load_keeping(&self.options.rules_path, &self.names)?;
+        for failure in &set.stale_names {
+            warn!(
+                "{} did not resolve ({}); keeping its last answer",
+                failure.name, failure.reason
+            );
+        }
+        for failure in &set.name_failures {
             warn!("{} did not resolve: {}", failure.name, failure.reason);
         }
-        // A failed lookup keeps the last good answer.
-        let mut names = fresh;
-        for failure in &failures {
-            if let Some(old) = self.names.get(&failure.name) {
-                names.insert(failure.name.clone(), old.clone());
-            }
-        }
-        let failures = failures
-            .into_iter()
-            .filter(|f| !names.contains_key(&f.name))
-            .collect();
-        let set = RuleSet::from_parts(path, rules, names, failures)?;
-        let applied = self
-            .instance
-            .apply(&self.options.cgroup, &set, self.options.load)?;
-        self.rules = set.rules;
-        self.names = set.names;
+        let applied = self.swap_in(set)?;
         Ok(format!(
             "{} rules, rule set {}, program {}",
             self.rules.len(),
             applied.state.generation,
             applied.state.program_id
         ))
+    }
+
+    /// Puts `set` in force and remembers what it was built from.
+    fn swap_in(&mut self, set: RuleSet) -> anyhow::Result<Applied> {
+        let applied = self
+            .instance
+            .apply(&self.options.cgroup, &set, self.options.load)?;
+        self.rules = set.rules;
+        self.names = set.names;
+        Ok(applied)
     }
 
     /// Re-resolves every name; swaps in new rules if an answer changed.
@@ -229,48 +223,35 @@ impl Service {
         let (fresh, failures) = tokio::task::spawn_blocking(move || resolve::resolve_all(&wanted))
             .await
             .unwrap_or_default();
-        for failure in &failures {
+        let answers = resolve::keep_last_good(fresh, failures, &self.names);
+        for failure in answers.stale.iter().chain(&answers.unresolved) {
             warn!(
                 "DNS refresh: {} did not resolve ({}); keeping its last answer",
                 failure.name, failure.reason
             );
         }
-        self.metrics.dns_refreshed(failures.len() as u64);
-        let failed = failures.len() as u64;
+        let failed = (answers.stale.len() + answers.unresolved.len()) as u64;
+        self.metrics.dns_refreshed(failed);
         let _ = self.instance.update_state(|s| {
             s.dns_refreshes += 1;
             s.dns_failures += failed;
         });
-        let mut names = self.names.clone();
-        let mut changed = false;
-        for (name, addrs) in fresh {
-            if names.get(&name) != Some(&addrs) {
-                info!("DNS refresh: {name} now resolves to {addrs:?}");
-                names.insert(name, addrs);
-                changed = true;
-            }
-        }
-        if !changed {
+        if answers.names == self.names {
             return false;
         }
-        let unresolved = failures
-            .into_iter()
-            .filter(|f| !names.contains_key(&f.name))
-            .collect();
+        for (name, addrs) in &answers.names {
+            if self.names.get(name) != Some(addrs) {
+                info!("DNS refresh: {name} now resolves to {addrs:?}");
+            }
+        }
         let swapped = RuleSet::from_parts(
             &self.options.rules_path,
             self.rules.clone(),
-            names,
-            unresolved,
+            answers.names,
+            answers.unresolved,
         )
         .map_err(anyhow::Error::from)
-        .and_then(|set| {
-            let applied = self
-                .instance
-                .apply(&self.options.cgroup, &set, self.options.load)?;
-            self.names = set.names;
-            Ok(applied)
-        });
+        .and_then(|set| self.swap_in(set));
         match swapped {
             Ok(applied) => {
                 self.metrics.reloaded(true);
