@@ -1,13 +1,15 @@
-//! Map layouts shared by the connect4 hook (`rulebpf-ebpf`) and the loader.
+//! Map layouts shared by the connect4/connect6 hooks (`rulebpf-ebpf`) and the
+//! loader.
 //!
 //! The loader compiles an ordered rule list into three lookup structures; the
-//! hook walks them in a fixed number of steps, whatever the number of rules:
+//! hooks walk them in a fixed number of steps, whatever the number of rules:
 //!
-//! 1. **Destination address: a 4-step automaton, one step per octet.**
-//!    State [`DFA_ROOT`] reads the first octet; each step looks up
+//! 1. **Destination address: an automaton, one step per octet** (4 for IPv4,
+//!    16 for IPv6). `RULEBPF_ROOTS[selector]` is the start state for the
+//!    socket's [`Selector`] (address family x protocol); each step looks up
 //!    [`DfaEdge`] `{state, octet}` in `RULEBPF_DFA_EDGES` and, when absent, takes
 //!    `RULEBPF_DFA_DEFAULT[state]` (the "any other octet" transition). After the
-//!    fourth octet the state number is a *port table* id. [`DFA_DEAD`] at any
+//!    last octet the state number is a *port table* id. [`DFA_DEAD`] at any
 //!    step means "no rule can match this address".
 //! 2. **Destination port: an LPM trie keyed by `{table, port}`** (`RULEBPF_PORTS`).
 //!    Each table's port intervals are stored as disjoint prefixes, so the
@@ -23,10 +25,13 @@
 #![no_std]
 
 /// Name of the connect4 program in the object file.
-pub const PROGRAM_NAME: &str = "rulebpf_connect4";
+pub const PROGRAM_CONNECT4: &str = "rulebpf_connect4";
+/// Name of the connect6 program in the object file.
+pub const PROGRAM_CONNECT6: &str = "rulebpf_connect6";
 
 /// Map names, as the loader finds them in the object file.
 pub mod map_names {
+    pub const ROOTS: &str = "RULEBPF_ROOTS";
     pub const DFA_EDGES: &str = "RULEBPF_DFA_EDGES";
     pub const DFA_DEFAULT: &str = "RULEBPF_DFA_DEFAULT";
     pub const PORTS: &str = "RULEBPF_PORTS";
@@ -45,12 +50,49 @@ pub const POLICY_STRICT: u32 = 0;
 /// No free port in the range: leave the socket alone, the OS picks a port.
 pub const POLICY_FALLBACK: u32 = 1;
 
-/// The automaton's start state.
-pub const DFA_ROOT: u32 = 0;
 /// Transition target meaning "no rule matches any address on this path".
 pub const DFA_DEAD: u32 = u32::MAX;
-/// Number of automaton steps: one per IPv4 octet.
-pub const DFA_STEPS: u32 = 4;
+
+/// Which automaton a connect() walks: the destination's address family
+/// (an IPv4-mapped IPv6 destination counts as IPv4) and the socket's protocol.
+/// The value is the index into `RULEBPF_ROOTS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Selector {
+    Ipv4Tcp = 0,
+    Ipv4Udp = 1,
+    Ipv6Tcp = 2,
+    Ipv6Udp = 3,
+}
+
+impl Selector {
+    pub const ALL: [Self; 4] = [Self::Ipv4Tcp, Self::Ipv4Udp, Self::Ipv6Tcp, Self::Ipv6Udp];
+
+    pub const fn new(ipv6: bool, udp: bool) -> Self {
+        match (ipv6, udp) {
+            (false, false) => Self::Ipv4Tcp,
+            (false, true) => Self::Ipv4Udp,
+            (true, false) => Self::Ipv6Tcp,
+            (true, true) => Self::Ipv6Udp,
+        }
+    }
+
+    pub const fn is_ipv6(self) -> bool {
+        matches!(self, Self::Ipv6Tcp | Self::Ipv6Udp)
+    }
+
+    pub const fn is_udp(self) -> bool {
+        matches!(self, Self::Ipv4Udp | Self::Ipv6Udp)
+    }
+
+    /// Automaton steps: octets in the destination address.
+    pub const fn width(self) -> usize {
+        if self.is_ipv6() { 16 } else { 4 }
+    }
+}
+
+/// Entries of `RULEBPF_ROOTS`.
+pub const SELECTORS: u32 = 4;
 
 /// Key of `RULEBPF_DFA_EDGES` (hash map, value: next state as `u32`).
 ///

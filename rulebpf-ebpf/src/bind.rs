@@ -5,8 +5,9 @@
 //! range, and every port of the range is tried once before giving up: a free
 //! port is always found when one exists, whatever the range size.
 //!
-//! `bpf_bind()` is `__inet_bind()` on the connecting socket; a port in use
-//! (by a live socket or one in TIME_WAIT) fails with `-EADDRINUSE`.
+//! `bpf_bind()` is `__inet_bind()` (or `inet6_bind()`) on the connecting
+//! socket; a port in use (by a live socket or one in TIME_WAIT) fails with
+//! `-EADDRINUSE`.
 //! https://github.com/torvalds/linux/blob/v6.12/net/core/filter.c#L5705
 
 use core::{
@@ -24,16 +25,45 @@ use rulebpf_common::Verdict;
 use crate::RULEBPF_CURSOR;
 
 const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
 const EADDRINUSE: i32 = 98;
 const EADDRNOTAVAIL: i32 = 99;
 
-/// `struct sockaddr_in` (aya's bindings do not carry it).
+/// `struct sockaddr_in` and `struct sockaddr_in6` in one layout (aya's
+/// bindings carry neither): both have the family, then the port. It is
+/// always passed with the IPv6 length, a constant for the verifier; the
+/// kernel only requires `addr_len >= sizeof(struct sockaddr_in)` for AF_INET.
 #[repr(C)]
-struct SockaddrIn {
+pub(crate) struct SockAddr {
     family: u16,
     port_be: u16,
-    addr_be: u32,
-    zero: [u8; 8],
+    /// `sin_addr` (IPv4) or `sin6_flowinfo` (IPv6, 0).
+    addr4_or_flowinfo: u32,
+    /// `sin6_addr` (IPv6); `sin_zero` and unused for IPv4.
+    addr6: [u32; 4],
+    scope_id: u32,
+}
+
+impl SockAddr {
+    pub(crate) fn ipv4(addr_be: u32) -> Self {
+        Self {
+            family: AF_INET,
+            port_be: 0,
+            addr4_or_flowinfo: addr_be,
+            addr6: [0; 4],
+            scope_id: 0,
+        }
+    }
+
+    pub(crate) fn ipv6(addr_be: [u32; 4]) -> Self {
+        Self {
+            family: AF_INET6,
+            port_be: 0,
+            addr4_or_flowinfo: 0,
+            addr6: addr_be,
+            scope_id: 0,
+        }
+    }
 }
 
 /// State shared with the `bpf_loop` callback (lives on the hook's stack).
@@ -42,7 +72,7 @@ struct Search {
     /// The hook's context: `bpf_bind` needs it. Kept first so it is spilled
     /// as a whole, aligned pointer and the verifier keeps its type.
     ctx: *mut bpf_sock_addr,
-    addr: SockaddrIn,
+    addr: SockAddr,
     lo: u32,
     size: u32,
     start: u32,
@@ -50,13 +80,13 @@ struct Search {
     result: i32,
 }
 
-/// Binds the socket to a free port of `verdict`'s range, keeping `source_be`
-/// (the address the application bound, or 0). On failure returns the errno
+/// Binds the socket to a free port of `verdict`'s range at `source` (the
+/// address the application bound, or "any"). On failure returns the errno
 /// for connect(): `EADDRNOTAVAIL` when every port is in use.
 #[inline(always)]
 pub(crate) fn bind_in_range(
     ctx: &SockAddrContext,
-    source_be: u32,
+    source: SockAddr,
     verdict: &Verdict,
 ) -> Result<(), i32> {
     let lo = u32::from(verdict.org_lo);
@@ -77,12 +107,7 @@ pub(crate) fn bind_in_range(
     };
     let mut search = Search {
         ctx: ctx.sock_addr,
-        addr: SockaddrIn {
-            family: AF_INET,
-            port_be: 0,
-            addr_be: source_be,
-            zero: [0; 8],
-        },
+        addr: source,
         lo,
         size,
         // checked_rem: no division-by-zero panic path for the verifier to see.
@@ -119,7 +144,7 @@ unsafe extern "C" fn try_candidate(index: u64, search: *mut c_void) -> c_long {
         bpf_bind(
             search.ctx,
             (&raw mut search.addr).cast::<sockaddr>(),
-            size_of::<SockaddrIn>() as i32,
+            size_of::<SockAddr>() as i32,
         )
     };
     if ret as i32 == -EADDRINUSE {

@@ -1,10 +1,11 @@
-//! The `cgroup/connect4` hook: picks the origin port of every new TCP
-//! connection made from the cgroup, from rules the loader compiled into maps
-//! (layouts: `rulebpf-common`).
+//! The `cgroup/connect4` and `cgroup/connect6` hooks: pick the origin port of
+//! every new TCP connection and connected UDP socket made from the cgroup,
+//! from rules the loader compiled into maps (layouts: `rulebpf-common`).
 //!
-//! Per connect the cost is fixed: 4 automaton steps over the destination's
-//! octets, one LPM lookup on `{table, port}`, then — only for a rule with an
-//! origin range — `bpf_bind()` on ports of the range until one is free.
+//! Per connect the cost is fixed: one array read for the automaton's root,
+//! one step per destination octet (4 for IPv4, 16 for IPv6), one LPM lookup on
+//! `{table, port}`, then — only for a rule with an origin range — `bpf_bind()`
+//! on ports of the range until one is free.
 #![no_std]
 #![no_main]
 // atomic_xadd: the bpfel target exposes no Atomic*::fetch_add (see bind.rs).
@@ -14,16 +15,21 @@
 mod bind;
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
+    bindings::{bpf_sock, bpf_sock_addr},
     macros::{cgroup_sock_addr, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, warn};
 use rulebpf_common::{
-    DFA_DEAD, DFA_ROOT, DfaEdge, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, RuleStats, Verdict,
+    DFA_DEAD, DfaEdge, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, RuleStats, Selector, Verdict,
 };
 
+use crate::bind::SockAddr;
+
+/// Start state per `Selector` (address family x protocol).
+#[map]
+static RULEBPF_ROOTS: Array<u32> = Array::with_max_entries(rulebpf_common::SELECTORS, 0);
 /// Next state for octets whose transition differs from the default.
 #[map]
 static RULEBPF_DFA_EDGES: HashMap<DfaEdge, u32> = HashMap::with_max_entries(1, 0);
@@ -50,8 +56,11 @@ const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 #[cgroup_sock_addr(connect4)]
 pub fn rulebpf_connect4(ctx: SockAddrContext) -> i32 {
@@ -60,21 +69,26 @@ pub fn rulebpf_connect4(ctx: SockAddrContext) -> i32 {
     }
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn rulebpf_connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands connect4 a valid `bpf_sock_addr`.
     let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-    if sa.user_family != AF_INET || sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
+    let (Some(udp), Some(sk)) = (is_udp(sa), unbound_socket(sa)) else {
+        return Ok(ALLOW);
+    };
+    if sa.user_family != AF_INET {
         return Ok(ALLOW);
     }
-    // SAFETY: `sk` is always set for sock_addr programs (PTR_TO_SOCKET).
-    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
-    if sk.src_port != 0 {
-        // The application bound a port itself (FTP active mode binds L-1): keep it.
-        return Ok(ALLOW);
-    }
-    let dest = u32::from_be(sa.user_ip4);
+    // Network order in memory: the native-endian bytes are the octets.
+    let dest = sa.user_ip4.to_ne_bytes();
     let port = u16::from_be(sa.user_port as u16);
-    let Some(verdict) = decide(dest, port) else {
+    let Some(verdict) = decide(Selector::new(false, udp), &dest, port) else {
         return Ok(ALLOW);
     };
     // Log calls cost one branch unless the loader enabled their level
@@ -88,23 +102,9 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         verdict.org_lo,
         verdict.org_hi
     );
-    let stats = RULEBPF_STATS.get_ptr_mut(verdict.rule).ok_or(ALLOW)?;
-    // SAFETY: per-CPU slot, this program is the only writer on this CPU.
-    let stats = unsafe { &mut *stats };
-    stats.matched += 1;
-    if verdict.org_lo == 0 {
-        return Ok(ALLOW);
-    }
-    // Keep an address the application bound without a port
-    // (IP_BIND_ADDRESS_NO_PORT); 0 otherwise.
-    let source = sk.src_ip4;
-    match bind::bind_in_range(ctx, source, &verdict) {
-        Ok(()) => {
-            stats.bound += 1;
-            Ok(ALLOW)
-        }
+    match enforce(ctx, sk, &verdict) {
+        Ok(ret) => Ok(ret),
         Err(errno) => {
-            stats.exhausted += 1;
             warn!(
                 ctx,
                 "connect {:i}:{}: no origin port of {}-{} usable (line {}, errno {})",
@@ -115,38 +115,158 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
                 verdict.line,
                 errno
             );
-            // SAFETY: plain read of a load-time constant.
-            if unsafe { core::ptr::read_volatile(&RULEBPF_POLICY) } == POLICY_FALLBACK {
-                return Ok(ALLOW);
-            }
-            // bpf_set_retval exists since 5.18; without it connect() gets EPERM.
-            // https://github.com/torvalds/linux/blob/v6.1/kernel/bpf/cgroup.c#L2130
-            unsafe { aya_ebpf::helpers::generated::bpf_set_retval(-errno) };
-            Err(REJECT)
+            Err(exhausted(errno))
         }
     }
 }
 
-/// The compiled first-match decision for `dest:port`, or `None` (OS choice).
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    // SAFETY: the kernel hands connect6 a valid `bpf_sock_addr`.
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    let (Some(udp), Some(sk)) = (is_udp(sa), unbound_socket(sa)) else {
+        return Ok(ALLOW);
+    };
+    if sa.user_family != AF_INET6 {
+        return Ok(ALLOW);
+    }
+    let words = sa.user_ip6;
+    let mut dest = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        dest[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    let port = u16::from_be(sa.user_port as u16);
+    // A dual-stack socket reaches an IPv4 peer at ::ffff:a.b.c.d; such a
+    // connect() is an IPv4 connection and follows the IPv4 rules.
+    let mapped = words[0] == 0 && words[1] == 0 && words[2] == 0xffff_u32.to_be();
+    let verdict = if mapped {
+        let mut v4 = [0u8; 4];
+        v4.copy_from_slice(&dest[12..]);
+        decide(Selector::new(false, udp), &v4, port)
+    } else {
+        decide(Selector::new(true, udp), &dest, port)
+    };
+    let Some(verdict) = verdict else {
+        return Ok(ALLOW);
+    };
+    debug!(
+        ctx,
+        "connect [{:i}]:{} -> line {} origin {}-{}",
+        dest,
+        port,
+        verdict.line,
+        verdict.org_lo,
+        verdict.org_hi
+    );
+    match enforce(ctx, sk, &verdict) {
+        Ok(ret) => Ok(ret),
+        Err(errno) => {
+            warn!(
+                ctx,
+                "connect [{:i}]:{}: no origin port of {}-{} usable (line {}, errno {})",
+                dest,
+                port,
+                verdict.org_lo,
+                verdict.org_hi,
+                verdict.line,
+                errno
+            );
+            Err(exhausted(errno))
+        }
+    }
+}
+
+/// `Some(false)` for TCP, `Some(true)` for UDP, `None` for anything else
+/// (raw, SCTP, ICMP sockets are left alone).
 #[inline(always)]
-fn decide(dest: u32, port: u16) -> Option<Verdict> {
-    let mut state = DFA_ROOT;
-    let mut shift = 24;
-    // Four steps, unrolled by the compiler: the verifier sees no loop.
-    while shift >= 0 {
+fn is_udp(sa: &bpf_sock_addr) -> Option<bool> {
+    match (sa.type_, sa.protocol) {
+        (SOCK_STREAM, IPPROTO_TCP) => Some(false),
+        (SOCK_DGRAM, IPPROTO_UDP) => Some(true),
+        _ => None,
+    }
+}
+
+/// The connecting socket, unless the application bound a port itself (FTP
+/// active mode binds L-1; a UDP socket that already sent has its port): then
+/// it keeps it.
+#[inline(always)]
+fn unbound_socket(sa: &bpf_sock_addr) -> Option<&bpf_sock> {
+    // SAFETY: `sk` is always set for sock_addr programs (PTR_TO_SOCKET).
+    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
+    (sk.src_port == 0).then_some(sk)
+}
+
+/// Counts the match and, for a rule with an origin range, binds the socket.
+/// `Err(errno)`: no port of the range could be bound.
+#[inline(always)]
+fn enforce(ctx: &SockAddrContext, sk: &bpf_sock, verdict: &Verdict) -> Result<i32, i32> {
+    let stats = RULEBPF_STATS.get_ptr_mut(verdict.rule).ok_or(0)?;
+    // SAFETY: per-CPU slot, this program is the only writer on this CPU.
+    let stats = unsafe { &mut *stats };
+    stats.matched += 1;
+    if verdict.org_lo == 0 {
+        return Ok(ALLOW);
+    }
+    // The bind address has the socket's family (a dual-stack socket going to
+    // a v4-mapped peer binds as IPv6) and keeps an address the application
+    // bound without a port (IP_BIND_ADDRESS_NO_PORT); "any" otherwise.
+    let source = if sk.family == AF_INET6 {
+        // Field by field: the verifier forbids pointer arithmetic on a
+        // socket, so a copy of the array as a whole is refused.
+        // SAFETY: reads of the kernel's bpf_sock context fields.
+        let word = |i: usize| unsafe { core::ptr::read_volatile(&sk.src_ip6[i]) };
+        SockAddr::ipv6([word(0), word(1), word(2), word(3)])
+    } else {
+        SockAddr::ipv4(sk.src_ip4)
+    };
+    match bind::bind_in_range(ctx, source, verdict) {
+        Ok(()) => {
+            stats.bound += 1;
+            Ok(ALLOW)
+        }
+        Err(errno) => {
+            stats.exhausted += 1;
+            Err(errno)
+        }
+    }
+}
+
+/// The hook's answer when no port of the range was free: per the policy,
+/// let the OS choose, or fail connect() with `errno`.
+#[inline(always)]
+fn exhausted(errno: i32) -> i32 {
+    // SAFETY: plain read of a load-time constant.
+    if unsafe { core::ptr::read_volatile(&RULEBPF_POLICY) } == POLICY_FALLBACK {
+        return ALLOW;
+    }
+    // bpf_set_retval exists since 5.18; without it connect() gets EPERM.
+    // https://github.com/torvalds/linux/blob/v6.1/kernel/bpf/cgroup.c#L2130
+    unsafe { aya_ebpf::helpers::generated::bpf_set_retval(-errno) };
+    REJECT
+}
+
+/// The compiled first-match decision for a destination (`N` octets) and
+/// port, or `None` (OS choice).
+#[inline(always)]
+fn decide<const N: usize>(selector: Selector, dest: &[u8; N], port: u16) -> Option<Verdict> {
+    let mut state = *RULEBPF_ROOTS.get(selector as u32)?;
+    // A bounded loop (N is 4 or 16): unrolled, or verified as a bounded loop.
+    for &octet in dest {
+        if state == DFA_DEAD {
+            return None;
+        }
         let edge = DfaEdge {
             state,
-            octet: (dest >> shift) & 0xff,
+            octet: octet.into(),
         };
         // SAFETY: values are plain u32s.
         state = match unsafe { RULEBPF_DFA_EDGES.get(&edge) } {
             Some(next) => *next,
             None => *RULEBPF_DFA_DEFAULT.get(state)?,
         };
-        if state == DFA_DEAD {
-            return None;
-        }
-        shift -= 8;
+    }
+    if state == DFA_DEAD {
+        return None;
     }
     let key = Key::new(PORT_KEY_BITS, PortKey::new(state, port));
     RULEBPF_PORTS.get(&key).copied()

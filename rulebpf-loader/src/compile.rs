@@ -1,22 +1,27 @@
-//! Ordered rules -> the lookup structures the hook walks (layout documented in
-//! `rulebpf-common`): a 4-step automaton over the destination's octets, then a
-//! port-interval table per address class.
+//! Ordered rules -> the lookup structures the hooks walk (layout documented
+//! in `rulebpf-common`): one automaton per [`Selector`] (address family x
+//! protocol) over the destination's octets, then a port-interval table per
+//! address class.
 //!
 //! # How first match and negation become a fixed-cost lookup
 //!
-//! Each rule's address is a list of *alternatives* (one octet pattern, or one
-//! per resolved address of a DNS name). A **state** of the automaton is the
-//! ordered list of alternatives that still agree with the octets read so far,
-//! plus the earliest rule already known to match whatever comes next (the
-//! *terminal*): a non-negated rule whose port set is `*` once the rest of its
-//! pattern is all `*`, or a negated rule once none of its alternatives survive.
-//! Nothing after the terminal can ever decide, so it is cut off; this is what
-//! keeps the states small. Equal states are shared (hash-consed), and at the end
-//! states with identical transitions are merged level by level (minimisation).
+//! For one selector, only the rules for its protocol and address family take
+//! part (a name's addresses of that family; a negated rule is negated within
+//! its family and protocol, never across). Each rule's address is a list of
+//! *alternatives* (one pattern, or one per resolved address of a DNS name). A
+//! **state** of the automaton is the ordered list of alternatives that still
+//! agree with the octets read so far, plus the earliest rule already known to
+//! match whatever comes next (the *terminal*): a non-negated rule whose port
+//! set is `*` once the rest of its pattern is all `*`, or a negated rule once
+//! none of its alternatives survive. Nothing after the terminal can ever
+//! decide, so it is cut off; this is what keeps the states small. Equal states
+//! are shared (hash-consed), and at the end states with identical transitions
+//! are merged level by level (minimisation).
 //!
-//! After four octets, the surviving rules all match the address; the first-match
-//! answer as a function of the port is a list of disjoint intervals, painted by
-//! walking those rules in order. Identical tables are shared too.
+//! After the last octet, the surviving rules all match the address; the
+//! first-match answer as a function of the port is a list of disjoint
+//! intervals, painted by walking those rules in order. Identical tables are
+//! shared, across selectors too.
 //!
 //! [`Compiled::lookup`] evaluates the result exactly as the kernel does, and the
 //! property tests check it against [`crate::rules::first_match`].
@@ -24,20 +29,22 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
-use rulebpf_common::{DFA_DEAD, DFA_ROOT, DfaEdge, PORT_KEY_BITS, PortKey, Verdict};
+use rulebpf_common::{DFA_DEAD, DfaEdge, PORT_KEY_BITS, PortKey, SELECTORS, Selector, Verdict};
 
-use crate::rules::{Dest, Ipv4Pattern, Origin, PortRange, Rule};
+use crate::rules::{AddrPattern, Dest, Origin, PortRange, Rule, canonical, octets_of};
 
-/// Addresses of the DNS names the rules use; a name absent here (or with no
-/// address) matches nothing.
-pub type Names = HashMap<String, Vec<Ipv4Addr>>;
+/// Addresses of the DNS names the rules use (IPv4 and IPv6); a name absent
+/// here (or with no address) matches nothing.
+pub type Names = HashMap<String, Vec<IpAddr>>;
 
 /// The compiled rule set, ready to be written into the maps.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Compiled {
+    /// `RULEBPF_ROOTS`: the start state per [`Selector`], or `DFA_DEAD`.
+    pub roots: [u32; SELECTORS as usize],
     /// `RULEBPF_DFA_EDGES`: transitions that differ from the state's default.
     pub edges: HashMap<DfaEdge, u32>,
     /// `RULEBPF_DFA_DEFAULT`, indexed by state.
@@ -50,6 +57,20 @@ pub struct Compiled {
     pub unresolved: Vec<usize>,
     /// Number of distinct port tables.
     pub tables: u32,
+}
+
+impl Default for Compiled {
+    fn default() -> Self {
+        Self {
+            roots: [DFA_DEAD; SELECTORS as usize],
+            edges: HashMap::new(),
+            defaults: Vec::new(),
+            ports: HashMap::new(),
+            rule_count: 0,
+            unresolved: Vec::new(),
+            tables: 0,
+        }
+    }
 }
 
 /// The rule set is too large or too tangled for the limits below.
@@ -70,10 +91,15 @@ const MAX_STATES: usize = 4_000_000;
 const MAX_STATE_ENTRIES: usize = 200_000_000;
 
 impl Compiled {
-    /// The decision for `addr:port`, computed exactly as the hook computes it.
-    pub fn lookup(&self, addr: Ipv4Addr, port: u16) -> Option<Verdict> {
-        let mut state = DFA_ROOT;
-        for octet in addr.octets() {
+    /// The decision for a connect() to `addr:port` on a TCP (or, with `udp`,
+    /// a UDP) socket, computed exactly as the hook computes it.
+    pub fn lookup(&self, udp: bool, addr: IpAddr, port: u16) -> Option<Verdict> {
+        let addr = canonical(addr);
+        let mut state = self.roots[Selector::new(addr.is_ipv6(), udp) as usize];
+        if state == DFA_DEAD {
+            return None;
+        }
+        for octet in octets_of(addr) {
             let edge = DfaEdge {
                 state,
                 octet: octet.into(),
@@ -97,21 +123,59 @@ impl Compiled {
             self.ports.get(&(len, PortKey::new(state, masked))).copied()
         })
     }
+
+    /// Numbers the states of one automaton after those already here and
+    /// writes its transitions; returns its root (or `DFA_DEAD`).
+    fn append(&mut self, levels: &[Vec<Transitions>]) -> u32 {
+        if levels[0].is_empty() {
+            return DFA_DEAD;
+        }
+        let root = self.defaults.len() as u32;
+        let last = levels.len() - 1;
+        let mut offset = root;
+        for (k, level) in levels.iter().enumerate() {
+            let next_offset = offset + level.len() as u32;
+            let global = |target: Target| {
+                if target == DFA_DEAD || k == last {
+                    target // dead, or a table id after the last octet
+                } else {
+                    target + next_offset
+                }
+            };
+            for (local, t) in level.iter().enumerate() {
+                let state = offset + local as u32;
+                self.defaults.push(global(t.default));
+                for &(octet, target) in &t.edges {
+                    let edge = DfaEdge {
+                        state,
+                        octet: octet.into(),
+                    };
+                    self.edges.insert(edge, global(target));
+                }
+            }
+            offset = next_offset;
+        }
+        root
+    }
 }
 
 /// Per-rule facts the automaton needs, indexed like the rule list.
 struct RuleFacts {
     line: u32,
     negated: bool,
-    ports: PortRange,
+    /// Every port is a destination port of the rule.
+    ports_any: bool,
+    /// The ports for which the rule matches once its address did: its port
+    /// set, or for a negated rule the ports outside it.
+    claims: Vec<PortRange>,
     origin: Origin,
 }
 
 /// One address alternative of one rule.
 struct Entry {
     rule: u32,
-    pattern: Ipv4Pattern,
-    /// Smallest `k` such that octets `k..4` are all `*`.
+    pattern: AddrPattern,
+    /// Smallest `k` such that octets `k..` are all `*`.
     wild_from: usize,
 }
 
@@ -134,6 +198,34 @@ struct Transitions {
     edges: Vec<(u8, Target)>,
 }
 
+/// A port table: `(first port, last port, rule)`, sorted and disjoint.
+type PortTable = Vec<(u16, u16, u32)>;
+
+/// Port tables shared by every automaton, numbered in creation order.
+#[derive(Default)]
+struct Tables {
+    index: HashMap<PortTable, u32>,
+    list: Vec<PortTable>,
+}
+
+impl Tables {
+    fn intern(&mut self, table: PortTable) -> u32 {
+        if table.is_empty() {
+            return DFA_DEAD;
+        }
+        *self.index.entry(table.clone()).or_insert_with(|| {
+            self.list.push(table);
+            self.list.len() as u32 - 1
+        })
+    }
+}
+
+/// What every automaton together may still use.
+struct Limits {
+    states: usize,
+    entries: usize,
+}
+
 /// Compiles `rules` (file order) with `names` resolving their DNS names.
 pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> {
     let rule_count = u32::try_from(rules.len())
@@ -143,29 +235,89 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
         .map(|r| RuleFacts {
             line: r.line,
             negated: r.negated,
-            ports: r.dest_ports,
+            ports_any: r.dest_ports.is_any(),
+            claims: if r.negated {
+                r.dest_ports.complement()
+            } else {
+                r.dest_ports.normalized()
+            },
             origin: r.origin,
         })
         .collect();
-    let mut unresolved = Vec::new();
+    let unresolved: Vec<usize> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| match &r.dest {
+            Dest::Name(name) => names.get(name).is_none_or(|a| a.is_empty()),
+            Dest::Pattern(_) => false,
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let mut compiled = Compiled {
+        rule_count,
+        unresolved,
+        ..Compiled::default()
+    };
+    let mut tables = Tables::default();
+    let mut limits = Limits {
+        states: MAX_STATES,
+        entries: MAX_STATE_ENTRIES,
+    };
+    for selector in Selector::ALL {
+        let (entries, terminal) = alternatives(rules, names, selector);
+        let levels = Builder {
+            facts: &facts,
+            entries: &entries,
+            limits: &mut limits,
+        }
+        .build(selector.width(), terminal, &mut tables)?;
+        compiled.roots[selector as usize] = compiled.append(&levels);
+    }
+    compiled.tables = tables.list.len() as u32;
+    for (table, intervals) in tables.list.iter().enumerate() {
+        for &(lo, hi, rule) in intervals {
+            let verdict = verdict(&facts[rule as usize], rule);
+            for (start, len) in port_prefixes(lo, hi) {
+                compiled
+                    .ports
+                    .insert((len, PortKey::new(table as u32, start)), verdict);
+            }
+        }
+    }
+    Ok(compiled)
+}
+
+/// The address alternatives of the rules taking part in `selector`'s
+/// automaton, and the first rule that matches every destination of it
+/// outright (a negated name without an address of this family), if any.
+fn alternatives(rules: &[Rule], names: &Names, selector: Selector) -> (Vec<Entry>, u32) {
+    let ipv6 = selector.is_ipv6();
     let mut entries = Vec::new();
     for (index, rule) in rules.iter().enumerate() {
-        let patterns: Vec<Ipv4Pattern> = match &rule.dest {
+        if !rule.protocols.covers(selector.is_udp()) || !rule.covers_family(ipv6) {
+            continue;
+        }
+        let patterns: Vec<AddrPattern> = match &rule.dest {
             Dest::Pattern(p) => vec![*p],
-            Dest::Name(name) => names
-                .get(name)
-                .map(|addrs| addrs.iter().map(|a| Ipv4Pattern::exact(*a)).collect())
-                .unwrap_or_default(),
+            Dest::Name(name) => {
+                let Some(addrs) = names.get(name).filter(|a| !a.is_empty()) else {
+                    continue; // unresolved: left out (reported by the caller)
+                };
+                addrs
+                    .iter()
+                    .map(|&a| AddrPattern::exact(a))
+                    .filter(|p| p.is_ipv6() == ipv6)
+                    .collect()
+            }
         };
-        if patterns.is_empty() {
-            unresolved.push(index);
+        if patterns.is_empty() && rule.negated {
+            // No address of this family is the name's: every destination
+            // is outside it, so the rule decides everything from here on.
+            return (entries, index as u32);
         }
         for pattern in patterns {
-            let wild_from = (0..=4)
-                .rev()
-                .take_while(|&k| k == 4 || pattern.octets[k].is_any())
-                .last()
-                .unwrap_or(4);
+            let octets = pattern.octets();
+            let wild_from = octets.len() - octets.iter().rev().take_while(|o| o.is_any()).count();
             entries.push(Entry {
                 rule: index as u32,
                 pattern,
@@ -173,59 +325,66 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
             });
         }
     }
-    Builder {
-        facts: &facts,
-        entries: &entries,
-        budget: MAX_STATE_ENTRIES,
+    (entries, NO_TERMINAL)
+}
+
+fn verdict(facts: &RuleFacts, rule: u32) -> Verdict {
+    let (org_lo, org_hi) = match facts.origin {
+        Origin::Os => (0, 0),
+        Origin::Range(range) => (range.lo, range.hi),
+    };
+    Verdict {
+        rule,
+        line: facts.line,
+        org_lo,
+        org_hi,
     }
-    .build(rule_count, unresolved)
 }
 
 struct Builder<'a> {
     facts: &'a [RuleFacts],
     entries: &'a [Entry],
-    budget: usize,
+    limits: &'a mut Limits,
 }
 
 impl Builder<'_> {
-    fn build(mut self, rule_count: u32, unresolved: Vec<usize>) -> Result<Compiled, CompileError> {
+    /// The minimised automaton over `width` octets, level by level; level 0
+    /// holds the root (or nothing when no destination can match). The last
+    /// level's targets are ids in `tables`.
+    fn build(
+        mut self,
+        width: usize,
+        terminal: u32,
+        tables: &mut Tables,
+    ) -> Result<Vec<Vec<Transitions>>, CompileError> {
         let all: Vec<u32> = (0..self.entries.len() as u32).collect();
-        let root = self.settle(all, NO_TERMINAL, 0);
+        let root = self.settle(all, terminal, 0);
         let mut level_states = vec![root];
         let mut levels: Vec<Vec<Transitions>> = Vec::new();
-        let mut total_states = 1;
-        for k in 0..4 {
+        for k in 0..width {
             let mut next_index: HashMap<StateKey, u32> = HashMap::new();
             let mut next_states: Vec<StateKey> = Vec::new();
             let mut transitions = Vec::with_capacity(level_states.len());
             for state in &level_states {
                 transitions.push(self.step(state, k, &mut next_index, &mut next_states)?);
             }
-            total_states += next_states.len();
-            if total_states > MAX_STATES {
-                return Err(CompileError(format!(
-                    "rule set too complex: more than {MAX_STATES} automaton states"
-                )));
-            }
+            self.limits.states = self
+                .limits
+                .states
+                .checked_sub(next_states.len())
+                .ok_or_else(|| {
+                    CompileError(format!(
+                        "rule set too complex: more than {MAX_STATES} automaton states"
+                    ))
+                })?;
             levels.push(transitions);
             level_states = next_states;
         }
 
-        // Level 4: each surviving state becomes a port table (shared when equal).
-        let mut table_index: HashMap<Vec<(u16, u16, u32)>, u32> = HashMap::new();
-        let mut tables: Vec<Vec<(u16, u16, u32)>> = Vec::new();
+        // After the last octet each surviving state becomes a port table.
         let mut below: Vec<u32> = level_states
             .iter()
-            .map(|state| {
-                let table = self.port_table(state);
-                if table.is_empty() {
-                    return DFA_DEAD;
-                }
-                *table_index.entry(table.clone()).or_insert_with(|| {
-                    tables.push(table);
-                    tables.len() as u32 - 1
-                })
-            })
+            .map(|state| tables.intern(self.port_table(state)))
             .collect();
 
         // Minimise bottom-up: states with equal transitions are one state.
@@ -264,65 +423,7 @@ impl Builder<'_> {
             below = map;
         }
         canonical_levels.reverse();
-
-        // Global numbering: level 0 (the root) first, then each level in turn.
-        let mut compiled = Compiled {
-            rule_count,
-            unresolved,
-            tables: tables.len() as u32,
-            ..Compiled::default()
-        };
-        if canonical_levels[0].is_empty() {
-            // Nothing can ever match: a root whose every transition is dead.
-            compiled.defaults.push(DFA_DEAD);
-        }
-        let mut offset = 0u32;
-        for (k, level) in canonical_levels.iter().enumerate() {
-            let next_offset = offset + level.len() as u32;
-            let global = |target: Target| {
-                if target == DFA_DEAD || k == 3 {
-                    target // dead, or a table id after the last octet
-                } else {
-                    target + next_offset
-                }
-            };
-            for (local, t) in level.iter().enumerate() {
-                let state = offset + local as u32;
-                compiled.defaults.push(global(t.default));
-                for &(octet, target) in &t.edges {
-                    let edge = DfaEdge {
-                        state,
-                        octet: octet.into(),
-                    };
-                    compiled.edges.insert(edge, global(target));
-                }
-            }
-            offset = next_offset;
-        }
-        for (table, intervals) in tables.iter().enumerate() {
-            for &(lo, hi, rule) in intervals {
-                let verdict = self.verdict(rule);
-                for (start, len) in port_prefixes(lo, hi) {
-                    compiled
-                        .ports
-                        .insert((len, PortKey::new(table as u32, start)), verdict);
-                }
-            }
-        }
-        Ok(compiled)
-    }
-
-    fn verdict(&self, rule: u32) -> Verdict {
-        let (org_lo, org_hi) = match self.facts[rule as usize].origin {
-            Origin::Os => (0, 0),
-            Origin::Range(range) => (range.lo, range.hi),
-        };
-        Verdict {
-            rule,
-            line: self.facts[rule as usize].line,
-            org_lo,
-            org_hi,
-        }
+        Ok(canonical_levels)
     }
 
     /// Transitions of `state` on octet position `k`.
@@ -336,7 +437,7 @@ impl Builder<'_> {
         let mut wild = Vec::new();
         let mut buckets: BTreeMap<u8, Vec<u32>> = BTreeMap::new();
         for &id in &state.entries {
-            let range = self.entries[id as usize].pattern.octets[k];
+            let range = self.entries[id as usize].pattern.octets()[k];
             if range.is_any() {
                 wild.push(id);
             } else {
@@ -353,18 +454,21 @@ impl Builder<'_> {
             if key.entries.is_empty() && key.terminal == NO_TERMINAL {
                 return Ok(DFA_DEAD);
             }
-            this.budget = this.budget.checked_sub(key.entries.len()).ok_or_else(|| {
-                CompileError(format!(
-                    "rule set too complex: automaton would hold more than \
-                     {MAX_STATE_ENTRIES} rule references"
-                ))
-            })?;
+            this.limits.entries = this
+                .limits
+                .entries
+                .checked_sub(key.entries.len())
+                .ok_or_else(|| {
+                    CompileError(format!(
+                        "rule set too complex: automaton would hold more than \
+                         {MAX_STATE_ENTRIES} rule references"
+                    ))
+                })?;
             Ok(*next_index.entry(key).or_insert_with_key(|key| {
                 next_states.push(key.clone());
                 next_states.len() as u32 - 1
             }))
         };
-
         let default_terminal = state
             .terminal
             .min(fragile.first().copied().unwrap_or(NO_TERMINAL));
@@ -402,7 +506,7 @@ impl Builder<'_> {
             if !self.facts[entry.rule as usize].negated {
                 continue;
             }
-            if entry.pattern.octets[k].is_any() {
+            if entry.pattern.octets()[k].is_any() {
                 has_wild.push(entry.rule);
             } else if out.last() != Some(&entry.rule) {
                 out.push(entry.rule);
@@ -421,7 +525,7 @@ impl Builder<'_> {
                 break;
             }
             let facts = &self.facts[entry.rule as usize];
-            if !facts.negated && facts.ports.is_any() && entry.wild_from <= consumed {
+            if !facts.negated && facts.ports_any && entry.wild_from <= consumed {
                 terminal = entry.rule;
                 break;
             }
@@ -432,7 +536,7 @@ impl Builder<'_> {
 
     /// First-match port intervals for a state after the last octet: every
     /// surviving entry's rule matches the address.
-    fn port_table(&self, state: &StateKey) -> Vec<(u16, u16, u32)> {
+    fn port_table(&self, state: &StateKey) -> PortTable {
         let mut paint = Painter::new();
         let mut last_rule = None;
         for &id in &state.entries {
@@ -441,18 +545,8 @@ impl Builder<'_> {
                 continue;
             }
             last_rule = Some(rule);
-            let facts = &self.facts[rule as usize];
-            if facts.negated {
-                // Address matched: the rule matches only ports outside its set.
-                let PortRange { lo, hi } = facts.ports;
-                if lo > 0 {
-                    paint.fill(0, lo - 1, rule);
-                }
-                if hi < u16::MAX {
-                    paint.fill(hi + 1, u16::MAX, rule);
-                }
-            } else {
-                paint.fill(facts.ports.lo, facts.ports.hi, rule);
+            for range in &self.facts[rule as usize].claims {
+                paint.fill(range.lo, range.hi, rule);
             }
             if paint.is_full() {
                 return paint.into_intervals();
@@ -567,36 +661,45 @@ fn merge_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr},
+        path::Path,
+    };
 
     use proptest::prelude::*;
 
     use super::*;
     use crate::{
         resolve::NameFailure,
-        rules::{OctetRange, parse},
+        rules::{OctetRange, PortSet, Protocols, parse},
         ruleset::RuleSet,
     };
 
-    fn build(text: &str, names: &[(&str, &[[u8; 4]])]) -> RuleSet {
+    fn build(text: &str, names: &[(&str, &[&str])]) -> RuleSet {
         let rules = parse(text).unwrap();
         let names = names
             .iter()
             .map(|(n, a)| {
                 (
                     n.to_string(),
-                    a.iter().map(|&o| Ipv4Addr::from(o)).collect(),
+                    a.iter().map(|a| a.parse().unwrap()).collect(),
                 )
             })
             .collect();
         RuleSet::from_parts(Path::new("t.ini"), rules, names, vec![]).unwrap()
     }
 
-    /// The compiled answer as `(line, origin)`, checked against first match.
+    /// The compiled answer for a TCP connect as `(line, origin)`, checked
+    /// against first match.
     fn decide(set: &RuleSet, ip: [u8; 4], port: u16) -> Option<(u32, u16, u16)> {
-        let got = set.compiled.lookup(ip.into(), port);
-        let want = set.first_match(ip.into(), port);
-        assert_eq!(got.map(|v| v.rule as usize), want, "{ip:?}:{port}");
+        decide_at(set, false, &Ipv4Addr::from(ip).to_string(), port)
+    }
+
+    fn decide_at(set: &RuleSet, udp: bool, ip: &str, port: u16) -> Option<(u32, u16, u16)> {
+        let addr: IpAddr = ip.parse().unwrap();
+        let got = set.compiled.lookup(udp, addr, port);
+        let want = set.first_match(udp, addr, port);
+        assert_eq!(got.map(|v| v.rule as usize), want, "{ip}:{port} udp={udp}");
         got.map(|v| (set.rules[v.rule as usize].line, v.org_lo, v.org_hi))
     }
 
@@ -639,7 +742,7 @@ mod tests {
     fn names_cover_every_address_and_unresolved_names_match_nothing() {
         let set = build(
             "gw.example * : 3000\n! gone.example * : 4000\n",
-            &[("gw.example", &[[192, 0, 2, 1], [192, 0, 2, 7]])],
+            &[("gw.example", &["192.0.2.1", "192.0.2.7"])],
         );
         assert_eq!(decide(&set, [192, 0, 2, 7], 1), Some((1, 3000, 3000)));
         assert_eq!(decide(&set, [192, 0, 2, 1], 1), Some((1, 3000, 3000)));
@@ -651,7 +754,8 @@ mod tests {
     fn empty_rule_set_matches_nothing() {
         let set = build("# nothing\n", &[]);
         assert_eq!(decide(&set, [1, 2, 3, 4], 5), None);
-        assert_eq!(set.compiled.defaults, vec![DFA_DEAD]);
+        assert_eq!(set.compiled.roots, [DFA_DEAD; 4]);
+        assert!(set.compiled.defaults.is_empty());
     }
 
     #[test]
@@ -699,11 +803,94 @@ mod tests {
         assert_eq!(decide(&set, [10, 1, 134, 159], port + 1), None);
     }
 
+    #[test]
+    fn families_and_protocols_are_separate() {
+        let set = build(
+            "! 10.*.*.* * : 100\n2001:db8::/32 443 : 200 tcp+udp\n\
+             10.0.0.0/8 53 : 300 udp\n10.1.1.3 389,636,3268-3269 : 400\n",
+            &[],
+        );
+        // A negated IPv4 rule says nothing about IPv6 or UDP.
+        assert_eq!(decide_at(&set, false, "2001:db9::1", 443), None);
+        assert_eq!(decide_at(&set, true, "8.8.8.8", 53), None);
+        assert_eq!(decide_at(&set, false, "8.8.8.8", 53), Some((1, 100, 100)));
+        assert_eq!(
+            decide_at(&set, false, "2001:db8::1", 443),
+            Some((2, 200, 200))
+        );
+        assert_eq!(
+            decide_at(&set, true, "2001:db8:1::", 443),
+            Some((2, 200, 200))
+        );
+        assert_eq!(decide_at(&set, true, "10.9.9.9", 53), Some((3, 300, 300)));
+        assert_eq!(decide_at(&set, false, "10.9.9.9", 53), None);
+        // v4-mapped destinations are IPv4 ones.
+        assert_eq!(
+            decide_at(&set, false, "::ffff:8.8.8.8", 1),
+            Some((1, 100, 100))
+        );
+        assert_eq!(
+            decide_at(&set, true, "::ffff:10.0.0.1", 53),
+            Some((3, 300, 300))
+        );
+        // Port lists: the listed ports go to line 4; no rule has the others.
+        for (port, line) in [(389, 4), (636, 4), (3268, 4), (3269, 4)] {
+            assert_eq!(
+                decide_at(&set, false, "10.1.1.3", port).map(|g| g.0),
+                Some(line)
+            );
+        }
+        for port in [388, 390, 637, 3267, 3270] {
+            assert_eq!(decide_at(&set, false, "10.1.1.3", port), None, "{port}");
+        }
+    }
+
+    #[test]
+    fn names_cover_both_families() {
+        let set = build(
+            "gw.example * : 3000 tcp+udp\n! v4only.example * : 4000\n",
+            &[
+                ("gw.example", &["192.0.2.1", "2001:db8::7"]),
+                ("v4only.example", &["192.0.2.9"]),
+            ],
+        );
+        assert_eq!(
+            decide_at(&set, false, "192.0.2.1", 1),
+            Some((1, 3000, 3000))
+        );
+        assert_eq!(
+            decide_at(&set, true, "2001:db8::7", 1),
+            Some((1, 3000, 3000))
+        );
+        // Every IPv6 destination is outside a name without AAAA answers.
+        assert_eq!(
+            decide_at(&set, false, "2001:db8::8", 1),
+            Some((2, 4000, 4000))
+        );
+        assert_eq!(decide_at(&set, false, "192.0.2.9", 1), None);
+    }
+
+    #[test]
+    fn an_ipv6_prefix_is_the_octet_pattern_it_stands_for() {
+        let set = build("2001:db8:8000::/33 * : 1\n", &[]);
+        assert_eq!(
+            decide_at(&set, false, "2001:db8:8000::", 9),
+            Some((1, 1, 1))
+        );
+        assert_eq!(
+            decide_at(&set, false, "2001:db8:ffff:ffff::1", 9),
+            Some((1, 1, 1))
+        );
+        assert_eq!(decide_at(&set, false, "2001:db8:7fff::1", 9), None);
+    }
+
     // ---- property test: compiled lookup == first match -------------------
 
     /// A small value universe so that random rules overlap a lot.
     const OCTETS: [u8; 4] = [0, 1, 2, 255];
     const PORTS: [u16; 6] = [0, 1, 21, 22, 1000, 65535];
+    const PREFIXES_V4: [u8; 7] = [0, 7, 8, 9, 24, 31, 32];
+    const PREFIXES_V6: [u8; 8] = [0, 8, 12, 16, 64, 120, 127, 128];
 
     fn octet() -> impl Strategy<Value = OctetRange> {
         prop_oneof![
@@ -727,47 +914,82 @@ mod tests {
         ]
     }
 
-    fn rule() -> impl Strategy<Value = Rule> {
-        let dest = prop_oneof![
-            4 => prop::array::uniform4(octet())
-                .prop_map(|octets| Dest::Pattern(Ipv4Pattern { octets })),
-            1 => (0..4u8).prop_map(|n| Dest::Name(format!("n{n}.example"))),
-        ];
-        (any::<bool>(), dest, port_range(), 0..3u16).prop_map(|(negated, dest, ports, org)| Rule {
-            line: 0,
-            text: String::new(),
-            negated,
-            dest,
-            dest_ports: ports,
-            origin: match org {
-                0 => Origin::Os,
-                n => Origin::Range(PortRange {
-                    lo: 100 * n,
-                    hi: 100 * n + 9,
-                }),
-            },
-        })
+    fn port_set() -> impl Strategy<Value = PortSet> {
+        prop::collection::vec(port_range(), 1..4).prop_map(|r| PortSet::new(r).unwrap())
     }
 
-    fn address() -> impl Strategy<Value = [u8; 4]> {
+    fn address_v4() -> impl Strategy<Value = Ipv4Addr> {
         prop_oneof![
-            3 => prop::array::uniform4(prop::sample::select(&OCTETS[..])),
-            1 => any::<[u8; 4]>(),
+            3 => prop::array::uniform4(prop::sample::select(&OCTETS[..])).prop_map(Ipv4Addr::from),
+            1 => any::<[u8; 4]>().prop_map(Ipv4Addr::from),
         ]
     }
 
+    /// IPv6 addresses that differ in the first, a middle and the last octets.
+    fn address_v6() -> impl Strategy<Value = Ipv6Addr> {
+        prop_oneof![
+            3 => prop::array::uniform3(prop::sample::select(&OCTETS[..])).prop_map(|[a, b, c]| {
+                let mut o = [0u8; 16];
+                (o[0], o[7], o[15]) = (a, b, c);
+                Ipv6Addr::from(o)
+            }),
+            1 => any::<[u8; 16]>().prop_map(Ipv6Addr::from),
+        ]
+    }
+
+    /// Destinations: IPv4, IPv6, and IPv4-mapped IPv6.
+    fn address() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            4 => address_v4().prop_map(IpAddr::V4),
+            3 => address_v6().prop_map(IpAddr::V6),
+            1 => address_v4().prop_map(|a| IpAddr::V6(a.to_ipv6_mapped())),
+        ]
+    }
+
+    fn pattern() -> impl Strategy<Value = AddrPattern> {
+        prop_oneof![
+            3 => prop::array::uniform4(octet()).prop_map(AddrPattern::V4),
+            2 => (address_v4(), prop::sample::select(&PREFIXES_V4[..]))
+                .prop_map(|(a, len)| AddrPattern::prefix(IpAddr::V4(a), len)),
+            3 => (address_v6(), prop::sample::select(&PREFIXES_V6[..]))
+                .prop_map(|(a, len)| AddrPattern::prefix(IpAddr::V6(a), len)),
+        ]
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        let dest = prop_oneof![
+            5 => pattern().prop_map(Dest::Pattern),
+            2 => (0..5u8).prop_map(|n| Dest::Name(format!("n{n}.example"))),
+        ];
+        let protocols =
+            prop::sample::select(&[Protocols::TCP, Protocols::UDP, Protocols::BOTH][..]);
+        (any::<bool>(), dest, port_set(), 0..3u16, protocols).prop_map(
+            |(negated, dest, ports, org, protocols)| Rule {
+                line: 0,
+                text: String::new(),
+                negated,
+                dest,
+                dest_ports: ports,
+                origin: match org {
+                    0 => Origin::Os,
+                    n => Origin::Range(PortRange {
+                        lo: 100 * n,
+                        hi: 100 * n + 9,
+                    }),
+                },
+                protocols,
+            },
+        )
+    }
+
     fn names() -> impl Strategy<Value = Names> {
-        // n0..n2 resolve to 1-3 addresses of the universe; n3 never resolves.
-        prop::collection::vec(prop::collection::vec(address(), 1..4), 3).prop_map(|lists| {
+        // n0..n3 resolve to 1-3 addresses of the universe (of either family,
+        // v4-mapped answers too); n4 never resolves.
+        prop::collection::vec(prop::collection::vec(address(), 1..4), 4).prop_map(|lists| {
             lists
                 .into_iter()
                 .enumerate()
-                .map(|(i, l)| {
-                    (
-                        format!("n{i}.example"),
-                        l.into_iter().map(Ipv4Addr::from).collect(),
-                    )
-                })
+                .map(|(i, l)| (format!("n{i}.example"), l))
                 .collect()
         })
     }
@@ -779,19 +1001,23 @@ mod tests {
             mut rules in prop::collection::vec(rule(), 0..12),
             names in names(),
             probes in prop::collection::vec(
-                (address(), prop_oneof![prop::sample::select(&PORTS[..]), any::<u16>()]),
-                32,
+                (
+                    any::<bool>(),
+                    address(),
+                    prop_oneof![prop::sample::select(&PORTS[..]), any::<u16>()],
+                ),
+                48,
             ),
         ) {
             for (i, r) in rules.iter_mut().enumerate() {
                 r.line = i as u32 + 1;
             }
-            let failures = vec![NameFailure { name: "n3.example".into(), reason: "test".into() }];
+            let failures = vec![NameFailure { name: "n4.example".into(), reason: "test".into() }];
             let set = RuleSet::from_parts(Path::new("p.ini"), rules, names, failures).unwrap();
-            for (ip, port) in probes {
-                let got = set.compiled.lookup(ip.into(), port);
-                let want = set.first_match(ip.into(), port);
-                prop_assert_eq!(got.map(|v| v.rule as usize), want, "{:?}:{}", ip, port);
+            for (udp, ip, port) in probes {
+                let got = set.compiled.lookup(udp, ip, port);
+                let want = set.first_match(udp, ip, port);
+                prop_assert_eq!(got.map(|v| v.rule as usize), want, "{}:{} udp={}", ip, port, udp);
                 if let Some(v) = got {
                     let expect = match set.rules[v.rule as usize].origin {
                         Origin::Os => (0, 0),

@@ -2,19 +2,23 @@
 //! description in /run, and the atomic swap between rule sets.
 //!
 //! ```text
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/link          the cgroup link (keeps the hook attached)
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/prog  the program of rule set N
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/link-connect4  the cgroup links (keep the hooks attached)
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/link-connect6
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/prog-connect4  the programs of rule set N
+//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/prog-connect6
 //! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/RULEBPF_*  its maps
 //! /run/rulebpf/cg-<cgroup id>/state.json            cgroup, file, rules of set N
 //! /run/rulebpf/cg-<cgroup id>/lock                  serialises attach/detach
 //! ```
 //!
-//! **Swap.** A new rule set is a new program with its own, fully written maps;
-//! `BPF_LINK_UPDATE` then replaces the program on the link in one step. Each
-//! connect() runs either the old program with the old maps or the new one with
-//! the new maps, never a mix; the old objects are freed by the kernel once no
-//! CPU runs them (RCU). Nothing before the update touches what is in force, so
-//! any failure leaves the old rules as they were.
+//! **Swap.** A new rule set is a new pair of programs with their own, fully
+//! written maps; `BPF_LINK_UPDATE` then replaces the program on each link in
+//! one step. Each connect() runs either the old program with the old maps or
+//! the new one with the new maps, never a mix; the old objects are freed by the
+//! kernel once no CPU runs them (RCU). Nothing before the updates touches what
+//! is in force, so any failure leaves the old rules as they were (a failed
+//! second update puts the first link back). The IPv4 and IPv6 hooks switch a
+//! few microseconds apart.
 //! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L863
 
 use std::{
@@ -39,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroup::{self, Cgroup},
-    maps::{self, LoadOptions, Policy},
+    maps::{self, Hook, LoadOptions, Policy},
     ruleset::RuleSet,
 };
 
@@ -57,10 +61,16 @@ pub struct State {
     pub rules_file: PathBuf,
     /// Rule sets attached to this cgroup so far; names the `gen-<N>` pins.
     pub generation: u64,
+    /// The connect4 program (its log ring buffer is shared with connect6).
     pub program_id: u32,
     pub policy: Policy,
-    /// Instructions the verifier processed for the program (kernel 5.16+).
+    /// Instructions the verifier processed for connect4 (kernel 5.16+).
     pub verified_insns: Option<u32>,
+    #[serde(default)]
+    pub connect6_program_id: u32,
+    /// Instructions the verifier processed for connect6 (kernel 5.16+).
+    #[serde(default)]
+    pub connect6_verified_insns: Option<u32>,
     /// Kernel memory charged for the rule set's maps (`memlock` in fdinfo).
     #[serde(default)]
     pub map_memlock_bytes: u64,
@@ -167,8 +177,8 @@ impl Instance {
         Ok(None)
     }
 
-    fn link_path(&self) -> PathBuf {
-        self.bpf_dir.join("link")
+    fn link_path(&self, hook: Hook) -> PathBuf {
+        self.bpf_dir.join(format!("link-{}", hook.name()))
     }
 
     fn gen_dir(&self, generation: u64) -> PathBuf {
@@ -179,9 +189,9 @@ impl Instance {
         self.run_dir.join("state.json")
     }
 
-    /// Whether the cgroup link is pinned (the hook is in force).
+    /// Whether the cgroup links are pinned (the hooks are in force).
     pub fn is_attached(&self) -> bool {
-        self.link_path().exists()
+        self.link_path(Hook::Connect4).exists()
     }
 
     /// The description of the rule set in force, if any.
@@ -238,32 +248,39 @@ impl Instance {
                     .with_context(|| format!("pinning map {name}"))?;
             }
         }
-        let program = maps::program(&mut ebpf)?;
-        program
-            .pin(gen_dir.join("prog"))
-            .context("pinning the program")?;
-        let info = program.info()?;
+        let mut infos = Vec::new();
+        for hook in Hook::ALL {
+            let program = maps::program(&mut ebpf, hook)?;
+            program
+                .pin(gen_dir.join(format!("prog-{}", hook.name())))
+                .context("pinning the program")?;
+            infos.push(program.info()?);
+        }
 
         if attached {
-            let pinned =
-                PinnedLink::from_pin(self.link_path()).context("opening the pinned link")?;
-            let link = CgroupSockAddrLink::try_from(FdLink::from(pinned))?;
-            program
-                .attach_to_link(link)
-                .context("swapping the program on the cgroup link")?;
+            self.swap_links(&mut ebpf, previous.as_ref().map(|s| s.generation))?;
         } else {
             let cgroup_dir =
                 File::open(&cgroup.path).with_context(|| cgroup.path.display().to_string())?;
-            // A cgroup link is always multi-attach: other connect4 programs
-            // (systemd's, a CNI's) keep running, and with nested rulebpf
-            // instances the innermost binds first and the outer ones see a
-            // bound socket. link_create takes no flags (EINVAL otherwise):
-            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
-            let id = program
-                .attach(cgroup_dir, CgroupAttachMode::Single)
-                .context("attaching to the cgroup")?;
-            let link: FdLink = program.take_link(id)?.try_into()?;
-            link.pin(self.link_path()).context("pinning the link")?;
+            // Both links are pinned only once both attached: a failure drops
+            // the first link, which detaches it.
+            let mut links = Vec::new();
+            for hook in Hook::ALL {
+                let program = maps::program(&mut ebpf, hook)?;
+                // A cgroup link is always multi-attach: other connect programs
+                // (systemd's, a CNI's) keep running, and with nested rulebpf
+                // instances the innermost binds first and the outer ones see a
+                // bound socket. link_create takes no flags (EINVAL otherwise):
+                // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
+                let id = program
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {} to the cgroup", hook.name()))?;
+                let link: FdLink = program.take_link(id)?.try_into()?;
+                links.push((hook, link));
+            }
+            for (hook, link) in links {
+                link.pin(self.link_path(hook)).context("pinning the link")?;
+            }
         }
         cleanup.keep();
 
@@ -273,9 +290,11 @@ impl Instance {
             cgroup_id: cgroup.id,
             rules_file: set.path.clone(),
             generation,
-            program_id: info.id(),
+            program_id: infos[0].id(),
             policy: options.policy,
-            verified_insns: info.verified_instruction_count(),
+            verified_insns: infos[0].verified_instruction_count(),
+            connect6_program_id: infos[1].id(),
+            connect6_verified_insns: infos[1].verified_instruction_count(),
             map_memlock_bytes,
             attached_at: previous
                 .as_ref()
@@ -313,15 +332,66 @@ impl Instance {
     pub fn detach(&self) -> anyhow::Result<bool> {
         let _lock = self.lock()?;
         let had_link = self.is_attached();
-        if had_link {
-            // The link is released with its last reference (this pin): the
+        for hook in Hook::ALL {
+            // A link is released with its last reference (this pin): the
             // kernel detaches the program then.
-            fs::remove_file(self.link_path()).context("removing the pinned link")?;
+            match fs::remove_file(self.link_path(hook)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).context("removing the pinned link");
+                }
+                _ => {}
+            }
         }
         self.remove_generations_except(None)?;
         let _ = fs::remove_dir(&self.bpf_dir);
         let _ = fs::remove_file(self.state_path());
         Ok(had_link)
+    }
+
+    /// Moves both pinned links to the programs of `ebpf`. If the second
+    /// update fails, the first link gets the program of generation
+    /// `previous` back, so that both hooks keep running one rule set.
+    fn swap_links(&self, ebpf: &mut aya::Ebpf, previous: Option<u64>) -> anyhow::Result<()> {
+        let mut done: Vec<Hook> = Vec::new();
+        for hook in Hook::ALL {
+            let result = PinnedLink::from_pin(self.link_path(hook))
+                .context("opening the pinned link")
+                .and_then(|pinned| Ok(CgroupSockAddrLink::try_from(FdLink::from(pinned))?))
+                .and_then(|link| {
+                    maps::program(ebpf, hook)?
+                        .attach_to_link(link)
+                        .with_context(|| format!("swapping {} on the cgroup link", hook.name()))
+                });
+            if let Err(error) = result {
+                for &undo in &done {
+                    if let Some(generation) = previous
+                        && let Err(e) = self.restore_link(undo, generation)
+                    {
+                        return Err(
+                            error.context(format!("and restoring {} failed: {e:#}", undo.name()))
+                        );
+                    }
+                }
+                return Err(error);
+            }
+            done.push(hook);
+        }
+        Ok(())
+    }
+
+    /// Puts the pinned program of `generation` back on `hook`'s link.
+    fn restore_link(&self, hook: Hook, generation: u64) -> anyhow::Result<()> {
+        let attach_type = match hook {
+            Hook::Connect4 => aya::programs::CgroupSockAddrAttachType::Connect4,
+            Hook::Connect6 => aya::programs::CgroupSockAddrAttachType::Connect6,
+        };
+        let pin = self
+            .gen_dir(generation)
+            .join(format!("prog-{}", hook.name()));
+        let mut old = aya::programs::CgroupSockAddr::from_pin(pin, attach_type)?;
+        let pinned = PinnedLink::from_pin(self.link_path(hook))?;
+        old.attach_to_link(CgroupSockAddrLink::try_from(FdLink::from(pinned))?)?;
+        Ok(())
     }
 
     /// Per-rule counters of the rule set in force, with its description.

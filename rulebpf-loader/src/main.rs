@@ -1,8 +1,8 @@
 //! `rulebpf`: the command line. Thin glue over the library; see `--help`.
 
-use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use rulebpf_loader::{
     cgroup::Cgroup,
     instance::Instance,
@@ -23,6 +23,13 @@ struct Cli {
     command: Command,
 }
 
+/// A socket's protocol, as the commands take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Parse and compile a rule file; print a summary or every error
@@ -35,8 +42,12 @@ enum Command {
     /// Show which rule decides a destination, and the origin ports it gives.
     Explain {
         rules: PathBuf,
-        /// Destination as IPv4:PORT, e.g. 10.1.2.3:21.
-        destination: SocketAddrV4,
+        /// Destination as IPv4:PORT or [IPv6]:PORT, e.g. 10.1.2.3:21,
+        /// [2001:db8::10]:443, [::ffff:10.1.2.3]:21.
+        destination: SocketAddr,
+        /// The connecting socket's protocol.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+        protocol: ProtocolArg,
         #[arg(long)]
         json: bool,
     },
@@ -91,8 +102,15 @@ enum Command {
     Probe {
         #[arg(long)]
         cgroup: PathBuf,
-        /// Destination as IPv4:PORT.
-        destination: SocketAddrV4,
+        /// Destination as IPv4:PORT or [IPv6]:PORT.
+        destination: SocketAddr,
+        /// TCP connections, or connected UDP sockets sending one datagram.
+        #[arg(long, value_enum, default_value_t = ProtocolArg::Tcp)]
+        protocol: ProtocolArg,
+        /// Connect to an IPv4 destination from a dual-stack IPv6 socket
+        /// (at ::ffff:a.b.c.d), as Java does.
+        #[arg(long)]
+        dual_stack: bool,
         /// Number of connections, made one after the other.
         #[arg(long, default_value_t = 1)]
         count: u32,
@@ -160,10 +178,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Explain {
             rules,
             destination,
+            protocol,
             json,
         } => {
             let set = RuleSet::load(&rules)?;
-            report::explain(&set, destination, json)
+            report::explain(&set, destination, protocol == ProtocolArg::Udp, json)
         }
         Command::Attach {
             cgroup,
@@ -230,6 +249,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Probe {
             cgroup,
             destination,
+            protocol,
+            dual_stack,
             count,
             hold,
             bind_port,
@@ -239,6 +260,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             probe::enter(&cgroup)?;
             let outcomes = probe::run(&probe::Probe {
                 dest: destination,
+                udp: protocol == ProtocolArg::Udp,
+                dual_stack,
                 count,
                 hold,
                 bind_port,

@@ -13,7 +13,7 @@ use rulebpf_common::{DfaEdge, PortKey, RuleStats, Verdict, global_names, map_nam
 
 use crate::compile::Compiled;
 
-/// The connect4 object built by build.rs from `rulebpf-ebpf`.
+/// The connect4/connect6 object built by build.rs from `rulebpf-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rulebpf"));
 
 /// What the hook does when no port of a rule's range is free.
@@ -46,6 +46,32 @@ impl Policy {
     }
 }
 
+/// The two hooks of a rule set: both programs share the object's maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Connect4,
+    Connect6,
+}
+
+impl Hook {
+    pub const ALL: [Self; 2] = [Self::Connect4, Self::Connect6];
+
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Self::Connect4 => rulebpf_common::PROGRAM_CONNECT4,
+            Self::Connect6 => rulebpf_common::PROGRAM_CONNECT6,
+        }
+    }
+
+    /// Short name, used for pins and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+        }
+    }
+}
+
 /// How to load a rule set's object.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -56,7 +82,7 @@ pub struct LoadOptions {
 }
 
 /// Loads the object with maps sized for `compiled` and filled with it, and
-/// the connect4 program verified by the kernel (not yet attached).
+/// both programs verified by the kernel (not yet attached).
 pub fn load(compiled: &Compiled, options: LoadOptions) -> anyhow::Result<Ebpf> {
     use anyhow::Context as _;
     let size = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
@@ -74,23 +100,21 @@ pub fn load(compiled: &Compiled, options: LoadOptions) -> anyhow::Result<Ebpf> {
         .load(OBJECT)
         .context("creating the eBPF maps")?;
     fill(&mut ebpf, compiled).context("writing the rules into the maps")?;
-    program(&mut ebpf)?
-        .load()
-        .map_err(explain_verifier)
-        .context("loading the connect4 program")?;
+    for hook in Hook::ALL {
+        program(&mut ebpf, hook)?
+            .load()
+            .map_err(explain_verifier)
+            .with_context(|| format!("loading the {} program", hook.name()))?;
+    }
     Ok(ebpf)
 }
 
-/// The connect4 program of a loaded object.
-pub fn program(ebpf: &mut Ebpf) -> anyhow::Result<&mut CgroupSockAddr> {
+/// One program of a loaded object.
+pub fn program(ebpf: &mut Ebpf, hook: Hook) -> anyhow::Result<&mut CgroupSockAddr> {
+    let name = hook.program_name();
     let prog = ebpf
-        .program_mut(rulebpf_common::PROGRAM_NAME)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "program {} missing from the object",
-                rulebpf_common::PROGRAM_NAME
-            )
-        })?;
+        .program_mut(name)
+        .ok_or_else(|| anyhow::anyhow!("program {name} missing from the object"))?;
     Ok(prog.try_into()?)
 }
 
@@ -107,6 +131,10 @@ fn explain_verifier(error: ProgramError) -> anyhow::Error {
 }
 
 fn fill(ebpf: &mut Ebpf, compiled: &Compiled) -> anyhow::Result<()> {
+    let mut roots: Array<_, u32> = take(ebpf, map_names::ROOTS)?;
+    for (selector, root) in compiled.roots.iter().enumerate() {
+        roots.set(selector as u32, root, 0)?;
+    }
     let mut edges: HashMap<_, DfaEdge, u32> = take(ebpf, map_names::DFA_EDGES)?;
     for (edge, next) in &compiled.edges {
         edges.insert(edge, next, 0)?;

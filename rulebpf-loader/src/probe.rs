@@ -1,5 +1,7 @@
 //! `rulebpf probe`: connect from inside a cgroup, as the gateway would, and
-//! report the origin port each connection got (or the error).
+//! report the origin port each connection got (or the error). TCP, or a
+//! connected UDP socket that sends one datagram; IPv4, IPv6, or IPv4 through a
+//! dual-stack IPv6 socket (as Java and many Go programs connect).
 //!
 //! This is how an operator checks a rule without touching the service, and
 //! how the integration tests and the demo act as "a program in the cgroup".
@@ -9,20 +11,25 @@
 use std::{
     fs,
     io::Read as _,
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, SocketAddrV6, TcpStream},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use serde::Serialize;
-use socket2::{Domain, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cgroup::Cgroup;
 
 /// How to probe.
 #[derive(Clone, Debug)]
 pub struct Probe {
-    pub dest: SocketAddrV4,
+    pub dest: SocketAddr,
+    /// A connected UDP socket instead of TCP.
+    pub udp: bool,
+    /// Reach an IPv4 destination through an AF_INET6 socket at its
+    /// IPv4-mapped address (`::ffff:a.b.c.d`).
+    pub dual_stack: bool,
     /// Connections to make, one after the other.
     pub count: u32,
     /// Keep every connection open until all are made (they then need
@@ -54,13 +61,17 @@ pub fn run(probe: &Probe) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
     for _ in 0..probe.count {
         match connect(probe) {
-            Ok(stream) => {
-                let local_port = stream.local_addr().map_or(0, |a| a.port());
+            Ok(socket) => {
+                let local_port = socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .map_or(0, |a| a.port());
                 outcomes.push(Outcome::Connected { local_port });
                 if probe.hold {
-                    open.push(stream);
+                    open.push(socket);
                 } else {
-                    close_after_peer(stream);
+                    finish(probe, socket);
                 }
             }
             Err(e) => outcomes.push(Outcome::Failed {
@@ -69,18 +80,54 @@ pub fn run(probe: &Probe) -> Vec<Outcome> {
             }),
         }
     }
-    open.into_iter().for_each(close_after_peer);
+    open.into_iter().for_each(|s| finish(probe, s));
     outcomes
 }
 
-fn connect(probe: &Probe) -> std::io::Result<TcpStream> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+/// The address connect() is given: the IPv4-mapped form on a dual-stack socket.
+fn target(probe: &Probe) -> SocketAddr {
+    match probe.dest {
+        SocketAddr::V4(v4) if probe.dual_stack => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        dest => dest,
+    }
+}
+
+fn connect(probe: &Probe) -> std::io::Result<Socket> {
+    let target = target(probe);
+    let domain = Domain::for_address(target);
+    let (kind, protocol) = if probe.udp {
+        (Type::DGRAM, Protocol::UDP)
+    } else {
+        (Type::STREAM, Protocol::TCP)
+    };
+    let socket = Socket::new(domain, kind, Some(protocol))?;
+    if target.is_ipv6() {
+        // Dual-stack whatever the sysctl says, as Java sets it.
+        socket.set_only_v6(false)?;
+    }
     if let Some(port) = probe.bind_port {
         socket.set_reuse_address(true)?;
-        socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        let any = match target {
+            SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+        };
+        socket.bind(&any.into())?;
     }
-    socket.connect(&SocketAddr::V4(probe.dest).into())?;
-    Ok(socket.into())
+    socket.connect(&target.into())?;
+    if probe.udp {
+        // The peer learns the origin port from the datagram.
+        socket.send(b"rulebpf probe")?;
+    }
+    Ok(socket)
+}
+
+/// Ends a connection: TCP waits for the peer to close first; UDP just closes.
+fn finish(probe: &Probe, socket: Socket) {
+    if !probe.udp {
+        close_after_peer(socket.into());
+    }
 }
 
 /// Waits (briefly) for the peer to close first, so that the TIME_WAIT state

@@ -1,7 +1,7 @@
 //! What the commands print: one function per command, text for people and
 //! `--json` for scripts (one JSON document on stdout).
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use anyhow::bail;
 use serde_json::{Value, json};
@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::{
     instance::{Applied, Instance},
     probe::Outcome,
-    rules::{Origin, Rule},
+    rules::{Origin, Rule, canonical},
     ruleset::RuleSet,
 };
 
@@ -51,6 +51,8 @@ fn summary_json(set: &RuleSet) -> Value {
         "rules": set.rules.len(),
         "names": set.names.len(),
         "unresolved_names": set.name_failures.iter().map(|f| json!({"name": f.name, "reason": f.reason})).collect::<Vec<_>>(),
+        "ipv6_rules": set.rules.iter().filter(|r| r.covers_family(true)).count(),
+        "udp_rules": set.rules.iter().filter(|r| r.protocols.udp).count(),
         "automaton_states": c.defaults.len(),
         "automaton_edges": c.edges.len(),
         "port_tables": c.tables,
@@ -77,13 +79,22 @@ pub fn check(set: &RuleSet, json: bool) -> anyhow::Result<()> {
         c.tables,
         c.ports.len()
     );
+    let udp = set.rules.iter().filter(|r| r.protocols.udp).count();
+    if udp > 0 {
+        println!("note: {udp} rules apply to UDP. {UDP_NOTE}");
+    }
     Ok(())
 }
 
-pub fn explain(set: &RuleSet, dest: SocketAddrV4, json: bool) -> anyhow::Result<()> {
+/// What an operator must know about UDP rules (the hook runs at connect()).
+const UDP_NOTE: &str = "Only connected UDP sockets (connect() before send()) get an origin \
+    port; datagrams sent with sendto() on an unconnected socket cannot be given one by \
+    this hook and leave from the port the OS chose.";
+
+pub fn explain(set: &RuleSet, dest: SocketAddr, udp: bool, json: bool) -> anyhow::Result<()> {
     name_warnings(set);
-    let verdict = set.compiled.lookup(*dest.ip(), dest.port());
-    let reference = set.first_match(*dest.ip(), dest.port());
+    let verdict = set.compiled.lookup(udp, dest.ip(), dest.port());
+    let reference = set.first_match(udp, dest.ip(), dest.port());
     if verdict.map(|v| v.rule as usize) != reference {
         bail!(
             "internal error: compiled lookup chose rule {:?}, first match chose {:?}; please report",
@@ -91,17 +102,26 @@ pub fn explain(set: &RuleSet, dest: SocketAddrV4, json: bool) -> anyhow::Result<
             reference
         );
     }
+    let protocol = if udp { "udp" } else { "tcp" };
+    let matched_as = canonical(dest.ip());
+    let mapped = matched_as != dest.ip();
     let rule: Option<&Rule> = reference.map(|i| &set.rules[i]);
     if json {
         return print_json(&json!({
             "destination": dest.to_string(),
+            "protocol": protocol,
+            "matched_as": matched_as.to_string(),
             "matched": rule.map(|r| json!({ "line": r.line, "text": r.text, "origin": origin_json(r.origin) })),
+            "note": udp.then_some(UDP_NOTE),
         }));
     }
+    if mapped {
+        println!("{dest}: IPv4-mapped; matched against the IPv4 rules as {matched_as}");
+    }
     match rule {
-        None => println!("{dest}: no rule matches; the OS chooses the origin port"),
+        None => println!("{dest} ({protocol}): no rule matches; the OS chooses the origin port"),
         Some(r) => {
-            println!("{dest}: line {} decides: `{}`", r.line, r.text);
+            println!("{dest} ({protocol}): line {} decides: `{}`", r.line, r.text);
             match r.origin {
                 Origin::Os => println!("  origin port: chosen by the OS (the rule says 0)"),
                 Origin::Range(range) => println!(
@@ -111,6 +131,9 @@ pub fn explain(set: &RuleSet, dest: SocketAddrV4, json: bool) -> anyhow::Result<
                 ),
             }
         }
+    }
+    if udp {
+        println!("  note: {UDP_NOTE}");
     }
     Ok(())
 }
@@ -126,13 +149,16 @@ pub fn applied(set: &RuleSet, applied: &Applied, json: bool) -> anyhow::Result<(
             "generation": s.generation,
             "program_id": s.program_id,
             "verified_insns": s.verified_insns,
+            "connect6_program_id": s.connect6_program_id,
+            "connect6_verified_insns": s.connect6_verified_insns,
             "map_memlock_bytes": s.map_memlock_bytes,
             "policy": s.policy,
             "summary": summary_json(set),
         }));
     }
     println!(
-        "{} {} ({} rules) {} {}: program {}, {} instructions verified, policy {:?}",
+        "{} {} ({} rules) {} {}: programs {}/{}, {}/{} instructions verified \
+         (connect4/connect6), policy {:?}",
         if applied.swapped {
             "swapped in"
         } else {
@@ -143,13 +169,16 @@ pub fn applied(set: &RuleSet, applied: &Applied, json: bool) -> anyhow::Result<(
         if applied.swapped { "on" } else { "to" },
         s.cgroup.display(),
         s.program_id,
+        s.connect6_program_id,
         s.verified_insns.map_or("?".into(), |n| n.to_string()),
+        s.connect6_verified_insns
+            .map_or("?".into(), |n| n.to_string()),
         s.policy,
     );
     Ok(())
 }
 
-pub fn probe(dest: SocketAddrV4, outcomes: &[Outcome], json: bool) -> anyhow::Result<()> {
+pub fn probe(dest: SocketAddr, outcomes: &[Outcome], json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&serde_json::to_value(outcomes)?);
     }
@@ -179,6 +208,7 @@ pub fn status(instances: &[Instance], json: bool) -> anyhow::Result<()> {
             "policy": state.as_ref().map(|s| s.policy),
             "program_id": state.as_ref().map(|s| s.program_id),
             "verified_insns": state.as_ref().and_then(|s| s.verified_insns),
+            "connect6_verified_insns": state.as_ref().and_then(|s| s.connect6_verified_insns),
             "map_memlock_bytes": state.as_ref().map(|s| s.map_memlock_bytes),
             "attached_at": state.as_ref().map(|s| s.attached_at),
             "updated_at": state.as_ref().map(|s| s.updated_at),

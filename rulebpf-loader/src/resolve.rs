@@ -1,19 +1,19 @@
-//! DNS names in rules -> IPv4 addresses, with the system resolver.
+//! DNS names in rules -> IPv4 and IPv6 addresses, with the system resolver.
 //!
 //! getaddrinfo(3) is used (through the standard library), so /etc/hosts and
-//! nsswitch.conf are honoured exactly as for the gateway itself. Every IPv4
-//! address of a name is kept: a rule on a name covers all of them. Names are
-//! resolved by the loader, never in the kernel.
+//! nsswitch.conf are honoured exactly as for the gateway itself. Every address
+//! of a name (A and AAAA) is kept: a rule on a name covers all of them. Names
+//! are resolved by the loader, never in the kernel.
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr, ToSocketAddrs as _},
+    net::{IpAddr, ToSocketAddrs as _},
     thread,
 };
 
 use crate::{
     compile::Names,
-    rules::{Dest, Rule},
+    rules::{Dest, Rule, canonical},
 };
 
 /// A name that did not resolve, and why.
@@ -37,7 +37,7 @@ pub fn names_in(rules: &[Rule]) -> Vec<String> {
 
 /// Resolves every name (in parallel: a gateway's file can name many hosts).
 pub fn resolve_all(names: &[String]) -> (Names, Vec<NameFailure>) {
-    let results: Vec<(String, Result<Vec<Ipv4Addr>, String>)> = thread::scope(|scope| {
+    let results: Vec<(String, Result<Vec<IpAddr>, String>)> = thread::scope(|scope| {
         let handles: Vec<_> = names
             .chunks(names.len().div_ceil(16).max(1))
             .map(|chunk| {
@@ -97,28 +97,30 @@ pub fn keep_last_good(fresh: Names, failures: Vec<NameFailure>, last_good: &Name
     answers
 }
 
-/// All IPv4 addresses of `name`, sorted, or why there are none.
-pub fn resolve(name: &str) -> Result<Vec<Ipv4Addr>, String> {
+/// All addresses of `name` (IPv4-mapped answers as IPv4), sorted, or why
+/// there are none.
+pub fn resolve(name: &str) -> Result<Vec<IpAddr>, String> {
     let addrs = (name, 0).to_socket_addrs().map_err(|e| e.to_string())?;
-    let v4: BTreeSet<Ipv4Addr> = addrs
-        .filter_map(|a| match a {
-            SocketAddr::V4(v4) => Some(*v4.ip()),
-            SocketAddr::V6(_) => None,
-        })
-        .collect();
-    if v4.is_empty() {
-        return Err("no IPv4 address".into());
+    let all: BTreeSet<IpAddr> = addrs.map(|a| canonical(a.ip())).collect();
+    if all.is_empty() {
+        return Err("no address".into());
     }
-    Ok(v4.into_iter().collect())
+    Ok(all.into_iter().collect())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
     fn localhost_resolves_through_the_system_resolver() {
-        assert!(resolve("localhost").unwrap().contains(&Ipv4Addr::LOCALHOST));
+        assert!(
+            resolve("localhost")
+                .unwrap()
+                .contains(&IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
     }
 
     #[test]
@@ -135,11 +137,20 @@ mod tests {
             name: n.into(),
             reason: "timeout".into(),
         };
-        let fresh = Names::from([("a".to_string(), vec![Ipv4Addr::new(192, 0, 2, 1)])]);
-        let last = Names::from([("b".to_string(), vec![Ipv4Addr::new(192, 0, 2, 2)])]);
+        let fresh = Names::from([(
+            "a".to_string(),
+            vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))],
+        )]);
+        let last = Names::from([(
+            "b".to_string(),
+            vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))],
+        )]);
         let answers = keep_last_good(fresh, vec![fail("b"), fail("c")], &last);
         assert_eq!(answers.names.len(), 2);
-        assert_eq!(answers.names["b"], [Ipv4Addr::new(192, 0, 2, 2)]);
+        assert_eq!(
+            answers.names["b"],
+            [IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))]
+        );
         assert_eq!(answers.stale, [fail("b")]);
         assert_eq!(answers.unresolved, [fail("c")]);
     }

@@ -4,7 +4,7 @@
 
 use std::{
     fmt,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -12,7 +12,7 @@ use std::{
 use crate::{
     compile::{self, CompileError, Compiled, Names},
     resolve::{self, NameFailure},
-    rules::{self, Dest, ParseError, Rule},
+    rules::{self, Dest, ParseError, Rule, canonical},
 };
 
 /// A rule file that compiled.
@@ -117,12 +117,15 @@ impl RuleSet {
     }
 
     /// The reference answer (first match, read straight from the rules): the
-    /// index of the deciding rule. Rules whose name has no address are skipped.
-    pub fn first_match(&self, addr: Ipv4Addr, port: u16) -> Option<usize> {
+    /// index of the rule deciding a connect() to `addr:port` on a TCP (or,
+    /// with `udp`, UDP) socket. Rules whose name has no address are skipped.
+    pub fn first_match(&self, udp: bool, addr: IpAddr, port: u16) -> Option<usize> {
+        let addr = canonical(addr);
         let candidates: Vec<(usize, &Rule)> = self
             .rules
             .iter()
             .enumerate()
+            .filter(|(_, rule)| rule.protocols.covers(udp) && rule.covers_family(addr.is_ipv6()))
             .filter(|(_, rule)| match &rule.dest {
                 Dest::Name(name) => self.names.get(name).is_some_and(|a| !a.is_empty()),
                 Dest::Pattern(_) => true,
@@ -133,7 +136,10 @@ impl RuleSet {
             port,
             |(_, rule)| match &rule.dest {
                 Dest::Pattern(p) => p.matches(addr),
-                Dest::Name(name) => self.names.get(name).is_some_and(|a| a.contains(&addr)),
+                Dest::Name(name) => self
+                    .names
+                    .get(name)
+                    .is_some_and(|a| a.iter().any(|&a| canonical(a) == addr)),
             },
             |(_, rule)| rule,
         )

@@ -1,13 +1,14 @@
 //! What the kernel tests stand on: a real cgroup v2 directory, a real
-//! loopback listener that records the peer port of every connection it
-//! accepts, and the real `rulebpf` binary (attach, probe, stats, ...).
+//! loopback listener (TCP, or UDP) that records the peer port of every
+//! connection or datagram it receives, and the real `rulebpf` binary
+//! (attach, probe, stats, ...).
 //!
 //! Nothing is mocked. Without root and BPF every test fails with a message
 //! saying so: a skipped kernel test would be a silent lie in CI.
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddrV4, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::Child,
     process::{Command, Output},
@@ -123,7 +124,7 @@ impl TestCgroup {
     }
 
     /// `rulebpf probe` from this cgroup.
-    pub fn probe(&self, dest: SocketAddrV4, count: u32, extra: &[&str]) -> Vec<Probed> {
+    pub fn probe(&self, dest: SocketAddr, count: u32, extra: &[&str]) -> Vec<Probed> {
         probe_from(&self.path, dest, count, extra)
     }
 
@@ -177,7 +178,7 @@ pub enum Probed {
 }
 
 /// `rulebpf probe --json` from `cgroup`.
-pub fn probe_from(cgroup: &Path, dest: SocketAddrV4, count: u32, extra: &[&str]) -> Vec<Probed> {
+pub fn probe_from(cgroup: &Path, dest: SocketAddr, count: u32, extra: &[&str]) -> Vec<Probed> {
     let count_arg = count.to_string();
     let dest_arg = dest.to_string();
     let mut args = vec![
@@ -205,26 +206,25 @@ pub fn parse_probe(json: &str) -> Vec<Probed> {
         .collect()
 }
 
-/// A loopback server that records the peer port of every connection and
-/// closes it at once (the server closing first keeps TIME_WAIT off the
-/// client's origin ports).
+/// A loopback server that records the peer port of every TCP connection
+/// (closing it at once: the server closing first keeps TIME_WAIT off the
+/// client's origin ports) or of every UDP datagram.
 pub struct Listener {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     peers: Arc<Mutex<Vec<u16>>>,
 }
 
 impl Listener {
-    /// Listens on `ip` at a port the OS picks: unique per test.
-    pub fn on(ip: [u8; 4]) -> Self {
+    /// Listens on `ip` (IPv4 octets or an IPv6 address) at a port the OS
+    /// picks: unique per test.
+    pub fn on(ip: impl Into<IpAddr>) -> Self {
         Self::on_port(ip, 0)
     }
 
     /// Listens on `ip:port` (port 0: the OS picks).
-    pub fn on_port(ip: [u8; 4], port: u16) -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::from(ip), port)).unwrap();
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            unreachable!()
-        };
+    pub fn on_port(ip: impl Into<IpAddr>, port: u16) -> Self {
+        let listener = TcpListener::bind((ip.into(), port)).unwrap();
+        let addr = listener.local_addr().unwrap();
         let peers = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&peers);
         thread::spawn(move || {
@@ -232,6 +232,21 @@ impl Listener {
                 if let Ok(peer) = stream.peer_addr() {
                     sink.lock().unwrap().push(peer.port());
                 }
+            }
+        });
+        Self { addr, peers }
+    }
+
+    /// A UDP socket on `ip` that records the sender port of each datagram.
+    pub fn udp(ip: impl Into<IpAddr>) -> Self {
+        let socket = UdpSocket::bind((ip.into(), 0)).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&peers);
+        thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = socket.recv_from(&mut buf) {
+                sink.lock().unwrap().push(from.port());
             }
         });
         Self { addr, peers }
@@ -271,13 +286,9 @@ pub struct HostsEntry {
 static HOSTS: Mutex<()> = Mutex::new(());
 
 impl HostsEntry {
-    pub fn add(ip: [u8; 4], name: &str) -> Self {
+    pub fn add(ip: impl Into<IpAddr>, name: &str) -> Self {
         let _one_at_a_time = HOSTS.lock().unwrap();
-        let line = format!(
-            "{} {name} # rulebpf test {}",
-            Ipv4Addr::from(ip),
-            std::process::id()
-        );
+        let line = format!("{} {name} # rulebpf test {}", ip.into(), std::process::id());
         let mut hosts = fs::read_to_string("/etc/hosts").unwrap();
         if !hosts.ends_with('\n') {
             hosts.push('\n');

@@ -3,6 +3,7 @@
 //! the assertion. Each test owns its cgroup, its listener port and its
 //! origin ranges (outside the OS ephemeral range), so tests run in parallel.
 
+mod families;
 mod harness;
 mod service;
 
