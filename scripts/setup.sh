@@ -10,8 +10,9 @@ set -euo pipefail
 TOOLCHAIN=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../rust-toolchain.toml")
 BPF_LINKER_VERSION=0.13.0
 LLVM_MAJOR=22
+# qemu-system-x86, busybox-static, cpio: `cargo xtask vm-test` (other kernels in qemu).
 APT_PACKAGES=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev
-              iproute2 nftables)
+              iproute2 nftables qemu-system-x86 busybox-static cpio)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -28,7 +29,8 @@ done
 if ((${#missing[@]})); then
     step "apt-get install ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
 else
     step "apt packages present"
 fi

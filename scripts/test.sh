@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh host (with rustup): installs what is
-# missing, then format and lint checks, unit and property tests, and the
-# kernel integration tests (real cgroup, real sockets; they need root).
+# missing, then format and lint checks, unit and property tests, the kernel
+# integration tests (real cgroup, real sockets; they need root) on this host's
+# kernel, and the same kernel suite on Linux 6.1 and 6.12 in qemu.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
@@ -16,5 +17,16 @@ trap 'rm -f "$log"' EXIT
 cargo test --release 2>&1 | tee "$log"
 step "cargo xtask bench --smoke (the bench still works; figures: BENCHMARKS.md)"
 cargo xtask bench --smoke --out target/bench-smoke | tail -n 3
-# One closing line for the whole suite (the last cargo line is a doctest run).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+step "cargo xtask vm-test --kernel all (the kernel suite on Linux 6.1 and 6.12, in qemu)"
+vm_start=$SECONDS
+cargo xtask vm-test --kernel all | grep -v ' \.\.\. ok$'
+echo "vm-test wall time: $((SECONDS - vm_start)) s"
+# Closing lines: per kernel, then the whole suite (the host log holds unit,
+# property, kernel tests and doctests; target/vm/totals the guests' kernel tests).
+read -r vm_passed vm_failed < target/vm/totals
+awk -v k="$(uname -r)" -v vp="$vm_passed" -v vf="$vm_failed" '
+    /^test result:/ { p += $4; f += $6 }
+    END {
+        printf "host %s: %d passed, %d failed\n", k, p, f
+        printf "tests: %d passed, %d failed\n", p + vp, f + vf
+    }' "$log"

@@ -43,6 +43,8 @@ pub mod map_names {
 pub mod global_names {
     /// `u32`: [`super::POLICY_STRICT`] or [`super::POLICY_FALLBACK`].
     pub const POLICY: &str = "RULEBPF_POLICY";
+    /// `u32`: 1 when the kernel has `bpf_set_retval` (5.18+), else 0.
+    pub const SET_RETVAL: &str = "RULEBPF_SET_RETVAL";
 }
 
 /// No free port in the range: `connect()` fails with `EADDRNOTAVAIL`.

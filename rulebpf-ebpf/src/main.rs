@@ -50,6 +50,12 @@ static RULEBPF_CURSOR: Array<u64> = Array::with_max_entries(1, 0);
 #[unsafe(no_mangle)]
 static RULEBPF_POLICY: u32 = 0;
 
+/// 1 when the kernel has `bpf_set_retval` (5.18+); set by the loader. With 0
+/// the call below is dead code the verifier never checks (a branch on a
+/// frozen read-only global), so the program loads on 5.17 too.
+#[unsafe(no_mangle)]
+static RULEBPF_SET_RETVAL: u32 = 1;
+
 /// connect() proceeds.
 const ALLOW: i32 = 1;
 /// connect() fails with the errno set by `bpf_set_retval` (else EPERM).
@@ -241,7 +247,10 @@ fn exhausted(errno: i32) -> i32 {
     }
     // bpf_set_retval exists since 5.18; without it connect() gets EPERM.
     // https://github.com/torvalds/linux/blob/v6.1/kernel/bpf/cgroup.c#L2130
-    unsafe { aya_ebpf::helpers::generated::bpf_set_retval(-errno) };
+    // SAFETY: plain read of a load-time constant.
+    if unsafe { core::ptr::read_volatile(&RULEBPF_SET_RETVAL) } == 1 {
+        unsafe { aya_ebpf::helpers::generated::bpf_set_retval(-errno) };
+    }
     REJECT
 }
 

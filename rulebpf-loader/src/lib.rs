@@ -1,6 +1,7 @@
 //! rulebpf: tcpoport.ini origin-port rules enforced in the kernel.
 pub mod cgroup;
 pub mod compile;
+pub mod features;
 pub mod instance;
 pub mod maps;
 pub mod metrics;

@@ -5,6 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand, ValueEnum};
 use rulebpf_loader::{
     cgroup::Cgroup,
+    features,
     instance::Instance,
     maps::{LoadOptions, Policy},
     probe, report,
@@ -125,6 +126,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What this kernel offers that rulebpf relies on (probed, not guessed).
+    Kernel {
+        #[arg(long)]
+        json: bool,
+    },
     /// Per-rule counters: connects matched, ports bound, ranges exhausted.
     Stats {
         /// Only this cgroup's instance.
@@ -154,6 +160,18 @@ fn bad_input(e: impl Into<anyhow::Error>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // One-shot commands: warnings (a kernel feature missing, ...) as
+        // `warning: ...` lines on stderr; `run` sets up its own logger.
+        env_logger::Builder::new()
+            .filter_level(log::LevelFilter::Warn)
+            .format(|out, record| {
+                use std::io::Write as _;
+                let level = record.level().as_str().to_ascii_lowercase();
+                writeln!(out, "{level}: {}", record.args())
+            })
+            .init();
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -269,6 +287,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             report::probe(destination, &outcomes, json)
         }
         Command::Status { json } => report::status(&Instance::all()?, json),
+        Command::Kernel { json } => report::kernel(&features::Support::probe(), json),
         Command::Stats { cgroup, json } => {
             let instances = match cgroup {
                 Some(cg) => vec![Instance::of(&Cgroup::resolve(&cg).map_err(bad_input)?)],

@@ -86,6 +86,14 @@ pub struct LoadOptions {
 pub fn load(compiled: &Compiled, options: LoadOptions) -> anyhow::Result<Ebpf> {
     use anyhow::Context as _;
     let size = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
+    let support = crate::features::Support::probe();
+    if let Some(missing) = support.missing_required() {
+        anyhow::bail!("{missing} (see `rulebpf kernel`)");
+    }
+    for degradation in support.degradations() {
+        log::warn!("{degradation}");
+    }
+    let set_retval = u32::from(support.set_retval());
     let policy = options.policy.as_global();
     // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
     let log_level = options.kernel_log as usize as u8;
@@ -96,6 +104,7 @@ pub fn load(compiled: &Compiled, options: LoadOptions) -> anyhow::Result<Ebpf> {
         .map_max_entries(map_names::STATS, size(compiled.rule_count as usize))
         .map_max_entries(map_names::CURSOR, size(compiled.rule_count as usize))
         .override_global(global_names::POLICY, &policy, true)
+        .override_global(global_names::SET_RETVAL, &set_retval, true)
         .override_global(aya_log::LEVEL, &log_level, true)
         .load(OBJECT)
         .context("creating the eBPF maps")?;

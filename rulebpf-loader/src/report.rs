@@ -7,6 +7,7 @@ use anyhow::bail;
 use serde_json::{Value, json};
 
 use crate::{
+    features::Support,
     instance::{Applied, Instance},
     probe::Outcome,
     rules::{Origin, Rule, canonical},
@@ -327,6 +328,34 @@ pub fn stats(instances: &[Instance], json: bool) -> anyhow::Result<()> {
                 rule["text"].as_str().unwrap_or("")
             );
         }
+    }
+    Ok(())
+}
+
+pub fn kernel(support: &Support, json: bool) -> anyhow::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    if json {
+        return print_json(&json!({ "kernel": release, "features": support.features }));
+    }
+    println!("kernel {release}:");
+    for f in &support.features {
+        let state = match f.present {
+            Some(true) => "yes",
+            Some(false) if f.required => "MISSING",
+            Some(false) => "no",
+            None => "? (probe failed: root?)",
+        };
+        println!(
+            "  {:<44} {:<8} since {:<5} {}",
+            f.name, state, f.since, f.role
+        );
+    }
+    if let Some(missing) = support.missing_required() {
+        println!("{missing}");
+    }
+    for d in support.degradations() {
+        println!("note: {d}");
     }
     Ok(())
 }

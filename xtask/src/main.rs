@@ -4,9 +4,11 @@
 //!   inside it to a loopback listener, print the origin ports it saw, clean up.
 //! * `bench` — connects/s and bulk throughput with no hook, rulebpf (1 to
 //!   100,000 rules) and nftables SNAT, interleaved; attach time and memory.
+//! * `vm-test` — the kernel integration suite on Linux 6.1 and 6.12 in qemu.
 
 mod bench;
 mod demo;
+mod vm;
 
 use std::{
     fs,
@@ -35,6 +37,15 @@ enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Run the kernel integration suite on other kernels in qemu (needs
+    /// qemu-system-x86, busybox-static, cpio; apt for the kernels).
+    VmTest {
+        /// Which kernels: 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only tests whose name contains this (as for cargo test).
+        filter: Option<String>,
+    },
     /// The bench's client (runs inside the bench cgroup).
     #[command(hide = true)]
     BenchClient {
@@ -59,6 +70,9 @@ fn main() -> anyhow::Result<()> {
                 bench::Size::FULL
             };
             bench::run(size, &workspace().join(out))
+        }
+        Command::VmTest { kernel, filter } => {
+            vm::run(&vm::Series::parse(&kernel)?, filter.as_deref())
         }
         Command::BenchClient {
             cgroup,

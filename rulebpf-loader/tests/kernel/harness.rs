@@ -67,6 +67,15 @@ pub fn rulebpf(args: &[&str]) -> Output {
         .expect("running rulebpf")
 }
 
+/// Runs the CLI with extra environment variables; returns its output.
+pub fn rulebpf_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(RULEBPF)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("running rulebpf")
+}
+
 /// Runs the CLI and asserts exit status 0.
 pub fn rulebpf_ok(args: &[&str]) -> String {
     let out = rulebpf(args);

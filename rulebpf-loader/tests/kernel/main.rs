@@ -12,6 +12,7 @@ use std::{collections::BTreeSet, thread};
 use harness::*;
 
 const EADDRNOTAVAIL: i32 = 99;
+const EPERM: i32 = 1;
 
 #[test]
 fn single_origin_port() {
@@ -60,6 +61,39 @@ fn exhausted_range_fails_with_eaddrnotavail_and_is_counted() {
     ports.sort();
     assert_eq!(ports, [20300, 20301]);
     assert_eq!(cg.stats(), [(1, 3, 2, 1)]);
+}
+
+/// Without bpf_set_retval (before 5.18) the hook still refuses the
+/// connection, which then fails with EPERM; forced here on a kernel that has
+/// the helper, so the fallback code runs against the real verifier.
+#[test]
+fn without_set_retval_an_exhausted_range_fails_with_eperm() {
+    let cg = TestCgroup::new("noretval");
+    let server = Listener::on([127, 0, 0, 2]);
+    let file = cg.rules_file("r.ini", &format!("127.0.0.2 {} : 20310\n", server.port()));
+    let out = rulebpf_with_env(
+        &["attach", "--cgroup", cg.arg(), file.to_str().unwrap()],
+        &[("RULEBPF_ASSUME_NO_SET_RETVAL", "1")],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("EPERM instead of EADDRNOTAVAIL"),
+        "{stderr}"
+    );
+    let got = cg.probe(server.addr, 2, &["--hold"]);
+    assert_eq!(got, [Probed::Port(20310), Probed::Errno(EPERM)]);
+    assert_eq!(cg.stats(), [(1, 2, 1, 1)]);
+}
+
+/// Every kernel of the test matrix has what rulebpf needs.
+#[test]
+fn the_kernel_has_every_feature() {
+    require_kernel();
+    let v: serde_json::Value = serde_json::from_str(&rulebpf_ok(&["kernel", "--json"])).unwrap();
+    for f in v["features"].as_array().unwrap() {
+        assert_eq!(f["present"], true, "{f}");
+    }
 }
 
 #[test]
