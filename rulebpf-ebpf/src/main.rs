@@ -82,6 +82,42 @@ pub fn rulebpf_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// The tail both hooks share: log the decision, enforce it, log and answer
+/// an exhausted range. A macro, not a function: aya-log's macros need the
+/// address's concrete type (`[u8; 4]` or `[u8; 16]`).
+macro_rules! apply {
+    ($ctx:expr, $sk:expr, $verdict:expr, $dest:expr, $port:expr) => {{
+        let (ctx, verdict, dest, port) = ($ctx, $verdict, $dest, $port);
+        // Log calls cost one branch unless the loader enabled their level
+        // (AYA_LOG_LEVEL is set at load: off for `attach`, --log-level for `run`).
+        debug!(
+            ctx,
+            "connect {:i} port {} -> line {} origin {}-{}",
+            dest,
+            port,
+            verdict.line,
+            verdict.org_lo,
+            verdict.org_hi
+        );
+        match enforce(ctx, $sk, &verdict) {
+            Ok(ret) => Ok(ret),
+            Err(errno) => {
+                warn!(
+                    ctx,
+                    "connect {:i} port {}: no origin port of {}-{} usable (line {}, errno {})",
+                    dest,
+                    port,
+                    verdict.org_lo,
+                    verdict.org_hi,
+                    verdict.line,
+                    errno
+                );
+                Err(exhausted(errno))
+            }
+        }
+    }};
+}
+
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     // SAFETY: the kernel hands connect4 a valid `bpf_sock_addr`.
     let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
@@ -97,33 +133,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(verdict) = decide(Selector::new(false, udp), &dest, port) else {
         return Ok(ALLOW);
     };
-    // Log calls cost one branch unless the loader enabled their level
-    // (AYA_LOG_LEVEL is set at load: off for `attach`, --log-level for `run`).
-    debug!(
-        ctx,
-        "connect {:i}:{} -> line {} origin {}-{}",
-        dest,
-        port,
-        verdict.line,
-        verdict.org_lo,
-        verdict.org_hi
-    );
-    match enforce(ctx, sk, &verdict) {
-        Ok(ret) => Ok(ret),
-        Err(errno) => {
-            warn!(
-                ctx,
-                "connect {:i}:{}: no origin port of {}-{} usable (line {}, errno {})",
-                dest,
-                port,
-                verdict.org_lo,
-                verdict.org_hi,
-                verdict.line,
-                errno
-            );
-            Err(exhausted(errno))
-        }
-    }
+    apply!(ctx, sk, verdict, dest, port)
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
@@ -154,31 +164,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(verdict) = verdict else {
         return Ok(ALLOW);
     };
-    debug!(
-        ctx,
-        "connect [{:i}]:{} -> line {} origin {}-{}",
-        dest,
-        port,
-        verdict.line,
-        verdict.org_lo,
-        verdict.org_hi
-    );
-    match enforce(ctx, sk, &verdict) {
-        Ok(ret) => Ok(ret),
-        Err(errno) => {
-            warn!(
-                ctx,
-                "connect [{:i}]:{}: no origin port of {}-{} usable (line {}, errno {})",
-                dest,
-                port,
-                verdict.org_lo,
-                verdict.org_hi,
-                verdict.line,
-                errno
-            );
-            Err(exhausted(errno))
-        }
-    }
+    apply!(ctx, sk, verdict, dest, port)
 }
 
 /// `Some(false)` for TCP, `Some(true)` for UDP, `None` for anything else
