@@ -91,8 +91,8 @@ export PATH=/bin HOME=/ RUST_BACKTRACE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
-mount -t tmpfs tmpfs /run
+# /tmp and /run stay on the (writable) initramfs: the binaries may live under
+# /tmp at the paths cargo built them for, and a tmpfs there would hide them.
 # What the suite expects of a host: cgroup2, bpffs, loopback up.
 mkdir -p /sys/fs/cgroup
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
