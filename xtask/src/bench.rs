@@ -85,7 +85,10 @@ pub fn run(size: Size, out_dir: &Path) -> anyhow::Result<()> {
     let ws = workspace();
     let rulebpf = ws.join("target/release/rulebpf");
     ensure!(rulebpf.exists(), "build first: cargo build --release");
-    ensure!(which("nft"), "nft not found: apt-get install nftables");
+    ensure!(
+        crate::which("nft").is_some(),
+        "nft not found: apt-get install nftables"
+    );
     fs::create_dir_all(out_dir)?;
     let cgroup = cgroup2_root()?.join(CGROUP);
     fs::create_dir_all(&cgroup)?;
@@ -410,14 +413,6 @@ fn nft_snat_delete() {
         .args(["delete", "table", "ip", "rulebpf_bench"])
         .stderr(Stdio::null())
         .status();
-}
-
-fn which(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn median(values: &[f64]) -> f64 {

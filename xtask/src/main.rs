@@ -90,6 +90,15 @@ pub fn workspace() -> &'static Path {
         .expect("xtask is in the workspace")
 }
 
+/// The program `name` as found on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
 /// The cgroup2 mount point, from /proc/mounts (hybrid hosts included).
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     fs::read_to_string("/proc/mounts")?

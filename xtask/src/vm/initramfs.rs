@@ -39,7 +39,8 @@ pub fn build(contents: &Contents<'_>, work: &Path, out: &Path) -> anyhow::Result
     for dir in ["bin", "dev", "etc", "proc", "run", "sys", "tmp"] {
         fs::create_dir_all(root.join(dir))?;
     }
-    let busybox = which("busybox").context("busybox not found (apt-get install busybox-static)")?;
+    let busybox =
+        crate::which("busybox").context("busybox not found (apt-get install busybox-static)")?;
     copy_into(&root, &busybox, Path::new("/bin/busybox"))?;
     for binary in contents.binaries {
         copy_into(&root, binary, binary)?;
@@ -142,12 +143,4 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
             path.starts_with('/').then(|| PathBuf::from(path))
         })
         .collect())
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|dir| Path::new(dir).join(name))
-        .find(|p| p.is_file())
 }
