@@ -37,7 +37,15 @@ pub struct Support {
 pub const ASSUME_NO_SET_RETVAL: &str = "RULEBPF_ASSUME_NO_SET_RETVAL";
 
 impl Support {
-    pub fn probe() -> Self {
+    /// The probed support of the running kernel, probed once per process:
+    /// the kernel does not change under a running service, and each probe
+    /// loads programs.
+    pub fn get() -> &'static Self {
+        static SUPPORT: std::sync::OnceLock<Support> = std::sync::OnceLock::new();
+        SUPPORT.get_or_init(Self::probe)
+    }
+
+    fn probe() -> Self {
         let helper = |h| is_helper_supported(ProgramType::CgroupSockAddr, h).ok();
         let mut set_retval = helper(BpfHelper::BPF_FUNC_set_retval);
         if std::env::var_os(ASSUME_NO_SET_RETVAL).is_some_and(|v| v == "1") {

@@ -287,7 +287,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             report::probe(destination, &outcomes, json)
         }
         Command::Status { json } => report::status(&Instance::all()?, json),
-        Command::Kernel { json } => report::kernel(&features::Support::probe(), json),
+        Command::Kernel { json } => report::kernel(features::Support::get(), json),
         Command::Stats { cgroup, json } => {
             let instances = match cgroup {
                 Some(cg) => vec![Instance::of(&Cgroup::resolve(&cg).map_err(bad_input)?)],

@@ -86,7 +86,7 @@ pub struct LoadOptions {
 pub fn load(compiled: &Compiled, options: LoadOptions) -> anyhow::Result<Ebpf> {
     use anyhow::Context as _;
     let size = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
-    let support = crate::features::Support::probe();
+    let support = crate::features::Support::get();
     if let Some(missing) = support.missing_required() {
         anyhow::bail!("{missing} (see `rulebpf kernel`)");
     }
