@@ -40,6 +40,13 @@ use crate::rules::{AddrPattern, Dest, Origin, PortRange, Rule, canonical, octets
 /// here (or with no address) matches nothing.
 pub type Names = HashMap<String, Vec<IpAddr>>;
 
+/// The addresses of `name`, or `None` when it has none: such a name is
+/// unresolved, and its rule is left out (the compiler and the reference
+/// first match agree on this through this one function).
+pub fn addresses<'a>(names: &'a Names, name: &str) -> Option<&'a [IpAddr]> {
+    names.get(name).map(Vec::as_slice).filter(|a| !a.is_empty())
+}
+
 /// The compiled rule set, ready to be written into the maps.
 #[derive(Debug)]
 pub struct Compiled {
@@ -248,7 +255,7 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
         .iter()
         .enumerate()
         .filter(|(_, r)| match &r.dest {
-            Dest::Name(name) => names.get(name).is_none_or(|a| a.is_empty()),
+            Dest::Name(name) => addresses(names, name).is_none(),
             Dest::Pattern(_) => false,
         })
         .map(|(i, _)| i)
@@ -300,7 +307,7 @@ fn alternatives(rules: &[Rule], names: &Names, selector: Selector) -> (Vec<Entry
         let patterns: Vec<AddrPattern> = match &rule.dest {
             Dest::Pattern(p) => vec![*p],
             Dest::Name(name) => {
-                let Some(addrs) = names.get(name).filter(|a| !a.is_empty()) else {
+                let Some(addrs) = addresses(names, name) else {
                     continue; // unresolved: left out (reported by the caller)
                 };
                 addrs

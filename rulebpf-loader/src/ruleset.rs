@@ -127,7 +127,7 @@ impl RuleSet {
             .enumerate()
             .filter(|(_, rule)| rule.protocols.covers(udp) && rule.covers_family(addr.is_ipv6()))
             .filter(|(_, rule)| match &rule.dest {
-                Dest::Name(name) => self.names.get(name).is_some_and(|a| !a.is_empty()),
+                Dest::Name(name) => compile::addresses(&self.names, name).is_some(),
                 Dest::Pattern(_) => true,
             })
             .collect();
