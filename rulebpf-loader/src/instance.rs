@@ -41,10 +41,11 @@ use aya::{
 use rulebpf_common::{RuleStats, map_names};
 use serde::{Deserialize, Serialize};
 
+use rulebpf_rules::ruleset::RuleSet;
+
 use crate::{
     cgroup::{self, Cgroup},
     maps::{self, Hook, LoadOptions, Policy},
-    ruleset::RuleSet,
 };
 
 /// Where every instance pins its objects.

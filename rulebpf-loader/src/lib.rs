@@ -1,13 +1,9 @@
 //! rulebpf: tcpoport.ini origin-port rules enforced in the kernel.
 pub mod cgroup;
-pub mod compile;
 pub mod features;
 pub mod instance;
 pub mod maps;
 pub mod metrics;
 pub mod probe;
 pub mod report;
-pub mod resolve;
-pub mod rules;
-pub mod ruleset;
 pub mod service;

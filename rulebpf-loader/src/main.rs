@@ -8,10 +8,9 @@ use rulebpf_loader::{
     features,
     instance::Instance,
     maps::{LoadOptions, Policy},
-    probe, report,
-    ruleset::{RuleFileError, RuleSet},
-    service,
+    probe, report, service,
 };
+use rulebpf_rules::ruleset::{RuleFileError, RuleSet};
 
 /// Origin (source) ports for outgoing TCP connections, chosen in the kernel
 /// by tcpoport.ini rules, for every program in a cgroup.

@@ -11,7 +11,7 @@ use aya::{
 };
 use rulebpf_common::{DfaEdge, PortKey, RuleStats, Verdict, global_names, map_names};
 
-use crate::compile::Compiled;
+use rulebpf_rules::compile::Compiled;
 
 /// The connect4/connect6 object built by build.rs from `rulebpf-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rulebpf"));

@@ -6,12 +6,15 @@ use std::net::SocketAddr;
 use anyhow::bail;
 use serde_json::{Value, json};
 
+use rulebpf_rules::{
+    grammar::{Origin, Rule, canonical},
+    ruleset::RuleSet,
+};
+
 use crate::{
     features::Support,
     instance::{Applied, Instance},
     probe::Outcome,
-    rules::{Origin, Rule, canonical},
-    ruleset::RuleSet,
 };
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
@@ -32,7 +35,7 @@ fn name_warnings(set: &RuleSet) {
         for rule in set
             .rules
             .iter()
-            .filter(|r| r.dest == crate::rules::Dest::Name(failure.name.clone()))
+            .filter(|r| r.dest == rulebpf_rules::grammar::Dest::Name(failure.name.clone()))
         {
             eprintln!(
                 "warning: {}:{}: `{}` did not resolve ({}); this rule matches nothing",
@@ -335,8 +338,17 @@ pub fn stats(instances: &[Instance], json: bool) -> anyhow::Result<()> {
 pub fn kernel(support: &Support, json: bool) -> anyhow::Result<()> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let release = release.trim();
+    let cgroup2 = crate::cgroup::cgroup2_mount().ok();
     if json {
-        return print_json(&json!({ "kernel": release, "features": support.features }));
+        return print_json(&json!({
+            "kernel": release,
+            "cgroup2_mount": cgroup2,
+            "features": support.features,
+        }));
+    }
+    match &cgroup2 {
+        Some(path) => println!("cgroup v2 mounted at {}", path.display()),
+        None => println!("no cgroup v2 mount in /proc/mounts: rulebpf needs cgroup v2"),
     }
     println!("kernel {release}:");
     for f in &support.features {

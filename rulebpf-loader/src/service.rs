@@ -33,15 +33,13 @@ use tokio::{
     sync::mpsc,
 };
 
+use rulebpf_rules::{compile::Names, grammar::Rule, resolve, ruleset::RuleSet};
+
 use crate::{
     cgroup::Cgroup,
-    compile::Names,
     instance::{Applied, Instance, Reload, unix_now},
     maps::LoadOptions,
     metrics::{self, Metrics},
-    resolve,
-    rules::Rule,
-    ruleset::RuleSet,
 };
 
 /// The reader of the hook's aya-log ring buffer, printing through `log`.

@@ -12,7 +12,7 @@ use std::{
 use crate::{
     compile::{self, CompileError, Compiled, Names},
     resolve::{self, NameFailure},
-    rules::{self, Dest, ParseError, Rule, canonical},
+    grammar::{self, Dest, ParseError, Rule, canonical},
 };
 
 /// A rule file that compiled.
@@ -81,7 +81,7 @@ impl RuleSet {
             path: path.to_path_buf(),
             error,
         })?;
-        let rules = rules::parse(&text).map_err(|errors| RuleFileError::Parse {
+        let rules = grammar::parse(&text).map_err(|errors| RuleFileError::Parse {
             path: path.to_path_buf(),
             errors,
         })?;
@@ -131,7 +131,7 @@ impl RuleSet {
                 Dest::Pattern(_) => true,
             })
             .collect();
-        rules::first_match(
+        grammar::first_match(
             &candidates,
             port,
             |(_, rule)| match &rule.dest {

@@ -1266,14 +1266,14 @@ mod tests {
     #[test]
     fn shipped_examples_parse() {
         for text in [
-            include_str!("../../examples/tcpoport.ini"),
-            include_str!("../../examples/connection-paths.ini"),
+            include_str!("../../../examples/tcpoport.ini"),
+            include_str!("../../../examples/connection-paths.ini"),
         ] {
             let rules = parse(text).unwrap_or_else(|e| panic!("{e:?}"));
             assert!(rules.len() >= 6);
         }
         // The README's connection-path table: the second column of each row.
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../../README.md");
         let rows: Vec<&str> = readme
             .lines()
             .skip_while(|l| !l.starts_with("| connection path | rule |"))

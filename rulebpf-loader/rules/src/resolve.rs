@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     compile::Names,
-    rules::{Dest, Rule, canonical},
+    grammar::{Dest, Rule, canonical},
 };
 
 /// A name that did not resolve, and why.
@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn names_are_listed_once_in_first_use_order() {
         let rules =
-            crate::rules::parse("b.example * : 1\n1.2.3.4 * : 1\na.example * : 1\nb.example 2 : 1")
+            crate::grammar::parse("b.example * : 1\n1.2.3.4 * : 1\na.example * : 1\nb.example 2 : 1")
                 .unwrap();
         assert_eq!(names_in(&rules), ["b.example", "a.example"]);
     }

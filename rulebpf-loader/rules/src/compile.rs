@@ -24,7 +24,7 @@
 //! shared, across selectors too.
 //!
 //! [`Compiled::lookup`] evaluates the result exactly as the kernel does, and the
-//! property tests check it against [`crate::rules::first_match`].
+//! property tests check it against [`crate::grammar::first_match`].
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -34,7 +34,7 @@ use std::{
 
 use rulebpf_common::{DFA_DEAD, DfaEdge, PORT_KEY_BITS, PortKey, SELECTORS, Selector, Verdict};
 
-use crate::rules::{AddrPattern, Dest, Origin, PortRange, Rule, canonical, octets_of};
+use crate::grammar::{AddrPattern, Dest, Origin, PortRange, Rule, canonical, octets_of};
 
 /// Addresses of the DNS names the rules use (IPv4 and IPv6); a name absent
 /// here (or with no address) matches nothing.
@@ -678,7 +678,7 @@ mod tests {
     use super::*;
     use crate::{
         resolve::NameFailure,
-        rules::{OctetRange, PortSet, Protocols, parse},
+        grammar::{OctetRange, PortSet, Protocols, parse},
         ruleset::RuleSet,
     };
 
