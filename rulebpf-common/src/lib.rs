@@ -55,9 +55,45 @@ pub const POLICY_FALLBACK: u32 = 1;
 /// Transition target meaning "no rule matches any address on this path".
 pub const DFA_DEAD: u32 = u32::MAX;
 
-/// Which automaton a connect() walks: the destination's address family
-/// (an IPv4-mapped IPv6 destination counts as IPv4) and the socket's protocol.
-/// The value is the index into `RULEBPF_ROOTS`.
+/// The address family of a destination, as the rules see it: an IPv4-mapped
+/// IPv6 destination (`::ffff:a.b.c.d`) is IPv4.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4 = 0,
+    Ipv6 = 1,
+}
+
+impl Family {
+    /// Octets in an address of this family: the automaton's steps.
+    pub const fn octets(self) -> usize {
+        match self {
+            Self::Ipv4 => 4,
+            Self::Ipv6 => 16,
+        }
+    }
+}
+
+/// The protocol of a connecting socket; the hooks handle these two only.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp = 0,
+    Udp = 1,
+}
+
+impl core::fmt::Display for Protocol {
+    /// `tcp` or `udp`, as the rule file and the CLI write it.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// Which automaton a connect() walks: the destination's [`Family`] and the
+/// socket's [`Protocol`]. The value is the index into `RULEBPF_ROOTS`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Selector {
@@ -70,26 +106,27 @@ pub enum Selector {
 impl Selector {
     pub const ALL: [Self; 4] = [Self::Ipv4Tcp, Self::Ipv4Udp, Self::Ipv6Tcp, Self::Ipv6Udp];
 
-    pub const fn new(ipv6: bool, udp: bool) -> Self {
-        match (ipv6, udp) {
-            (false, false) => Self::Ipv4Tcp,
-            (false, true) => Self::Ipv4Udp,
-            (true, false) => Self::Ipv6Tcp,
-            (true, true) => Self::Ipv6Udp,
+    pub const fn new(family: Family, protocol: Protocol) -> Self {
+        match (family, protocol) {
+            (Family::Ipv4, Protocol::Tcp) => Self::Ipv4Tcp,
+            (Family::Ipv4, Protocol::Udp) => Self::Ipv4Udp,
+            (Family::Ipv6, Protocol::Tcp) => Self::Ipv6Tcp,
+            (Family::Ipv6, Protocol::Udp) => Self::Ipv6Udp,
         }
     }
 
-    pub const fn is_ipv6(self) -> bool {
-        matches!(self, Self::Ipv6Tcp | Self::Ipv6Udp)
+    pub const fn family(self) -> Family {
+        match self {
+            Self::Ipv4Tcp | Self::Ipv4Udp => Family::Ipv4,
+            Self::Ipv6Tcp | Self::Ipv6Udp => Family::Ipv6,
+        }
     }
 
-    pub const fn is_udp(self) -> bool {
-        matches!(self, Self::Ipv4Udp | Self::Ipv6Udp)
-    }
-
-    /// Automaton steps: octets in the destination address.
-    pub const fn width(self) -> usize {
-        if self.is_ipv6() { 16 } else { 4 }
+    pub const fn protocol(self) -> Protocol {
+        match self {
+            Self::Ipv4Tcp | Self::Ipv6Tcp => Protocol::Tcp,
+            Self::Ipv4Udp | Self::Ipv6Udp => Protocol::Udp,
+        }
     }
 }
 
@@ -162,4 +199,30 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::Verdict {}
     unsafe impl aya::Pod for super::RuleStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::string::ToString;
+
+    use super::*;
+
+    #[test]
+    fn a_selector_is_its_family_and_protocol() {
+        assert_eq!(Selector::ALL.len(), SELECTORS as usize);
+        for selector in Selector::ALL {
+            assert_eq!(
+                Selector::new(selector.family(), selector.protocol()),
+                selector
+            );
+        }
+        assert_eq!(Selector::new(Family::Ipv6, Protocol::Udp) as u32, 3);
+    }
+
+    #[test]
+    fn protocols_print_as_the_rule_file_writes_them() {
+        assert_eq!(Protocol::Tcp.to_string(), "tcp");
+        assert_eq!(Protocol::Udp.to_string(), "udp");
+    }
 }

@@ -22,7 +22,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use rulebpf_common::{
-    DFA_DEAD, DfaEdge, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, RuleStats, Selector, Verdict,
+    DFA_DEAD, DfaEdge, Family, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, Protocol, RuleStats,
+    Selector, Verdict,
 };
 
 use crate::bind::SockAddr;
@@ -119,61 +120,78 @@ macro_rules! apply {
 }
 
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
-    // SAFETY: the kernel hands connect4 a valid `bpf_sock_addr`.
-    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-    let (Some(udp), Some(sk)) = (is_udp(sa), unbound_socket(sa)) else {
+    let Some(connect) = handled(ctx, AF_INET) else {
         return Ok(ALLOW);
     };
-    if sa.user_family != AF_INET {
-        return Ok(ALLOW);
-    }
     // Network order in memory: the native-endian bytes are the octets.
-    let dest = sa.user_ip4.to_ne_bytes();
-    let port = u16::from_be(sa.user_port as u16);
-    let Some(verdict) = decide(Selector::new(false, udp), &dest, port) else {
+    let dest = connect.sa.user_ip4.to_ne_bytes();
+    let port = connect.port;
+    let Some(verdict) = decide(Selector::new(Family::Ipv4, connect.protocol), &dest, port) else {
         return Ok(ALLOW);
     };
-    apply!(ctx, sk, verdict, dest, port)
+    apply!(ctx, connect.sk, verdict, dest, port)
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
-    // SAFETY: the kernel hands connect6 a valid `bpf_sock_addr`.
-    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
-    let (Some(udp), Some(sk)) = (is_udp(sa), unbound_socket(sa)) else {
+    let Some(connect) = handled(ctx, AF_INET6) else {
         return Ok(ALLOW);
     };
-    if sa.user_family != AF_INET6 {
-        return Ok(ALLOW);
-    }
-    let words = sa.user_ip6;
+    let words = connect.sa.user_ip6;
     let mut dest = [0u8; 16];
     for (i, word) in words.iter().enumerate() {
         dest[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
     }
-    let port = u16::from_be(sa.user_port as u16);
+    let port = connect.port;
     // A dual-stack socket reaches an IPv4 peer at ::ffff:a.b.c.d; such a
     // connect() is an IPv4 connection and follows the IPv4 rules.
     let mapped = words[0] == 0 && words[1] == 0 && words[2] == 0xffff_u32.to_be();
     let verdict = if mapped {
         let mut v4 = [0u8; 4];
         v4.copy_from_slice(&dest[12..]);
-        decide(Selector::new(false, udp), &v4, port)
+        decide(Selector::new(Family::Ipv4, connect.protocol), &v4, port)
     } else {
-        decide(Selector::new(true, udp), &dest, port)
+        decide(Selector::new(Family::Ipv6, connect.protocol), &dest, port)
     };
     let Some(verdict) = verdict else {
         return Ok(ALLOW);
     };
-    apply!(ctx, sk, verdict, dest, port)
+    apply!(ctx, connect.sk, verdict, dest, port)
 }
 
-/// `Some(false)` for TCP, `Some(true)` for UDP, `None` for anything else
-/// (raw, SCTP, ICMP sockets are left alone).
+/// A connect() the hooks act on, as [`handled`] found it.
+struct Connect<'a> {
+    sa: &'a bpf_sock_addr,
+    sk: &'a bpf_sock,
+    protocol: Protocol,
+    /// Destination port, host order.
+    port: u16,
+}
+
+/// The prologue both hooks share: the connect() when it is one rulebpf acts
+/// on — a destination of the hook's `family` (`AF_INET` for connect4,
+/// `AF_INET6` for connect6), a TCP or UDP socket, no port bound yet.
 #[inline(always)]
-fn is_udp(sa: &bpf_sock_addr) -> Option<bool> {
+fn handled(ctx: &SockAddrContext, family: u32) -> Option<Connect<'_>> {
+    // SAFETY: the kernel hands sock_addr programs a valid `bpf_sock_addr`.
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    if sa.user_family != family {
+        return None;
+    }
+    Some(Connect {
+        sa,
+        protocol: protocol(sa)?,
+        sk: unbound_socket(sa)?,
+        port: u16::from_be(sa.user_port as u16),
+    })
+}
+
+/// TCP or UDP; `None` for anything else (raw, SCTP, ICMP sockets are left
+/// alone).
+#[inline(always)]
+fn protocol(sa: &bpf_sock_addr) -> Option<Protocol> {
     match (sa.type_, sa.protocol) {
-        (SOCK_STREAM, IPPROTO_TCP) => Some(false),
-        (SOCK_DGRAM, IPPROTO_UDP) => Some(true),
+        (SOCK_STREAM, IPPROTO_TCP) => Some(Protocol::Tcp),
+        (SOCK_DGRAM, IPPROTO_UDP) => Some(Protocol::Udp),
         _ => None,
     }
 }
@@ -192,10 +210,15 @@ fn unbound_socket(sa: &bpf_sock_addr) -> Option<&bpf_sock> {
 /// `Err(errno)`: no port of the range could be bound.
 #[inline(always)]
 fn enforce(ctx: &SockAddrContext, sk: &bpf_sock, verdict: &Verdict) -> Result<i32, i32> {
-    let stats = RULEBPF_STATS.get_ptr_mut(verdict.rule).ok_or(0)?;
+    // The loader sizes the map to the rule count, so a missing slot is a
+    // loader bug; the rule is still enforced, only not counted.
     // SAFETY: per-CPU slot, this program is the only writer on this CPU.
-    let stats = unsafe { &mut *stats };
-    stats.matched += 1;
+    let mut stats = RULEBPF_STATS
+        .get_ptr_mut(verdict.rule)
+        .map(|slot| unsafe { &mut *slot });
+    if let Some(stats) = stats.as_mut() {
+        stats.matched += 1;
+    }
     if verdict.org_lo == 0 {
         return Ok(ALLOW);
     }
@@ -211,16 +234,14 @@ fn enforce(ctx: &SockAddrContext, sk: &bpf_sock, verdict: &Verdict) -> Result<i3
     } else {
         SockAddr::ipv4(sk.src_ip4)
     };
-    match bind::bind_in_range(ctx, source, verdict) {
-        Ok(()) => {
-            stats.bound += 1;
-            Ok(ALLOW)
-        }
-        Err(errno) => {
-            stats.exhausted += 1;
-            Err(errno)
+    let bound = bind::bind_in_range(ctx, source, verdict);
+    if let Some(stats) = stats {
+        match bound {
+            Ok(()) => stats.bound += 1,
+            Err(_) => stats.exhausted += 1,
         }
     }
+    bound.map(|()| ALLOW)
 }
 
 /// The hook's answer when no port of the range was free: per the policy,

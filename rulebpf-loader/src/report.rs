@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 
 use anyhow::bail;
+use rulebpf_common::{Family, Protocol};
 use serde_json::{Value, json};
 
 use rulebpf_rules::{
-    grammar::{Origin, Rule, canonical},
+    rule::{Dest, Origin, Rule, canonical},
     ruleset::RuleSet,
 };
 
@@ -35,7 +36,7 @@ fn name_warnings(set: &RuleSet) {
         for rule in set
             .rules
             .iter()
-            .filter(|r| r.dest == rulebpf_rules::grammar::Dest::Name(failure.name.clone()))
+            .filter(|r| r.dest == Dest::Name(failure.name.clone()))
         {
             eprintln!(
                 "warning: {}:{}: `{}` did not resolve ({}); this rule matches nothing",
@@ -55,8 +56,8 @@ fn summary_json(set: &RuleSet) -> Value {
         "rules": set.rules.len(),
         "names": set.names.len(),
         "unresolved_names": set.name_failures.iter().map(|f| json!({"name": f.name, "reason": f.reason})).collect::<Vec<_>>(),
-        "ipv6_rules": set.rules.iter().filter(|r| r.covers_family(true)).count(),
-        "udp_rules": set.rules.iter().filter(|r| r.protocols.udp).count(),
+        "ipv6_rules": set.rules.iter().filter(|r| r.covers_family(Family::Ipv6)).count(),
+        "udp_rules": set.rules.iter().filter(|r| r.protocols.covers(Protocol::Udp)).count(),
         "automaton_states": c.defaults.len(),
         "automaton_edges": c.edges.len(),
         "port_tables": c.tables,
@@ -83,7 +84,11 @@ pub fn check(set: &RuleSet, json: bool) -> anyhow::Result<()> {
         c.tables,
         c.ports.len()
     );
-    let udp = set.rules.iter().filter(|r| r.protocols.udp).count();
+    let udp = set
+        .rules
+        .iter()
+        .filter(|r| r.protocols.covers(Protocol::Udp))
+        .count();
     if udp > 0 {
         println!("note: {udp} rules apply to UDP. {UDP_NOTE}");
     }
@@ -97,8 +102,10 @@ const UDP_NOTE: &str = "Only connected UDP sockets (connect() before send()) get
 
 pub fn explain(set: &RuleSet, dest: SocketAddr, udp: bool, json: bool) -> anyhow::Result<()> {
     name_warnings(set);
-    let verdict = set.compiled.lookup(udp, dest.ip(), dest.port());
-    let reference = set.first_match(udp, dest.ip(), dest.port());
+    let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
+    let verdict = set.compiled.lookup(protocol, dest.ip(), dest.port());
+    let reference =
+        rulebpf_rules::first_match(&set.rules, &set.names, protocol, dest.ip(), dest.port());
     if verdict.map(|v| v.rule as usize) != reference {
         bail!(
             "internal error: compiled lookup chose rule {:?}, first match chose {:?}; please report",

@@ -33,7 +33,11 @@ use tokio::{
     sync::mpsc,
 };
 
-use rulebpf_rules::{compile::Names, grammar::Rule, resolve, ruleset::RuleSet};
+use rulebpf_rules::{
+    resolve::{self, Names},
+    rule::Rule,
+    ruleset::RuleSet,
+};
 
 use crate::{
     cgroup::Cgroup,

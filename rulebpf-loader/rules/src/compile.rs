@@ -23,29 +23,30 @@
 //! intervals, painted by walking those rules in order. Identical tables are
 //! shared, across selectors too.
 //!
+//! The construction is in `automaton` (states, terminal cut, minimisation)
+//! and `ports` (port tables and their LPM prefixes); this module runs it for
+//! every selector and numbers the result into map entries.
+//!
 //! [`Compiled::lookup`] evaluates the result exactly as the kernel does, and the
-//! property tests check it against [`crate::grammar::first_match`].
+//! property test checks it against [`crate::first_match()`].
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    net::IpAddr,
+mod automaton;
+mod ports;
+
+use std::{collections::HashMap, net::IpAddr};
+
+use rulebpf_common::{
+    DFA_DEAD, DfaEdge, PORT_KEY_BITS, PortKey, Protocol, SELECTORS, Selector, Verdict,
 };
 
-use rulebpf_common::{DFA_DEAD, DfaEdge, PORT_KEY_BITS, PortKey, SELECTORS, Selector, Verdict};
-
-use crate::grammar::{AddrPattern, Dest, Origin, PortRange, Rule, canonical, octets_of};
-
-/// Addresses of the DNS names the rules use (IPv4 and IPv6); a name absent
-/// here (or with no address) matches nothing.
-pub type Names = HashMap<String, Vec<IpAddr>>;
-
-/// The addresses of `name`, or `None` when it has none: such a name is
-/// unresolved, and its rule is left out (the compiler and the reference
-/// first match agree on this through this one function).
-pub fn addresses<'a>(names: &'a Names, name: &str) -> Option<&'a [IpAddr]> {
-    names.get(name).map(Vec::as_slice).filter(|a| !a.is_empty())
-}
+use self::{
+    automaton::{Builder, Entry, Limits, NO_TERMINAL, RuleFacts, Target, Transitions},
+    ports::{Tables, port_prefixes},
+};
+use crate::{
+    resolve::{Names, addresses},
+    rule::{AddrPattern, Dest, Origin, Rule, canonical, family_of, octets_of},
+};
 
 /// The compiled rule set, ready to be written into the maps.
 #[derive(Debug)]
@@ -80,29 +81,24 @@ impl Default for Compiled {
     }
 }
 
-/// The rule set is too large or too tangled for the limits below.
-#[derive(Debug, PartialEq, Eq)]
-pub struct CompileError(pub String);
-
-impl fmt::Display for CompileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// The rule set is too large or too tangled for the compiler's limits.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    /// Rules are numbered with `u32` in the maps.
+    #[error("too many rules: {count}")]
+    TooManyRules { count: usize },
+    #[error("rule set too complex: more than {limit} automaton states")]
+    TooManyStates { limit: usize },
+    #[error("rule set too complex: automaton would hold more than {limit} rule references")]
+    TooManyStateEntries { limit: usize },
 }
 
-impl std::error::Error for CompileError {}
-
-/// Upper bound on automaton states and on entries stored in them, so that a
-/// pathological file fails with a message instead of eating the machine.
-const MAX_STATES: usize = 4_000_000;
-const MAX_STATE_ENTRIES: usize = 200_000_000;
-
 impl Compiled {
-    /// The decision for a connect() to `addr:port` on a TCP (or, with `udp`,
-    /// a UDP) socket, computed exactly as the hook computes it.
-    pub fn lookup(&self, udp: bool, addr: IpAddr, port: u16) -> Option<Verdict> {
+    /// The decision for a connect() to `addr:port` on a `protocol` socket,
+    /// computed exactly as the hook computes it.
+    pub fn lookup(&self, protocol: Protocol, addr: IpAddr, port: u16) -> Option<Verdict> {
         let addr = canonical(addr);
-        let mut state = self.roots[Selector::new(addr.is_ipv6(), udp) as usize];
+        let mut state = self.roots[Selector::new(family_of(addr), protocol) as usize];
         if state == DFA_DEAD {
             return None;
         }
@@ -166,77 +162,10 @@ impl Compiled {
     }
 }
 
-/// Per-rule facts the automaton needs, indexed like the rule list.
-struct RuleFacts {
-    line: u32,
-    negated: bool,
-    /// Every port is a destination port of the rule.
-    ports_any: bool,
-    /// The ports for which the rule matches once its address did: its port
-    /// set, or for a negated rule the ports outside it.
-    claims: Vec<PortRange>,
-    origin: Origin,
-}
-
-/// One address alternative of one rule.
-struct Entry {
-    rule: u32,
-    pattern: AddrPattern,
-    /// Smallest `k` such that octets `k..` are all `*`.
-    wild_from: usize,
-}
-
-/// A state: surviving entry ids (ascending = rule order) and the terminal rule.
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct StateKey {
-    entries: Vec<u32>,
-    terminal: u32,
-}
-
-const NO_TERMINAL: u32 = u32::MAX;
-
-/// A transition target inside the construction: a state index in the next
-/// level, or dead.
-type Target = u32;
-
-/// One state's transitions: the default and the octets that differ from it.
-struct Transitions {
-    default: Target,
-    edges: Vec<(u8, Target)>,
-}
-
-/// A port table: `(first port, last port, rule)`, sorted and disjoint.
-type PortTable = Vec<(u16, u16, u32)>;
-
-/// Port tables shared by every automaton, numbered in creation order.
-#[derive(Default)]
-struct Tables {
-    index: HashMap<PortTable, u32>,
-    list: Vec<PortTable>,
-}
-
-impl Tables {
-    fn intern(&mut self, table: PortTable) -> u32 {
-        if table.is_empty() {
-            return DFA_DEAD;
-        }
-        *self.index.entry(table.clone()).or_insert_with(|| {
-            self.list.push(table);
-            self.list.len() as u32 - 1
-        })
-    }
-}
-
-/// What every automaton together may still use.
-struct Limits {
-    states: usize,
-    entries: usize,
-}
-
 /// Compiles `rules` (file order) with `names` resolving their DNS names.
 pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> {
     let rule_count = u32::try_from(rules.len())
-        .map_err(|_| CompileError(format!("too many rules: {}", rules.len())))?;
+        .map_err(|_| CompileError::TooManyRules { count: rules.len() })?;
     let facts: Vec<RuleFacts> = rules
         .iter()
         .map(|r| RuleFacts {
@@ -266,10 +195,7 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
         ..Compiled::default()
     };
     let mut tables = Tables::default();
-    let mut limits = Limits {
-        states: MAX_STATES,
-        entries: MAX_STATE_ENTRIES,
-    };
+    let mut limits = Limits::new();
     for selector in Selector::ALL {
         let (entries, terminal) = alternatives(rules, names, selector);
         let levels = Builder {
@@ -277,7 +203,7 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
             entries: &entries,
             limits: &mut limits,
         }
-        .build(selector.width(), terminal, &mut tables)?;
+        .build(selector.family().octets(), terminal, &mut tables)?;
         compiled.roots[selector as usize] = compiled.append(&levels);
     }
     compiled.tables = tables.list.len() as u32;
@@ -298,10 +224,10 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
 /// automaton, and the first rule that matches every destination of it
 /// outright (a negated name without an address of this family), if any.
 fn alternatives(rules: &[Rule], names: &Names, selector: Selector) -> (Vec<Entry>, u32) {
-    let ipv6 = selector.is_ipv6();
+    let family = selector.family();
     let mut entries = Vec::new();
     for (index, rule) in rules.iter().enumerate() {
-        if !rule.protocols.covers(selector.is_udp()) || !rule.covers_family(ipv6) {
+        if !rule.protocols.covers(selector.protocol()) || !rule.covers_family(family) {
             continue;
         }
         let patterns: Vec<AddrPattern> = match &rule.dest {
@@ -313,7 +239,7 @@ fn alternatives(rules: &[Rule], names: &Names, selector: Selector) -> (Vec<Entry
                 addrs
                     .iter()
                     .map(|&a| AddrPattern::exact(a))
-                    .filter(|p| p.is_ipv6() == ipv6)
+                    .filter(|p| p.family() == family)
                     .collect()
             }
         };
@@ -348,324 +274,6 @@ fn verdict(facts: &RuleFacts, rule: u32) -> Verdict {
     }
 }
 
-struct Builder<'a> {
-    facts: &'a [RuleFacts],
-    entries: &'a [Entry],
-    limits: &'a mut Limits,
-}
-
-impl Builder<'_> {
-    /// The minimised automaton over `width` octets, level by level; level 0
-    /// holds the root (or nothing when no destination can match). The last
-    /// level's targets are ids in `tables`.
-    fn build(
-        mut self,
-        width: usize,
-        terminal: u32,
-        tables: &mut Tables,
-    ) -> Result<Vec<Vec<Transitions>>, CompileError> {
-        let all: Vec<u32> = (0..self.entries.len() as u32).collect();
-        let root = self.settle(all, terminal, 0);
-        let mut level_states = vec![root];
-        let mut levels: Vec<Vec<Transitions>> = Vec::new();
-        for k in 0..width {
-            let mut next_index: HashMap<StateKey, u32> = HashMap::new();
-            let mut next_states: Vec<StateKey> = Vec::new();
-            let mut transitions = Vec::with_capacity(level_states.len());
-            for state in &level_states {
-                transitions.push(self.step(state, k, &mut next_index, &mut next_states)?);
-            }
-            self.limits.states = self
-                .limits
-                .states
-                .checked_sub(next_states.len())
-                .ok_or_else(|| {
-                    CompileError(format!(
-                        "rule set too complex: more than {MAX_STATES} automaton states"
-                    ))
-                })?;
-            levels.push(transitions);
-            level_states = next_states;
-        }
-
-        // After the last octet each surviving state becomes a port table.
-        let mut below: Vec<u32> = level_states
-            .iter()
-            .map(|state| tables.intern(self.port_table(state)))
-            .collect();
-
-        // Minimise bottom-up: states with equal transitions are one state.
-        let mut canonical_levels: Vec<Vec<Transitions>> = Vec::new();
-        for transitions in levels.into_iter().rev() {
-            let mut index: HashMap<(Target, Vec<(u8, Target)>), u32> = HashMap::new();
-            let mut canonical: Vec<Transitions> = Vec::new();
-            let mut map = Vec::with_capacity(transitions.len());
-            for t in transitions {
-                let resolve = |target: Target| {
-                    if target == DFA_DEAD {
-                        DFA_DEAD
-                    } else {
-                        below[target as usize]
-                    }
-                };
-                let default = resolve(t.default);
-                let mut edges: Vec<(u8, Target)> = t
-                    .edges
-                    .iter()
-                    .map(|&(octet, target)| (octet, resolve(target)))
-                    .filter(|&(_, target)| target != default)
-                    .collect();
-                edges.sort_unstable();
-                if default == DFA_DEAD && edges.is_empty() {
-                    map.push(DFA_DEAD);
-                    continue;
-                }
-                let id = *index.entry((default, edges.clone())).or_insert_with(|| {
-                    canonical.push(Transitions { default, edges });
-                    canonical.len() as u32 - 1
-                });
-                map.push(id);
-            }
-            canonical_levels.push(canonical);
-            below = map;
-        }
-        canonical_levels.reverse();
-        Ok(canonical_levels)
-    }
-
-    /// Transitions of `state` on octet position `k`.
-    fn step(
-        &mut self,
-        state: &StateKey,
-        k: usize,
-        next_index: &mut HashMap<StateKey, u32>,
-        next_states: &mut Vec<StateKey>,
-    ) -> Result<Transitions, CompileError> {
-        let mut wild = Vec::new();
-        let mut buckets: BTreeMap<u8, Vec<u32>> = BTreeMap::new();
-        for &id in &state.entries {
-            let range = self.entries[id as usize].pattern.octets()[k];
-            if range.is_any() {
-                wild.push(id);
-            } else {
-                for v in range.lo..=range.hi {
-                    buckets.entry(v).or_default().push(id);
-                }
-            }
-        }
-        // Negated rules with no `*` alternative at this octet: an octet none of
-        // their alternatives covers makes them match unconditionally.
-        let fragile: Vec<u32> = self.fragile_negated(&state.entries, k);
-
-        let mut intern = |this: &mut Self, key: StateKey| -> Result<Target, CompileError> {
-            if key.entries.is_empty() && key.terminal == NO_TERMINAL {
-                return Ok(DFA_DEAD);
-            }
-            this.limits.entries = this
-                .limits
-                .entries
-                .checked_sub(key.entries.len())
-                .ok_or_else(|| {
-                    CompileError(format!(
-                        "rule set too complex: automaton would hold more than \
-                         {MAX_STATE_ENTRIES} rule references"
-                    ))
-                })?;
-            Ok(*next_index.entry(key).or_insert_with_key(|key| {
-                next_states.push(key.clone());
-                next_states.len() as u32 - 1
-            }))
-        };
-        let default_terminal = state
-            .terminal
-            .min(fragile.first().copied().unwrap_or(NO_TERMINAL));
-        let default_key = self.settle(wild.clone(), default_terminal, k + 1);
-        let default = intern(self, default_key)?;
-
-        let mut edges = Vec::new();
-        for (octet, bucket) in buckets {
-            let covered_rules: Vec<u32> = bucket
-                .iter()
-                .map(|&id| self.entries[id as usize].rule)
-                .collect();
-            let died = fragile
-                .iter()
-                .copied()
-                .find(|r| covered_rules.binary_search(r).is_err())
-                .unwrap_or(NO_TERMINAL);
-            let merged = merge_sorted(&bucket, &wild);
-            let key = self.settle(merged, state.terminal.min(died), k + 1);
-            let target = intern(self, key)?;
-            if target != default {
-                edges.push((octet, target));
-            }
-        }
-        Ok(Transitions { default, edges })
-    }
-
-    /// Rules (ascending) that are negated and have entries in `entries`, none
-    /// of which is `*` at octet `k`.
-    fn fragile_negated(&self, entries: &[u32], k: usize) -> Vec<u32> {
-        let mut out: Vec<u32> = Vec::new();
-        let mut has_wild: Vec<u32> = Vec::new();
-        for &id in entries {
-            let entry = &self.entries[id as usize];
-            if !self.facts[entry.rule as usize].negated {
-                continue;
-            }
-            if entry.pattern.octets()[k].is_any() {
-                has_wild.push(entry.rule);
-            } else if out.last() != Some(&entry.rule) {
-                out.push(entry.rule);
-            }
-        }
-        out.retain(|r| has_wild.binary_search(r).is_err());
-        out
-    }
-
-    /// Applies the terminal cut after `consumed` octets have been read.
-    fn settle(&self, mut entries: Vec<u32>, terminal: u32, consumed: usize) -> StateKey {
-        let mut terminal = terminal;
-        for &id in &entries {
-            let entry = &self.entries[id as usize];
-            if entry.rule >= terminal {
-                break;
-            }
-            let facts = &self.facts[entry.rule as usize];
-            if !facts.negated && facts.ports_any && entry.wild_from <= consumed {
-                terminal = entry.rule;
-                break;
-            }
-        }
-        entries.retain(|&id| self.entries[id as usize].rule < terminal);
-        StateKey { entries, terminal }
-    }
-
-    /// First-match port intervals for a state after the last octet: every
-    /// surviving entry's rule matches the address.
-    fn port_table(&self, state: &StateKey) -> PortTable {
-        let mut paint = Painter::new();
-        let mut last_rule = None;
-        for &id in &state.entries {
-            let rule = self.entries[id as usize].rule;
-            if last_rule == Some(rule) {
-                continue;
-            }
-            last_rule = Some(rule);
-            for range in &self.facts[rule as usize].claims {
-                paint.fill(range.lo, range.hi, rule);
-            }
-            if paint.is_full() {
-                return paint.into_intervals();
-            }
-        }
-        if state.terminal != NO_TERMINAL {
-            paint.fill(0, u16::MAX, state.terminal);
-        }
-        paint.into_intervals()
-    }
-}
-
-/// Assigns each port to the first rule that claims it.
-struct Painter {
-    /// Unclaimed intervals, `lo -> hi`.
-    free: BTreeMap<u16, u16>,
-    claimed: Vec<(u16, u16, u32)>,
-}
-
-impl Painter {
-    fn new() -> Self {
-        Self {
-            free: BTreeMap::from([(0, u16::MAX)]),
-            claimed: Vec::new(),
-        }
-    }
-
-    fn is_full(&self) -> bool {
-        self.free.is_empty()
-    }
-
-    fn fill(&mut self, lo: u16, hi: u16, rule: u32) {
-        // Free intervals overlapping [lo, hi]: the one starting at or before lo,
-        // and every one starting inside.
-        let first = self
-            .free
-            .range(..=lo)
-            .next_back()
-            .map(|(&s, _)| s)
-            .unwrap_or(lo);
-        let overlapping: Vec<(u16, u16)> = self
-            .free
-            .range(first..=hi)
-            .map(|(&s, &e)| (s, e))
-            .filter(|&(_, e)| e >= lo)
-            .collect();
-        for (s, e) in overlapping {
-            self.free.remove(&s);
-            let (a, b) = (s.max(lo), e.min(hi));
-            self.claimed.push((a, b, rule));
-            if s < a {
-                self.free.insert(s, a - 1);
-            }
-            if e > b {
-                self.free.insert(b + 1, e);
-            }
-        }
-    }
-
-    /// Claimed intervals sorted, with adjacent ones of the same rule merged.
-    fn into_intervals(mut self) -> Vec<(u16, u16, u32)> {
-        self.claimed.sort_unstable();
-        let mut out: Vec<(u16, u16, u32)> = Vec::with_capacity(self.claimed.len());
-        for (lo, hi, rule) in self.claimed {
-            match out.last_mut() {
-                Some(last) if last.2 == rule && u32::from(last.1) + 1 == u32::from(lo) => {
-                    last.1 = hi
-                }
-                _ => out.push((lo, hi, rule)),
-            }
-        }
-        out
-    }
-}
-
-/// `[lo, hi]` as the fewest aligned blocks: `(first port, LPM prefix length)`.
-fn port_prefixes(lo: u16, hi: u16) -> Vec<(u16, u32)> {
-    let mut out = Vec::new();
-    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
-    while lo <= hi {
-        // Largest power-of-two block aligned at `lo` that fits.
-        let mut bits = if lo == 0 {
-            16
-        } else {
-            lo.trailing_zeros().min(16)
-        };
-        while lo + (1 << bits) - 1 > hi {
-            bits -= 1;
-        }
-        out.push((lo as u16, PORT_KEY_BITS - bits));
-        lo += 1 << bits;
-    }
-    out
-}
-
-fn merge_sorted(a: &[u32], b: &[u32]) -> Vec<u32> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        if a[i] < b[j] {
-            out.push(a[i]);
-            i += 1;
-        } else {
-            out.push(b[j]);
-            j += 1;
-        }
-    }
-    out.extend_from_slice(&a[i..]);
-    out.extend_from_slice(&b[j..]);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -677,10 +285,13 @@ mod tests {
 
     use super::*;
     use crate::{
+        first_match,
+        grammar::parse,
         resolve::NameFailure,
-        grammar::{OctetRange, PortSet, Protocols, parse},
+        rule::{OctetRange, PortRange, PortSet, Protocols},
         ruleset::RuleSet,
     };
+    use rulebpf_common::Protocol::{Tcp, Udp};
 
     fn build(text: &str, names: &[(&str, &[&str])]) -> RuleSet {
         let rules = parse(text).unwrap();
@@ -699,14 +310,19 @@ mod tests {
     /// The compiled answer for a TCP connect as `(line, origin)`, checked
     /// against first match.
     fn decide(set: &RuleSet, ip: [u8; 4], port: u16) -> Option<(u32, u16, u16)> {
-        decide_at(set, false, &Ipv4Addr::from(ip).to_string(), port)
+        decide_at(set, Tcp, &Ipv4Addr::from(ip).to_string(), port)
     }
 
-    fn decide_at(set: &RuleSet, udp: bool, ip: &str, port: u16) -> Option<(u32, u16, u16)> {
+    fn decide_at(
+        set: &RuleSet,
+        protocol: Protocol,
+        ip: &str,
+        port: u16,
+    ) -> Option<(u32, u16, u16)> {
         let addr: IpAddr = ip.parse().unwrap();
-        let got = set.compiled.lookup(udp, addr, port);
-        let want = set.first_match(udp, addr, port);
-        assert_eq!(got.map(|v| v.rule as usize), want, "{ip}:{port} udp={udp}");
+        let got = set.compiled.lookup(protocol, addr, port);
+        let want = first_match(&set.rules, &set.names, protocol, addr, port);
+        assert_eq!(got.map(|v| v.rule as usize), want, "{ip}:{port} {protocol}");
         got.map(|v| (set.rules[v.rule as usize].line, v.org_lo, v.org_hi))
     }
 
@@ -766,21 +382,6 @@ mod tests {
     }
 
     #[test]
-    fn port_prefixes_tile_the_interval() {
-        for (lo, hi) in [(0, 65535), (0, 0), (65535, 65535), (2200, 2300), (1, 65534)] {
-            let blocks = port_prefixes(lo, hi);
-            let mut next = u32::from(lo);
-            for (start, len) in blocks {
-                assert_eq!(u32::from(start), next);
-                let size = 1u32 << (PORT_KEY_BITS - len);
-                assert_eq!(u32::from(start) % size, 0, "aligned");
-                next += size;
-            }
-            assert_eq!(next, u32::from(hi) + 1);
-        }
-    }
-
-    #[test]
     fn hundred_thousand_rules_compile_quickly() {
         let mut text = String::new();
         for i in 0..100_000u32 {
@@ -818,37 +419,37 @@ mod tests {
             &[],
         );
         // A negated IPv4 rule says nothing about IPv6 or UDP.
-        assert_eq!(decide_at(&set, false, "2001:db9::1", 443), None);
-        assert_eq!(decide_at(&set, true, "8.8.8.8", 53), None);
-        assert_eq!(decide_at(&set, false, "8.8.8.8", 53), Some((1, 100, 100)));
+        assert_eq!(decide_at(&set, Tcp, "2001:db9::1", 443), None);
+        assert_eq!(decide_at(&set, Udp, "8.8.8.8", 53), None);
+        assert_eq!(decide_at(&set, Tcp, "8.8.8.8", 53), Some((1, 100, 100)));
         assert_eq!(
-            decide_at(&set, false, "2001:db8::1", 443),
+            decide_at(&set, Tcp, "2001:db8::1", 443),
             Some((2, 200, 200))
         );
         assert_eq!(
-            decide_at(&set, true, "2001:db8:1::", 443),
+            decide_at(&set, Udp, "2001:db8:1::", 443),
             Some((2, 200, 200))
         );
-        assert_eq!(decide_at(&set, true, "10.9.9.9", 53), Some((3, 300, 300)));
-        assert_eq!(decide_at(&set, false, "10.9.9.9", 53), None);
+        assert_eq!(decide_at(&set, Udp, "10.9.9.9", 53), Some((3, 300, 300)));
+        assert_eq!(decide_at(&set, Tcp, "10.9.9.9", 53), None);
         // v4-mapped destinations are IPv4 ones.
         assert_eq!(
-            decide_at(&set, false, "::ffff:8.8.8.8", 1),
+            decide_at(&set, Tcp, "::ffff:8.8.8.8", 1),
             Some((1, 100, 100))
         );
         assert_eq!(
-            decide_at(&set, true, "::ffff:10.0.0.1", 53),
+            decide_at(&set, Udp, "::ffff:10.0.0.1", 53),
             Some((3, 300, 300))
         );
         // Port lists: the listed ports go to line 4; no rule has the others.
         for (port, line) in [(389, 4), (636, 4), (3268, 4), (3269, 4)] {
             assert_eq!(
-                decide_at(&set, false, "10.1.1.3", port).map(|g| g.0),
+                decide_at(&set, Tcp, "10.1.1.3", port).map(|g| g.0),
                 Some(line)
             );
         }
         for port in [388, 390, 637, 3267, 3270] {
-            assert_eq!(decide_at(&set, false, "10.1.1.3", port), None, "{port}");
+            assert_eq!(decide_at(&set, Tcp, "10.1.1.3", port), None, "{port}");
         }
     }
 
@@ -861,34 +462,28 @@ mod tests {
                 ("v4only.example", &["192.0.2.9"]),
             ],
         );
+        assert_eq!(decide_at(&set, Tcp, "192.0.2.1", 1), Some((1, 3000, 3000)));
         assert_eq!(
-            decide_at(&set, false, "192.0.2.1", 1),
-            Some((1, 3000, 3000))
-        );
-        assert_eq!(
-            decide_at(&set, true, "2001:db8::7", 1),
+            decide_at(&set, Udp, "2001:db8::7", 1),
             Some((1, 3000, 3000))
         );
         // Every IPv6 destination is outside a name without AAAA answers.
         assert_eq!(
-            decide_at(&set, false, "2001:db8::8", 1),
+            decide_at(&set, Tcp, "2001:db8::8", 1),
             Some((2, 4000, 4000))
         );
-        assert_eq!(decide_at(&set, false, "192.0.2.9", 1), None);
+        assert_eq!(decide_at(&set, Tcp, "192.0.2.9", 1), None);
     }
 
     #[test]
     fn an_ipv6_prefix_is_the_octet_pattern_it_stands_for() {
         let set = build("2001:db8:8000::/33 * : 1\n", &[]);
+        assert_eq!(decide_at(&set, Tcp, "2001:db8:8000::", 9), Some((1, 1, 1)));
         assert_eq!(
-            decide_at(&set, false, "2001:db8:8000::", 9),
+            decide_at(&set, Tcp, "2001:db8:ffff:ffff::1", 9),
             Some((1, 1, 1))
         );
-        assert_eq!(
-            decide_at(&set, false, "2001:db8:ffff:ffff::1", 9),
-            Some((1, 1, 1))
-        );
-        assert_eq!(decide_at(&set, false, "2001:db8:7fff::1", 9), None);
+        assert_eq!(decide_at(&set, Tcp, "2001:db8:7fff::1", 9), None);
     }
 
     // ---- property test: compiled lookup == first match -------------------
@@ -1009,7 +604,8 @@ mod tests {
             names in names(),
             probes in prop::collection::vec(
                 (
-                    any::<bool>(),
+                    // From a bool, so the saved regression seeds replay as before.
+                    any::<bool>().prop_map(|udp| if udp { Udp } else { Tcp }),
                     address(),
                     prop_oneof![prop::sample::select(&PORTS[..]), any::<u16>()],
                 ),
@@ -1021,10 +617,10 @@ mod tests {
             }
             let failures = vec![NameFailure { name: "n4.example".into(), reason: "test".into() }];
             let set = RuleSet::from_parts(Path::new("p.ini"), rules, names, failures).unwrap();
-            for (udp, ip, port) in probes {
-                let got = set.compiled.lookup(udp, ip, port);
-                let want = set.first_match(udp, ip, port);
-                prop_assert_eq!(got.map(|v| v.rule as usize), want, "{}:{} udp={}", ip, port, udp);
+            for (protocol, ip, port) in probes {
+                let got = set.compiled.lookup(protocol, ip, port);
+                let want = first_match(&set.rules, &set.names, protocol, ip, port);
+                prop_assert_eq!(got.map(|v| v.rule as usize), want, "{}:{} {}", ip, port, protocol);
                 if let Some(v) = got {
                     let expect = match set.rules[v.rule as usize].origin {
                         Origin::Os => (0, 0),

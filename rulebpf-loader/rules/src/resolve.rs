@@ -6,15 +6,23 @@
 //! are resolved by the loader, never in the kernel.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, ToSocketAddrs as _},
     thread,
 };
 
-use crate::{
-    compile::Names,
-    grammar::{Dest, Rule, canonical},
-};
+use crate::rule::{Dest, Rule, canonical};
+
+/// The answers for the DNS names the rules use (IPv4 and IPv6 addresses);
+/// a name absent here (or with no address) matches nothing.
+pub type Names = HashMap<String, Vec<IpAddr>>;
+
+/// The addresses of `name`, or `None` when it has none: such a name is
+/// unresolved, and its rule is left out (the compiler and the reference
+/// first match agree on this through this one function).
+pub fn addresses<'a>(names: &'a Names, name: &str) -> Option<&'a [IpAddr]> {
+    names.get(name).map(Vec::as_slice).filter(|a| !a.is_empty())
+}
 
 /// A name that did not resolve, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -157,9 +165,10 @@ mod tests {
 
     #[test]
     fn names_are_listed_once_in_first_use_order() {
-        let rules =
-            crate::grammar::parse("b.example * : 1\n1.2.3.4 * : 1\na.example * : 1\nb.example 2 : 1")
-                .unwrap();
+        let rules = crate::grammar::parse(
+            "b.example * : 1\n1.2.3.4 * : 1\na.example * : 1\nb.example 2 : 1",
+        )
+        .unwrap();
         assert_eq!(names_in(&rules), ["b.example", "a.example"]);
     }
 }

@@ -3,16 +3,15 @@
 //! as they are, and `attach` only proceeds once it succeeded as a whole.
 
 use std::{
-    fmt,
-    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use crate::{
-    compile::{self, CompileError, Compiled, Names},
-    resolve::{self, NameFailure},
-    grammar::{self, Dest, ParseError, Rule, canonical},
+    compile::{self, CompileError, Compiled},
+    grammar::{self, ParseError},
+    resolve::{self, NameFailure, Names},
+    rule::Rule,
 };
 
 /// A rule file that compiled.
@@ -31,42 +30,31 @@ pub struct RuleSet {
 }
 
 /// Why a rule file cannot be used. Always the user's input, never the kernel.
-#[derive(Debug)]
+///
+/// The underlying error is part of the message, not a `source()`: a report
+/// that prints the chain shows it once.
+#[derive(Debug, thiserror::Error)]
 pub enum RuleFileError {
+    #[error("{}: {error}", path.display())]
     Read {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// Every malformed line, one `file:line:col: message` per line.
+    #[error("{}", in_file(path, errors))]
     Parse {
         path: PathBuf,
         errors: Vec<ParseError>,
     },
-    Compile {
-        path: PathBuf,
-        error: CompileError,
-    },
+    #[error("{}: {error}", path.display())]
+    Compile { path: PathBuf, error: CompileError },
 }
 
-impl fmt::Display for RuleFileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Read { path, error } => write!(f, "{}: {error}", path.display()),
-            Self::Parse { path, errors } => {
-                let file = path.display().to_string();
-                for (i, e) in errors.iter().enumerate() {
-                    if i > 0 {
-                        writeln!(f)?;
-                    }
-                    f.write_str(&e.in_file(&file))?;
-                }
-                Ok(())
-            }
-            Self::Compile { path, error } => write!(f, "{}: {error}", path.display()),
-        }
-    }
+fn in_file(path: &Path, errors: &[ParseError]) -> String {
+    let file = path.display().to_string();
+    let lines: Vec<String> = errors.iter().map(|e| e.in_file(&file)).collect();
+    lines.join("\n")
 }
-
-impl std::error::Error for RuleFileError {}
 
 impl RuleSet {
     /// Reads, parses, resolves and compiles `path`.
@@ -115,34 +103,35 @@ impl RuleSet {
             compile_time: start.elapsed(),
         })
     }
+}
 
-    /// The reference answer (first match, read straight from the rules): the
-    /// index of the rule deciding a connect() to `addr:port` on a TCP (or,
-    /// with `udp`, UDP) socket. Rules whose name has no address are skipped.
-    pub fn first_match(&self, udp: bool, addr: IpAddr, port: u16) -> Option<usize> {
-        let addr = canonical(addr);
-        let candidates: Vec<(usize, &Rule)> = self
-            .rules
-            .iter()
-            .enumerate()
-            .filter(|(_, rule)| rule.protocols.covers(udp) && rule.covers_family(addr.is_ipv6()))
-            .filter(|(_, rule)| match &rule.dest {
-                Dest::Name(name) => compile::addresses(&self.names, name).is_some(),
-                Dest::Pattern(_) => true,
-            })
-            .collect();
-        grammar::first_match(
-            &candidates,
-            port,
-            |(_, rule)| match &rule.dest {
-                Dest::Pattern(p) => p.matches(addr),
-                Dest::Name(name) => self
-                    .names
-                    .get(name)
-                    .is_some_and(|a| a.iter().any(|&a| canonical(a) == addr)),
-            },
-            |(_, rule)| rule,
-        )
-        .map(|(i, _)| *i)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_show_one_file_line_col_per_line() {
+        let errors = grammar::parse("1.2.3 * : 5\n1.2.3.4 * 5\n").unwrap_err();
+        let error = RuleFileError::Parse {
+            path: "t.ini".into(),
+            errors,
+        };
+        let shown = error.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 2, "{shown}");
+        assert!(lines[0].starts_with("t.ini:1:1: "), "{shown}");
+        assert!(lines[1].starts_with("t.ini:2:11: "), "{shown}");
+    }
+
+    #[test]
+    fn a_compile_error_names_the_file_and_the_limit() {
+        let error = RuleFileError::Compile {
+            path: "t.ini".into(),
+            error: CompileError::TooManyStates { limit: 4_000_000 },
+        };
+        assert_eq!(
+            error.to_string(),
+            "t.ini: rule set too complex: more than 4000000 automaton states"
+        );
     }
 }
