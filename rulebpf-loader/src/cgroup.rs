@@ -10,8 +10,6 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, bail};
-
 /// A cgroup v2 directory and its id (the directory's inode number, which is
 /// what the kernel reports as the cgroup id for cgroup2).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,11 +18,39 @@ pub struct Cgroup {
     pub id: u64,
 }
 
+/// Why `--cgroup` does not name a usable cgroup.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("reading /proc/mounts")]
+    Mounts(#[source] std::io::Error),
+    #[error("no cgroup2 file system in /proc/mounts: rulebpf needs cgroup v2")]
+    NoCgroup2,
+    #[error("cgroup {}: no such directory", path.display())]
+    NotFound {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is not a cgroup directory", path.display())]
+    NotACgroup { path: PathBuf },
+    #[error("{} is not under the cgroup2 mount {} (rulebpf needs cgroup v2)", path.display(), root.display())]
+    NotCgroup2 { path: PathBuf, root: PathBuf },
+}
+
+impl CgroupError {
+    /// Whether the argument was wrong (rather than the host).
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Self::NotFound { .. } | Self::NotACgroup { .. } | Self::NotCgroup2 { .. }
+        )
+    }
+}
+
 /// The first cgroup2 mount point listed in /proc/mounts.
-pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    mount_of_type(&mounts, "cgroup2")
-        .context("no cgroup2 file system in /proc/mounts: rulebpf needs cgroup v2")
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let mounts = fs::read_to_string("/proc/mounts").map_err(CgroupError::Mounts)?;
+    mount_of_type(&mounts, "cgroup2").ok_or(CgroupError::NoCgroup2)
 }
 
 /// The mount point of the first file system of type `fstype` in a
@@ -43,7 +69,6 @@ fn unescape_mount_path(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\'
-            && i + 3 < bytes.len() + 1
             && let Some(code) = s
                 .get(i + 1..i + 4)
                 .and_then(|oct| u8::from_str_radix(oct, 8).ok())
@@ -61,29 +86,29 @@ fn unescape_mount_path(s: &str) -> String {
 impl Cgroup {
     /// Resolves `arg` (absolute, or relative to the cgroup2 mount) to an
     /// existing cgroup v2 directory.
-    pub fn resolve(arg: &Path) -> anyhow::Result<Self> {
+    pub fn resolve(arg: &Path) -> Result<Self, CgroupError> {
         let root = cgroup2_mount()?;
-        let path = if arg.is_absolute() {
-            arg.to_path_buf()
-        } else {
-            root.join(arg)
-        };
-        let meta = fs::metadata(&path)
-            .with_context(|| format!("cgroup {}: no such directory", path.display()))?;
+        let path = absolute_in(&root, arg);
+        let meta = fs::metadata(&path).map_err(|source| CgroupError::NotFound {
+            path: path.clone(),
+            source,
+        })?;
         if !meta.is_dir() || !path.join("cgroup.procs").exists() {
-            bail!("{} is not a cgroup directory", path.display());
+            return Err(CgroupError::NotACgroup { path });
         }
         if !path.starts_with(&root) {
-            bail!(
-                "{} is not under the cgroup2 mount {} (rulebpf needs cgroup v2)",
-                path.display(),
-                root.display()
-            );
+            return Err(CgroupError::NotCgroup2 { path, root });
         }
         Ok(Self {
             path,
             id: meta.ino(),
         })
+    }
+
+    /// The directory `arg` names (absolute, or relative to the cgroup2 mount),
+    /// whether or not it exists.
+    pub fn path_of(arg: &Path) -> Result<PathBuf, CgroupError> {
+        Ok(absolute_in(&cgroup2_mount()?, arg))
     }
 
     /// The path relative to the cgroup2 mount, for display (`/` for the root).
@@ -95,6 +120,14 @@ impl Cgroup {
             },
             Err(_) => self.path.display().to_string(),
         }
+    }
+}
+
+fn absolute_in(root: &Path, arg: &Path) -> PathBuf {
+    if arg.is_absolute() {
+        arg.to_path_buf()
+    } else {
+        root.join(arg)
     }
 }
 

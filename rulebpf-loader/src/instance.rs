@@ -23,29 +23,25 @@
 
 use std::{
     fs::{self, File},
-    io::Write as _,
+    io,
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context as _, bail};
-use aya::{
-    maps::MapData,
-    programs::{
-        CgroupAttachMode,
-        cgroup_sock_addr::CgroupSockAddrLink,
-        links::{FdLink, PinnedLink},
-    },
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr,
+    cgroup_sock_addr::CgroupSockAddrLink,
+    links::{FdLink, PinnedLink},
 };
-use rulebpf_common::{RuleStats, map_names};
-use serde::{Deserialize, Serialize};
-
+use rulebpf_common::map_names;
 use rulebpf_rules::ruleset::RuleSet;
 
 use crate::{
-    cgroup::{self, Cgroup},
-    maps::{self, Hook, LoadOptions, Policy},
+    cgroup::{Cgroup, CgroupError},
+    hook::{Hook, PerHook},
+    object::{LoadOptions, ObjectError, ProgramInfo, RuleSetObject},
+    state::{self, Reload, RuleInfo, RuleSetRecord, ServiceRecord, State, StateError, unix_now},
+    stats::{self, StatsError},
 };
 
 /// Where every instance pins its objects.
@@ -53,62 +49,6 @@ pub const BPFFS_DIR: &str = "/sys/fs/bpf/rulebpf";
 /// Where every instance keeps its description.
 pub const RUN_DIR: &str = "/run/rulebpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// What `status` and `stats` know about an attached rule set.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct State {
-    pub cgroup: PathBuf,
-    pub cgroup_id: u64,
-    pub rules_file: PathBuf,
-    /// Rule sets attached to this cgroup so far; names the `gen-<N>` pins.
-    pub generation: u64,
-    /// The connect4 program (its log ring buffer is shared with connect6).
-    pub program_id: u32,
-    pub policy: Policy,
-    /// Instructions the verifier processed for connect4 (kernel 5.16+).
-    pub verified_insns: Option<u32>,
-    #[serde(default)]
-    pub connect6_program_id: u32,
-    /// Instructions the verifier processed for connect6 (kernel 5.16+).
-    #[serde(default)]
-    pub connect6_verified_insns: Option<u32>,
-    /// Kernel memory charged for the rule set's maps (`memlock` in fdinfo).
-    #[serde(default)]
-    pub map_memlock_bytes: u64,
-    /// Seconds since the Unix epoch.
-    pub attached_at: u64,
-    pub updated_at: u64,
-    /// In compiled order: `RULEBPF_STATS[i]` counts `rules[i]`.
-    pub rules: Vec<RuleInfo>,
-    /// Names that did not resolve when the set was compiled.
-    pub unresolved: Vec<String>,
-    /// The last attempt to change the rules (by `attach` or `run`).
-    #[serde(default)]
-    pub last_reload: Option<Reload>,
-    /// Set while `rulebpf run` manages this instance.
-    #[serde(default)]
-    pub service_pid: Option<u32>,
-    #[serde(default)]
-    pub dns_refreshes: u64,
-    #[serde(default)]
-    pub dns_failures: u64,
-}
-
-/// When the rules were last (re)loaded, and how it went.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Reload {
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-    pub ok: bool,
-    /// What changed, or every error (`file:line:col: message`).
-    pub message: String,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RuleInfo {
-    pub line: u32,
-    pub text: String,
-}
 
 /// The rulebpf instance of one cgroup (attached or not).
 #[derive(Clone, Debug)]
@@ -124,6 +64,58 @@ pub struct Applied {
     pub state: State,
     /// True when rules were already attached and have been swapped.
     pub swapped: bool,
+}
+
+/// Why an instance could not be changed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("no bpf file system at /sys/fs/bpf: mount it with `mount -t bpf bpf /sys/fs/bpf`")]
+    NoBpffs,
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Stats(#[from] StatsError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// A step on a cgroup link failed (attach, pin, swap).
+    #[error("{step} ({hook}){}", restore_failed.as_ref().map(|e| format!("; putting the previous rules back on the other hook failed too: {e}")).unwrap_or_default())]
+    Link {
+        hook: &'static str,
+        step: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+        restore_failed: Option<String>,
+    },
+    #[error("nothing attached to {}", .0.display())]
+    NotAttached(PathBuf),
+}
+
+impl InstanceError {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io { what, path, source }
+    }
+
+    fn link(
+        hook: Hook,
+        step: &'static str,
+    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Self {
+        move |source| Self::Link {
+            hook: hook.name(),
+            step,
+            source,
+            restore_failed: None,
+        }
+    }
 }
 
 /// Holds the per-instance lock until dropped.
@@ -144,11 +136,11 @@ impl Instance {
     }
 
     /// Every instance with objects pinned in bpffs.
-    pub fn all() -> anyhow::Result<Vec<Self>> {
+    pub fn all() -> Result<Vec<Self>, InstanceError> {
         let entries = match fs::read_dir(BPFFS_DIR) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(e).context(BPFFS_DIR),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(InstanceError::io("listing", Path::new(BPFFS_DIR))(e)),
         };
         let mut out: Vec<Self> = entries
             .filter_map(|e| {
@@ -161,17 +153,20 @@ impl Instance {
         Ok(out)
     }
 
-    /// The instance whose recorded cgroup path is `path` (for a cgroup that
-    /// no longer exists, so has no id to look up).
-    pub fn by_recorded_path(path: &Path) -> anyhow::Result<Option<Self>> {
-        let root = cgroup::cgroup2_mount()?;
-        let wanted = if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            root.join(path)
-        };
+    /// The instance of the cgroup `arg` names (absolute, or relative to the
+    /// cgroup2 mount): by its id while it exists, else (a deleted cgroup) by
+    /// the path recorded when it was attached. `None`: nothing recorded.
+    pub fn find(arg: &Path) -> Result<Option<Self>, InstanceError> {
+        match Cgroup::resolve(arg) {
+            Ok(cgroup) => Ok(Some(Self::of(&cgroup))),
+            Err(CgroupError::NotFound { .. }) => Self::by_recorded_path(&Cgroup::path_of(arg)?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn by_recorded_path(path: &Path) -> Result<Option<Self>, InstanceError> {
         for instance in Self::all()? {
-            if instance.state()?.is_some_and(|s| s.cgroup == wanted) {
+            if instance.state()?.is_some_and(|s| s.cgroup == path) {
                 return Ok(Some(instance));
             }
         }
@@ -196,24 +191,19 @@ impl Instance {
     }
 
     /// The description of the rule set in force, if any.
-    pub fn state(&self) -> anyhow::Result<Option<State>> {
-        match fs::read(self.state_path()) {
-            Ok(bytes) => {
-                Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-                    self.state_path().display().to_string()
-                })?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).context(self.state_path().display().to_string()),
-        }
+    pub fn state(&self) -> Result<Option<State>, StateError> {
+        state::read(&self.state_path())
     }
 
-    fn lock(&self) -> anyhow::Result<Lock> {
-        fs::create_dir_all(&self.run_dir).with_context(|| self.run_dir.display().to_string())?;
-        let file = File::create(self.run_dir.join("lock"))?;
+    fn lock(&self) -> Result<Lock, InstanceError> {
+        fs::create_dir_all(&self.run_dir).map_err(InstanceError::io("creating", &self.run_dir))?;
+        let path = self.run_dir.join("lock");
+        let file = File::create(&path).map_err(InstanceError::io("creating", &path))?;
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("locking the instance");
+            return Err(InstanceError::io("locking", &path)(
+                io::Error::last_os_error(),
+            ));
         }
         Ok(Lock(file))
     }
@@ -225,120 +215,156 @@ impl Instance {
         cgroup: &Cgroup,
         set: &RuleSet,
         options: LoadOptions,
-    ) -> anyhow::Result<Applied> {
+    ) -> Result<Applied, InstanceError> {
         ensure_bpffs()?;
         let _lock = self.lock()?;
-        let previous = self.state()?;
-        let attached = self.is_attached();
-        let generation = previous.as_ref().map_or(0, |s| s.generation) + 1;
+        let in_force = self.state()?.filter(|_| self.is_attached());
+        let generation = in_force.as_ref().map_or(0, |s| s.rule_set.generation) + 1;
 
-        let mut ebpf = maps::load(&set.compiled, options)?;
-        if let Some(previous) = previous.as_ref().filter(|_| attached) {
-            // Counters of rules that stay (same text) continue where they were;
-            // increments between this read and the swap below are lost.
-            let seeds = self.carried_stats(previous, set).unwrap_or_default();
-            maps::seed_stats(&mut ebpf, &seeds)?;
+        let mut object = RuleSetObject::load(&set.compiled, options)?;
+        if let Some(in_force) = &in_force {
+            self.carry_stats(in_force, set, &mut object)?;
         }
-        let map_memlock_bytes = ebpf.maps().map(|(_, map)| maps::memlock_bytes(map)).sum();
-        let gen_dir = self.gen_dir(generation);
-        let cleanup = RemoveOnDrop(Some(gen_dir.clone()));
-        fs::create_dir_all(&gen_dir).with_context(|| gen_dir.display().to_string())?;
-        for (name, map) in ebpf.maps() {
-            if !name.starts_with('.') {
-                map.pin(gen_dir.join(name))
-                    .with_context(|| format!("pinning map {name}"))?;
-            }
+        let (staged, programs) = self.stage(&mut object, generation)?;
+        match &in_force {
+            Some(in_force) => self.swap_links(&mut object, in_force.rule_set.generation)?,
+            None => self.attach_links(cgroup, &mut object)?,
         }
-        let mut infos = Vec::new();
-        for hook in Hook::ALL {
-            let program = maps::program(&mut ebpf, hook)?;
-            program
-                .pin(gen_dir.join(format!("prog-{}", hook.name())))
-                .context("pinning the program")?;
-            infos.push(program.info()?);
-        }
+        staged.keep();
 
-        if attached {
-            self.swap_links(&mut ebpf, previous.as_ref().map(|s| s.generation))?;
-        } else {
-            let cgroup_dir =
-                File::open(&cgroup.path).with_context(|| cgroup.path.display().to_string())?;
-            // Both links are pinned only once both attached: a failure drops
-            // the first link, which detaches it.
-            let mut links = Vec::new();
-            for hook in Hook::ALL {
-                let program = maps::program(&mut ebpf, hook)?;
-                // A cgroup link is always multi-attach: other connect programs
-                // (systemd's, a CNI's) keep running, and with nested rulebpf
-                // instances the innermost binds first and the outer ones see a
-                // bound socket. link_create takes no flags (EINVAL otherwise):
-                // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
-                let id = program
-                    .attach(&cgroup_dir, CgroupAttachMode::Single)
-                    .with_context(|| format!("attaching {} to the cgroup", hook.name()))?;
-                let link: FdLink = program.take_link(id)?.try_into()?;
-                links.push((hook, link));
-            }
-            for (hook, link) in links {
-                link.pin(self.link_path(hook)).context("pinning the link")?;
-            }
-        }
-        cleanup.keep();
-
-        let now = unix_now();
-        let state = State {
-            cgroup: cgroup.path.clone(),
-            cgroup_id: cgroup.id,
-            rules_file: set.path.clone(),
+        let state = record(
+            cgroup,
+            set,
+            options,
             generation,
-            program_id: infos[0].id(),
-            policy: options.policy,
-            verified_insns: infos[0].verified_instruction_count(),
-            connect6_program_id: infos[1].id(),
-            connect6_verified_insns: infos[1].verified_instruction_count(),
-            map_memlock_bytes,
-            attached_at: previous
-                .as_ref()
-                .filter(|_| attached)
-                .map_or(now, |s| s.attached_at),
-            updated_at: now,
-            rules: set
-                .rules
-                .iter()
-                .map(|r| RuleInfo {
-                    line: r.line,
-                    text: r.text.clone(),
-                })
-                .collect(),
-            unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
-            last_reload: Some(Reload {
-                at: now,
-                ok: true,
-                message: format!("{} rules from {}", set.rules.len(), set.path.display()),
-            }),
-            service_pid: previous.as_ref().and_then(|s| s.service_pid),
-            dns_refreshes: previous.as_ref().map_or(0, |s| s.dns_refreshes),
-            dns_failures: previous.as_ref().map_or(0, |s| s.dns_failures),
-        };
-        self.write_state(&state)?;
+            programs,
+            &object,
+            in_force.as_ref(),
+        );
+        state::write(&self.state_path(), &state)?;
         self.remove_generations_except(Some(generation))?;
         Ok(Applied {
             state,
-            swapped: attached,
+            swapped: in_force.is_some(),
         })
+    }
+
+    /// Counters of rules that stay (same text) continue where they were;
+    /// increments between this read and the swap are lost.
+    fn carry_stats(
+        &self,
+        in_force: &State,
+        set: &RuleSet,
+        object: &mut RuleSetObject,
+    ) -> Result<(), InstanceError> {
+        let totals = self.read_stats(in_force)?;
+        let texts: Vec<&str> = set.rules.iter().map(|r| r.text.as_str()).collect();
+        let seeds = stats::carry_over(&in_force.rule_set.rules, totals, &texts);
+        Ok(stats::seed(object, &seeds)?)
+    }
+
+    /// Pins the new rule set's objects under `gen-<generation>`; they are
+    /// removed again unless the returned guard is kept.
+    fn stage(
+        &self,
+        object: &mut RuleSetObject,
+        generation: u64,
+    ) -> Result<(RemoveOnDrop, PerHook<ProgramInfo>), InstanceError> {
+        let gen_dir = self.gen_dir(generation);
+        let staged = RemoveOnDrop(Some(gen_dir.clone()));
+        fs::create_dir_all(&gen_dir).map_err(InstanceError::io("creating", &gen_dir))?;
+        let programs = object.pin(&gen_dir)?;
+        Ok((staged, programs))
+    }
+
+    /// First attach: a link per hook, both pinned only once both attached (a
+    /// failure drops the first link, which detaches it).
+    fn attach_links(
+        &self,
+        cgroup: &Cgroup,
+        object: &mut RuleSetObject,
+    ) -> Result<(), InstanceError> {
+        let cgroup_dir =
+            File::open(&cgroup.path).map_err(InstanceError::io("opening", &cgroup.path))?;
+        let links = PerHook::try_from_fn(|hook| {
+            let program = object.program(hook)?;
+            // A cgroup link is always multi-attach: other connect programs
+            // (systemd's, a CNI's) keep running, and with nested rulebpf
+            // instances the innermost binds first and the outer ones see a
+            // bound socket. link_create takes no flags (EINVAL otherwise):
+            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
+            let id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(|e| InstanceError::link(hook, "attaching to the cgroup")(e.into()))?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| InstanceError::link(hook, "taking the link")(e.into()))?;
+            FdLink::try_from(link)
+                .map_err(|e| InstanceError::link(hook, "taking the link")(e.into()))
+        })?;
+        for (hook, link) in links.into_pairs() {
+            link.pin(self.link_path(hook))
+                .map_err(|e| InstanceError::link(hook, "pinning the link")(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Moves both pinned links to the programs of `object`. If the second
+    /// update fails, the first link gets the program of generation
+    /// `previous` back, so that both hooks keep running one rule set.
+    fn swap_links(&self, object: &mut RuleSetObject, previous: u64) -> Result<(), InstanceError> {
+        for (done, hook) in Hook::ALL.into_iter().enumerate() {
+            let swapped = self.pinned_link(hook).and_then(|link| {
+                object.program(hook)?.attach_to_link(link).map_err(|e| {
+                    InstanceError::link(hook, "swapping the rules on the cgroup link")(e.into())
+                })
+            });
+            if let Err(mut error) = swapped {
+                for &undo in &Hook::ALL[..done] {
+                    if let Err(e) = self.restore_link(undo, previous)
+                        && let InstanceError::Link { restore_failed, .. } = &mut error
+                    {
+                        *restore_failed = Some(crate::with_causes(&e));
+                    }
+                }
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    fn pinned_link(&self, hook: Hook) -> Result<CgroupSockAddrLink, InstanceError> {
+        let pinned = PinnedLink::from_pin(self.link_path(hook))
+            .map_err(|e| InstanceError::link(hook, "opening the pinned link")(e.into()))?;
+        CgroupSockAddrLink::try_from(FdLink::from(pinned))
+            .map_err(|e| InstanceError::link(hook, "opening the pinned link")(e.into()))
+    }
+
+    /// Puts the pinned program of `generation` back on `hook`'s link.
+    fn restore_link(&self, hook: Hook, generation: u64) -> Result<(), InstanceError> {
+        let pin = self
+            .gen_dir(generation)
+            .join(format!("prog-{}", hook.name()));
+        let mut old = CgroupSockAddr::from_pin(pin, hook.attach_type())
+            .map_err(|e| InstanceError::link(hook, "opening the previous program")(e.into()))?;
+        let link = self.pinned_link(hook)?;
+        old.attach_to_link(link)
+            .map_err(|e| InstanceError::link(hook, "restoring the previous program")(e.into()))?;
+        Ok(())
     }
 
     /// Removes the hook and every pinned object. Returns false when nothing
     /// was attached.
-    pub fn detach(&self) -> anyhow::Result<bool> {
+    pub fn detach(&self) -> Result<bool, InstanceError> {
         let _lock = self.lock()?;
         let had_link = self.is_attached();
         for hook in Hook::ALL {
             // A link is released with its last reference (this pin): the
             // kernel detaches the program then.
-            match fs::remove_file(self.link_path(hook)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).context("removing the pinned link");
+            let path = self.link_path(hook);
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(InstanceError::io("removing", &path)(e));
                 }
                 _ => {}
             }
@@ -349,107 +375,46 @@ impl Instance {
         Ok(had_link)
     }
 
-    /// Moves both pinned links to the programs of `ebpf`. If the second
-    /// update fails, the first link gets the program of generation
-    /// `previous` back, so that both hooks keep running one rule set.
-    fn swap_links(&self, ebpf: &mut aya::Ebpf, previous: Option<u64>) -> anyhow::Result<()> {
-        let mut done: Vec<Hook> = Vec::new();
-        for hook in Hook::ALL {
-            let result = PinnedLink::from_pin(self.link_path(hook))
-                .context("opening the pinned link")
-                .and_then(|pinned| Ok(CgroupSockAddrLink::try_from(FdLink::from(pinned))?))
-                .and_then(|link| {
-                    maps::program(ebpf, hook)?
-                        .attach_to_link(link)
-                        .with_context(|| format!("swapping {} on the cgroup link", hook.name()))
-                });
-            if let Err(error) = result {
-                for &undo in &done {
-                    if let Some(generation) = previous
-                        && let Err(e) = self.restore_link(undo, generation)
-                    {
-                        return Err(
-                            error.context(format!("and restoring {} failed: {e:#}", undo.name()))
-                        );
-                    }
-                }
-                return Err(error);
-            }
-            done.push(hook);
-        }
-        Ok(())
-    }
-
-    /// Puts the pinned program of `generation` back on `hook`'s link.
-    fn restore_link(&self, hook: Hook, generation: u64) -> anyhow::Result<()> {
-        let attach_type = match hook {
-            Hook::Connect4 => aya::programs::CgroupSockAddrAttachType::Connect4,
-            Hook::Connect6 => aya::programs::CgroupSockAddrAttachType::Connect6,
-        };
-        let pin = self
-            .gen_dir(generation)
-            .join(format!("prog-{}", hook.name()));
-        let mut old = aya::programs::CgroupSockAddr::from_pin(pin, attach_type)?;
-        let pinned = PinnedLink::from_pin(self.link_path(hook))?;
-        old.attach_to_link(CgroupSockAddrLink::try_from(FdLink::from(pinned))?)?;
-        Ok(())
-    }
-
-    /// Per-rule counters of the rule set in force, with its description.
-    pub fn stats(&self) -> anyhow::Result<(State, Vec<RuleStats>)> {
+    /// The state of the rule set in force, with per-rule counters.
+    pub fn stats(&self) -> Result<(State, Vec<stats::RuleRow>), InstanceError> {
         let state = self
             .state()?
-            .with_context(|| format!("instance cg-{} has no state", self.cgroup_id))?;
-        let path = self.gen_dir(state.generation).join(map_names::STATS);
-        let map = MapData::from_pin(&path).with_context(|| path.display().to_string())?;
-        let stats = maps::read_stats(map, state.rules.len() as u32)?;
-        Ok((state, stats))
+            .filter(|_| self.is_attached())
+            .ok_or_else(|| InstanceError::NotAttached(self.recorded_path()))?;
+        let totals = self.read_stats(&state)?;
+        let rows = stats::rows(&state.rule_set.rules, &totals);
+        Ok((state, rows))
     }
 
-    /// Changes the recorded state (service bookkeeping: failed reloads, DNS
-    /// counters); the rules in force are not touched.
-    pub fn update_state(&self, change: impl FnOnce(&mut State)) -> anyhow::Result<()> {
+    /// The cgroup path recorded for this instance, or its name when none is.
+    fn recorded_path(&self) -> PathBuf {
+        self.state().ok().flatten().map_or_else(
+            || PathBuf::from(format!("cg-{}", self.cgroup_id)),
+            |s| s.cgroup,
+        )
+    }
+
+    fn read_stats(&self, state: &State) -> Result<Vec<rulebpf_common::RuleStats>, InstanceError> {
+        let path = self
+            .gen_dir(state.rule_set.generation)
+            .join(map_names::STATS);
+        Ok(stats::read(&path, state.rule_set.rules.len())?)
+    }
+
+    /// Changes the service's bookkeeping; the rules in force are not touched.
+    pub fn update_service(
+        &self,
+        change: impl FnOnce(&mut ServiceRecord),
+    ) -> Result<(), InstanceError> {
         let _lock = self.lock()?;
         if let Some(mut state) = self.state()? {
-            change(&mut state);
-            self.write_state(&state)?;
+            change(&mut state.service);
+            state::write(&self.state_path(), &state)?;
         }
         Ok(())
     }
 
-    /// Totals of the rule set in force, re-indexed for `set`: a rule keeps
-    /// its counters when a rule with the same text (and occurrence) stays.
-    fn carried_stats(
-        &self,
-        previous: &State,
-        set: &RuleSet,
-    ) -> anyhow::Result<Vec<(u32, RuleStats)>> {
-        let (_, totals) = self.stats()?;
-        let mut by_text: std::collections::HashMap<&str, Vec<RuleStats>> = Default::default();
-        for (rule, stats) in previous.rules.iter().zip(totals).rev() {
-            by_text.entry(rule.text.as_str()).or_default().push(stats);
-        }
-        Ok(set
-            .rules
-            .iter()
-            .enumerate()
-            .filter_map(|(i, rule)| {
-                let stats = by_text.get_mut(rule.text.as_str())?.pop()?;
-                Some((i as u32, stats))
-            })
-            .collect())
-    }
-
-    fn write_state(&self, state: &State) -> anyhow::Result<()> {
-        let tmp = self.run_dir.join("state.json.tmp");
-        let mut file = File::create(&tmp)?;
-        file.write_all(&serde_json::to_vec_pretty(state)?)?;
-        file.sync_all()?;
-        fs::rename(&tmp, self.state_path())?;
-        Ok(())
-    }
-
-    fn remove_generations_except(&self, keep: Option<u64>) -> anyhow::Result<()> {
+    fn remove_generations_except(&self, keep: Option<u64>) -> Result<(), InstanceError> {
         let Ok(entries) = fs::read_dir(&self.bpf_dir) else {
             return Ok(());
         };
@@ -467,12 +432,57 @@ impl Instance {
     }
 }
 
-/// Removes a directory of pins (bpffs has no recursive unlink).
-fn remove_pins(dir: &Path) -> anyhow::Result<()> {
-    for entry in fs::read_dir(dir)?.flatten() {
-        fs::remove_file(entry.path()).with_context(|| entry.path().display().to_string())?;
+/// The state after `set` was put in force as `generation`.
+fn record(
+    cgroup: &Cgroup,
+    set: &RuleSet,
+    options: LoadOptions,
+    generation: u64,
+    programs: PerHook<ProgramInfo>,
+    object: &RuleSetObject,
+    in_force: Option<&State>,
+) -> State {
+    let now = unix_now();
+    State {
+        cgroup: cgroup.path.clone(),
+        cgroup_id: cgroup.id,
+        attached_at: in_force.map_or(now, |s| s.attached_at),
+        rule_set: RuleSetRecord {
+            rules_file: set.path.clone(),
+            generation,
+            policy: options.policy,
+            programs,
+            map_memlock_bytes: object.map_memlock_bytes(),
+            loaded_at: now,
+            rules: set
+                .rules
+                .iter()
+                .map(|r| RuleInfo {
+                    line: r.line,
+                    text: r.text.clone(),
+                })
+                .collect(),
+            unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
+        },
+        service: ServiceRecord {
+            last_reload: Some(Reload {
+                at: now,
+                ok: true,
+                message: format!("{} rules from {}", set.rules.len(), set.path.display()),
+            }),
+            ..in_force.map(|s| s.service.clone()).unwrap_or_default()
+        },
     }
-    fs::remove_dir(dir).with_context(|| dir.display().to_string())
+}
+
+/// Removes a directory of pins (bpffs has no recursive unlink).
+fn remove_pins(dir: &Path) -> Result<(), InstanceError> {
+    let entries = fs::read_dir(dir).map_err(InstanceError::io("listing", dir))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        fs::remove_file(&path).map_err(InstanceError::io("removing", &path))?;
+    }
+    fs::remove_dir(dir).map_err(InstanceError::io("removing", dir))
 }
 
 /// Removes a half-written generation if the apply fails before the swap.
@@ -497,25 +507,13 @@ impl Drop for RemoveOnDrop {
 }
 
 /// bpffs must be mounted at /sys/fs/bpf for the pins to outlive the loader.
-fn ensure_bpffs() -> anyhow::Result<()> {
-    let root = Path::new("/sys/fs/bpf");
-    let c_path = std::ffi::CString::new("/sys/fs/bpf").expect("no NUL");
+fn ensure_bpffs() -> Result<(), InstanceError> {
+    let c_path = c"/sys/fs/bpf";
     // SAFETY: statfs into a zeroed struct we own.
     let mut fs_info: libc::statfs = unsafe { std::mem::zeroed() };
     let ok = unsafe { libc::statfs(c_path.as_ptr(), &mut fs_info) } == 0;
     if !ok || fs_info.f_type as i64 != BPF_FS_MAGIC {
-        bail!(
-            "no bpf file system at {}: mount it with `mount -t bpf bpf /sys/fs/bpf`",
-            root.display()
-        );
+        return Err(InstanceError::NoBpffs);
     }
-    fs::create_dir_all(BPFFS_DIR).with_context(|| BPFFS_DIR.to_string())?;
-    Ok(())
-}
-
-/// Seconds since the Unix epoch (the unit of every time in [`State`]).
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    fs::create_dir_all(BPFFS_DIR).map_err(InstanceError::io("creating", Path::new(BPFFS_DIR)))
 }

@@ -16,7 +16,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::instance::Instance;
+use crate::{instance::Instance, stats::RuleRow};
 
 /// Counters the service keeps itself.
 #[derive(Debug, Default)]
@@ -73,20 +73,17 @@ pub fn render(instance: &Instance, metrics: &Metrics) -> String {
             let _ = writeln!(out, "{name}{labels} {value}");
         }
     };
-    if let Ok((state, stats)) = instance.stats() {
+    if let Ok((state, rows)) = instance.stats() {
         let cgroup = escape(&state.cgroup.display().to_string());
-        let per_rule = |pick: fn(&rulebpf_common::RuleStats) -> u64| -> Vec<(String, u64)> {
-            state
-                .rules
-                .iter()
-                .zip(&stats)
-                .map(|(rule, s)| {
+        let per_rule = |pick: fn(&RuleRow) -> u64| -> Vec<(String, u64)> {
+            rows.iter()
+                .map(|row| {
                     let labels = format!(
                         "{{cgroup=\"{cgroup}\",line=\"{}\",rule=\"{}\"}}",
-                        rule.line,
-                        escape(&rule.text)
+                        row.line,
+                        escape(&row.text)
                     );
-                    (labels, pick(s))
+                    (labels, pick(row))
                 })
                 .collect()
         };

@@ -15,9 +15,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
+use rulebpf_common::Protocol;
 use serde::Serialize;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Socket, Type};
 
 use crate::cgroup::Cgroup;
 
@@ -25,8 +25,8 @@ use crate::cgroup::Cgroup;
 #[derive(Clone, Debug)]
 pub struct Probe {
     pub dest: SocketAddr,
-    /// A connected UDP socket instead of TCP.
-    pub udp: bool,
+    /// TCP, or a connected UDP socket that sends one datagram.
+    pub protocol: Protocol,
     /// Reach an IPv4 destination through an AF_INET6 socket at its
     /// IPv4-mapped address (`::ffff:a.b.c.d`).
     pub dual_stack: bool,
@@ -48,11 +48,24 @@ pub enum Outcome {
     Failed { errno: i32, error: String },
 }
 
+/// This process could not join the cgroup.
+#[derive(Debug, thiserror::Error)]
+#[error("joining {} (writing our pid to {})", cgroup.display(), procs.display())]
+pub struct EnterError {
+    cgroup: std::path::PathBuf,
+    procs: std::path::PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
 /// Moves this process into `cgroup`.
-pub fn enter(cgroup: &Cgroup) -> anyhow::Result<()> {
+pub fn enter(cgroup: &Cgroup) -> Result<(), EnterError> {
     let procs = cgroup.path.join("cgroup.procs");
-    fs::write(&procs, std::process::id().to_string())
-        .with_context(|| format!("joining {}", procs.display()))
+    fs::write(&procs, std::process::id().to_string()).map_err(|source| EnterError {
+        cgroup: cgroup.path.clone(),
+        procs,
+        source,
+    })
 }
 
 /// Makes the connections and reports each one.
@@ -97,10 +110,9 @@ fn target(probe: &Probe) -> SocketAddr {
 fn connect(probe: &Probe) -> std::io::Result<Socket> {
     let target = target(probe);
     let domain = Domain::for_address(target);
-    let (kind, protocol) = if probe.udp {
-        (Type::DGRAM, Protocol::UDP)
-    } else {
-        (Type::STREAM, Protocol::TCP)
+    let (kind, protocol) = match probe.protocol {
+        Protocol::Tcp => (Type::STREAM, socket2::Protocol::TCP),
+        Protocol::Udp => (Type::DGRAM, socket2::Protocol::UDP),
     };
     let socket = Socket::new(domain, kind, Some(protocol))?;
     if target.is_ipv6() {
@@ -116,7 +128,7 @@ fn connect(probe: &Probe) -> std::io::Result<Socket> {
         socket.bind(&any.into())?;
     }
     socket.connect(&target.into())?;
-    if probe.udp {
+    if probe.protocol == Protocol::Udp {
         // The peer learns the origin port from the datagram.
         socket.send(b"rulebpf probe")?;
     }
@@ -125,7 +137,7 @@ fn connect(probe: &Probe) -> std::io::Result<Socket> {
 
 /// Ends a connection: TCP waits for the peer to close first; UDP just closes.
 fn finish(probe: &Probe, socket: Socket) {
-    if !probe.udp {
+    if probe.protocol == Protocol::Tcp {
         close_after_peer(socket.into());
     }
 }

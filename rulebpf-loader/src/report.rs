@@ -1,98 +1,64 @@
-//! What the commands print: one function per command, text for people and
-//! `--json` for scripts (one JSON document on stdout).
+//! What the commands print. Each command builds one typed report; the same
+//! value is rendered as text for people ([`fmt::Display`]) or, with `--json`,
+//! serialized for scripts (one JSON document on stdout). Nothing is built as
+//! JSON and read back by key.
 
-use std::net::SocketAddr;
-
-use anyhow::bail;
-use rulebpf_common::{Family, Protocol};
-use serde_json::{Value, json};
-
-use rulebpf_rules::{
-    rule::{Dest, Origin, Rule, canonical},
-    ruleset::RuleSet,
+use std::{
+    fmt,
+    io::{self, Write as _},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, UNIX_EPOCH},
 };
+
+use rulebpf_common::{Family, Protocol};
+use rulebpf_rules::{rule::Origin, ruleset::RuleSet};
+use serde::Serialize;
 
 use crate::{
-    features::Support,
-    instance::{Applied, Instance},
+    features::{Feature, Support},
+    hook::PerHook,
+    instance::Applied,
+    object::{Policy, ProgramInfo},
     probe::Outcome,
+    state::State,
+    stats::RuleRow,
 };
 
-fn print_json(value: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+/// Prints `report` as text, or as pretty JSON.
+pub fn print(report: &(impl Serialize + fmt::Display), json: bool) -> io::Result<()> {
+    let text = if json {
+        let mut text = serde_json::to_string_pretty(report).map_err(io::Error::other)?;
+        text.push('\n');
+        text
+    } else {
+        report.to_string()
+    };
+    io::stdout().lock().write_all(text.as_bytes())
 }
 
-fn origin_json(origin: Origin) -> Value {
-    match origin {
-        Origin::Os => json!({ "os_choice": true }),
-        Origin::Range(r) => json!({ "os_choice": false, "first": r.lo, "last": r.hi }),
+/// Serializes a value as its text form (`tcp`, not `Tcp`).
+fn as_text<S: serde::Serializer>(value: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+/// `n thing` or `n things`.
+fn count(n: usize, thing: &str) -> String {
+    match (n, thing.ends_with('x')) {
+        (1, _) => format!("{n} {thing}"),
+        (_, true) => format!("{n} {thing}es"),
+        (_, false) => format!("{n} {thing}s"),
     }
 }
 
-/// Warnings every command that compiles a file shows.
-fn name_warnings(set: &RuleSet) {
-    for failure in &set.name_failures {
-        for rule in set
-            .rules
-            .iter()
-            .filter(|r| r.dest == Dest::Name(failure.name.clone()))
-        {
-            eprintln!(
-                "warning: {}:{}: `{}` did not resolve ({}); this rule matches nothing",
-                set.path.display(),
-                rule.line,
-                failure.name,
-                failure.reason
-            );
-        }
-    }
-}
-
-fn summary_json(set: &RuleSet) -> Value {
-    let c = &set.compiled;
-    json!({
-        "file": set.path,
-        "rules": set.rules.len(),
-        "names": set.names.len(),
-        "unresolved_names": set.name_failures.iter().map(|f| json!({"name": f.name, "reason": f.reason})).collect::<Vec<_>>(),
-        "ipv6_rules": set.rules.iter().filter(|r| r.covers_family(Family::Ipv6)).count(),
-        "udp_rules": set.rules.iter().filter(|r| r.protocols.covers(Protocol::Udp)).count(),
-        "automaton_states": c.defaults.len(),
-        "automaton_edges": c.edges.len(),
-        "port_tables": c.tables,
-        "port_prefixes": c.ports.len(),
-        "compile_seconds": set.compile_time.as_secs_f64(),
-    })
-}
-
-pub fn check(set: &RuleSet, json: bool) -> anyhow::Result<()> {
-    name_warnings(set);
-    if json {
-        return print_json(&summary_json(set));
-    }
-    let c = &set.compiled;
-    println!(
-        "{}: {} rules OK ({} DNS names); compiled in {:.1?} into {} automaton states, \
-         {} edges, {} port tables ({} prefixes)",
-        set.path.display(),
-        set.rules.len(),
-        set.names.len(),
-        set.compile_time,
-        c.defaults.len(),
-        c.edges.len(),
-        c.tables,
-        c.ports.len()
-    );
-    let udp = set
-        .rules
+/// What every command that compiles a file warns about, one line each:
+/// rules whose name did not resolve.
+pub fn name_warnings(set: &RuleSet) -> Vec<String> {
+    let file = set.path.display().to_string();
+    set.unresolved_rules()
         .iter()
-        .filter(|r| r.protocols.covers(Protocol::Udp))
-        .count();
-    if udp > 0 {
-        println!("note: {udp} rules apply to UDP. {UDP_NOTE}");
-    }
-    Ok(())
+        .map(|u| u.warning(&file))
+        .collect()
 }
 
 /// What an operator must know about UDP rules (the hook runs at connect()).
@@ -100,281 +66,533 @@ const UDP_NOTE: &str = "Only connected UDP sockets (connect() before send()) get
     port; datagrams sent with sendto() on an unconnected socket cannot be given one by \
     this hook and leave from the port the OS chose.";
 
-pub fn explain(set: &RuleSet, dest: SocketAddr, udp: bool, json: bool) -> anyhow::Result<()> {
-    name_warnings(set);
-    let protocol = if udp { Protocol::Udp } else { Protocol::Tcp };
-    let verdict = set.compiled.lookup(protocol, dest.ip(), dest.port());
-    let reference =
-        rulebpf_rules::first_match(&set.rules, &set.names, protocol, dest.ip(), dest.port());
-    if verdict.map(|v| v.rule as usize) != reference {
-        bail!(
-            "internal error: compiled lookup chose rule {:?}, first match chose {:?}; please report",
-            verdict.map(|v| v.rule),
-            reference
-        );
-    }
-    let protocol = if udp { "udp" } else { "tcp" };
-    let matched_as = canonical(dest.ip());
-    let mapped = matched_as != dest.ip();
-    let rule: Option<&Rule> = reference.map(|i| &set.rules[i]);
-    if json {
-        return print_json(&json!({
-            "destination": dest.to_string(),
-            "protocol": protocol,
-            "matched_as": matched_as.to_string(),
-            "matched": rule.map(|r| json!({ "line": r.line, "text": r.text, "origin": origin_json(r.origin) })),
-            "note": udp.then_some(UDP_NOTE),
-        }));
-    }
-    if mapped {
-        println!("{dest}: IPv4-mapped; matched against the IPv4 rules as {matched_as}");
-    }
-    match rule {
-        None => println!("{dest} ({protocol}): no rule matches; the OS chooses the origin port"),
-        Some(r) => {
-            println!("{dest} ({protocol}): line {} decides: `{}`", r.line, r.text);
-            match r.origin {
-                Origin::Os => println!("  origin port: chosen by the OS (the rule says 0)"),
-                Origin::Range(range) => println!(
-                    "  origin port: {range} ({} port{})",
-                    range.size(),
-                    if range.size() == 1 { "" } else { "s" }
-                ),
-            }
-        }
-    }
-    if udp {
-        println!("  note: {UDP_NOTE}");
-    }
-    Ok(())
+/// `rulebpf check`: what a file compiled into.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub file: PathBuf,
+    pub rules: usize,
+    /// Distinct DNS names in the rules, resolved or not.
+    pub names: usize,
+    pub unresolved_names: Vec<UnresolvedName>,
+    pub ipv6_rules: usize,
+    pub udp_rules: usize,
+    pub automaton_states: usize,
+    pub automaton_edges: usize,
+    pub port_tables: u32,
+    pub port_prefixes: usize,
+    pub compile_seconds: f64,
 }
 
-pub fn applied(set: &RuleSet, applied: &Applied, json: bool) -> anyhow::Result<()> {
-    name_warnings(set);
-    let s = &applied.state;
-    if json {
-        return print_json(&json!({
-            "cgroup": s.cgroup,
-            "cgroup_id": s.cgroup_id,
-            "swapped": applied.swapped,
-            "generation": s.generation,
-            "program_id": s.program_id,
-            "verified_insns": s.verified_insns,
-            "connect6_program_id": s.connect6_program_id,
-            "connect6_verified_insns": s.connect6_verified_insns,
-            "map_memlock_bytes": s.map_memlock_bytes,
-            "policy": s.policy,
-            "summary": summary_json(set),
-        }));
-    }
-    println!(
-        "{} {} ({} rules) {} {}: programs {}/{}, {}/{} instructions verified \
-         (connect4/connect6), policy {:?}",
-        if applied.swapped {
-            "swapped in"
-        } else {
-            "attached"
-        },
-        set.path.display(),
-        s.rules.len(),
-        if applied.swapped { "on" } else { "to" },
-        s.cgroup.display(),
-        s.program_id,
-        s.connect6_program_id,
-        s.verified_insns.map_or("?".into(), |n| n.to_string()),
-        s.connect6_verified_insns
-            .map_or("?".into(), |n| n.to_string()),
-        s.policy,
-    );
-    Ok(())
+#[derive(Debug, Serialize)]
+pub struct UnresolvedName {
+    pub name: String,
+    pub reason: String,
 }
 
-pub fn probe(dest: SocketAddr, outcomes: &[Outcome], json: bool) -> anyhow::Result<()> {
-    if json {
-        return print_json(&serde_json::to_value(outcomes)?);
-    }
-    for outcome in outcomes {
-        match outcome {
-            Outcome::Connected { local_port } => {
-                println!("{dest}: connected from origin port {local_port}")
-            }
-            Outcome::Failed { error, .. } => println!("{dest}: connect failed: {error}"),
-        }
-    }
-    Ok(())
-}
-
-pub fn status(instances: &[Instance], json: bool) -> anyhow::Result<()> {
-    let mut rows = Vec::new();
-    for instance in instances {
-        let state = instance.state()?;
-        rows.push(json!({
-            "cgroup_id": instance.cgroup_id,
-            "attached": instance.is_attached(),
-            "cgroup": state.as_ref().map(|s| &s.cgroup),
-            "cgroup_exists": state.as_ref().map(|s| s.cgroup.exists()),
-            "rules_file": state.as_ref().map(|s| &s.rules_file),
-            "rules": state.as_ref().map(|s| s.rules.len()),
-            "generation": state.as_ref().map(|s| s.generation),
-            "policy": state.as_ref().map(|s| s.policy),
-            "program_id": state.as_ref().map(|s| s.program_id),
-            "verified_insns": state.as_ref().and_then(|s| s.verified_insns),
-            "connect6_verified_insns": state.as_ref().and_then(|s| s.connect6_verified_insns),
-            "map_memlock_bytes": state.as_ref().map(|s| s.map_memlock_bytes),
-            "attached_at": state.as_ref().map(|s| s.attached_at),
-            "updated_at": state.as_ref().map(|s| s.updated_at),
-            "unresolved_names": state.as_ref().map(|s| &s.unresolved),
-            "last_reload": state.as_ref().map(|s| &s.last_reload),
-            "service_pid": state.as_ref().and_then(|s| s.service_pid),
-            "dns_refreshes": state.as_ref().map(|s| s.dns_refreshes),
-            "dns_failures": state.as_ref().map(|s| s.dns_failures),
-        }));
-    }
-    if json {
-        return print_json(&Value::Array(rows));
-    }
-    if rows.is_empty() {
-        println!("no rulebpf instance attached");
-        return Ok(());
-    }
-    println!(
-        "{:<32} {:>6} {:>4} {:<9} RULES FILE",
-        "CGROUP", "RULES", "GEN", "POLICY"
-    );
-    for (row, instance) in rows.iter().zip(instances) {
-        let text = |k: &str| match &row[k] {
-            Value::String(s) => s.clone(),
-            Value::Null => "-".into(),
-            v => v.to_string(),
-        };
-        let mut cgroup = text("cgroup");
-        if row["cgroup_exists"] == json!(false) {
-            cgroup.push_str(" (gone)");
-        }
-        if !instance.is_attached() {
-            cgroup.push_str(" (not attached)");
-        }
-        println!(
-            "{:<32} {:>6} {:>4} {:<9} {}",
-            cgroup,
-            text("rules"),
-            text("generation"),
-            text("policy"),
-            text("rules_file")
-        );
-        let reload = &row["last_reload"];
-        if reload.is_object() {
-            println!(
-                "    last reload: {} at {} (unix): {}",
-                if reload["ok"] == json!(true) {
-                    "ok"
-                } else {
-                    "REFUSED"
-                },
-                reload["at"],
-                reload["message"]
-                    .as_str()
-                    .unwrap_or("")
-                    .replace('\n', "\n      ")
-            );
-        }
-        if let Some(pid) = row["service_pid"].as_u64() {
-            println!(
-                "    managed by `rulebpf run` (pid {pid}); DNS refreshes {}, failures {}",
-                row["dns_refreshes"], row["dns_failures"]
-            );
-        }
-    }
-    Ok(())
-}
-
-pub fn stats(instances: &[Instance], json: bool) -> anyhow::Result<()> {
-    let mut out = Vec::new();
-    for instance in instances {
-        let (state, stats) = instance.stats()?;
-        let rules: Vec<Value> = state
-            .rules
-            .iter()
-            .zip(&stats)
-            .map(|(rule, s)| {
-                json!({
-                    "line": rule.line,
-                    "text": rule.text,
-                    "matched": s.matched,
-                    "bound": s.bound,
-                    "exhausted": s.exhausted,
+impl Summary {
+    pub fn of(set: &RuleSet) -> Self {
+        let c = &set.compiled;
+        Self {
+            file: set.path.clone(),
+            rules: set.rules.len(),
+            names: set.names.len() + set.name_failures.len(),
+            unresolved_names: set
+                .name_failures
+                .iter()
+                .map(|f| UnresolvedName {
+                    name: f.name.clone(),
+                    reason: f.reason.clone(),
                 })
-            })
-            .collect();
-        out.push(json!({
-            "cgroup": state.cgroup,
-            "rules_file": state.rules_file,
-            "generation": state.generation,
-            "rules": rules,
-        }));
-    }
-    if json {
-        return print_json(&Value::Array(out));
-    }
-    for instance in &out {
-        println!(
-            "{} ({}, rule set {}):",
-            instance["cgroup"].as_str().unwrap_or("?"),
-            instance["rules_file"].as_str().unwrap_or("?"),
-            instance["generation"]
-        );
-        println!(
-            "  {:>6} {:>12} {:>12} {:>10}  RULE",
-            "LINE", "MATCHED", "BOUND", "EXHAUSTED"
-        );
-        for rule in instance["rules"].as_array().into_iter().flatten() {
-            let n = |k: &str| rule[k].as_u64().unwrap_or(0);
-            println!(
-                "  {:>6} {:>12} {:>12} {:>10}  {}",
-                n("line"),
-                n("matched"),
-                n("bound"),
-                n("exhausted"),
-                rule["text"].as_str().unwrap_or("")
-            );
+                .collect(),
+            ipv6_rules: set
+                .rules
+                .iter()
+                .filter(|r| r.covers_family(Family::Ipv6))
+                .count(),
+            udp_rules: set
+                .rules
+                .iter()
+                .filter(|r| r.protocols.covers(Protocol::Udp))
+                .count(),
+            automaton_states: c.defaults.len(),
+            automaton_edges: c.edges.len(),
+            port_tables: c.tables,
+            port_prefixes: c.ports.len(),
+            compile_seconds: set.compile_time.as_secs_f64(),
         }
     }
-    Ok(())
 }
 
-pub fn kernel(support: &Support, json: bool) -> anyhow::Result<()> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let release = release.trim();
-    let cgroup2 = crate::cgroup::cgroup2_mount().ok();
-    if json {
-        return print_json(&json!({
-            "kernel": release,
-            "cgroup2_mount": cgroup2,
-            "features": support.features,
-        }));
-    }
-    match &cgroup2 {
-        Some(path) => println!("cgroup v2 mounted at {}", path.display()),
-        None => println!("no cgroup v2 mount in /proc/mounts: rulebpf needs cgroup v2"),
-    }
-    println!("kernel {release}:");
-    for f in &support.features {
-        let state = match f.present {
-            Some(true) => "yes",
-            Some(false) if f.required => "MISSING",
-            Some(false) => "no",
-            None => "? (probe failed: root?)",
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unresolved = match self.unresolved_names.len() {
+            0 => String::new(),
+            n => format!(", {n} unresolved"),
         };
-        println!(
-            "  {:<44} {:<8} since {:<5} {}",
-            f.name, state, f.since, f.role
-        );
+        writeln!(
+            f,
+            "{}: {} OK ({}{unresolved}); compiled in {:.1?} into {}, {}, {} ({})",
+            self.file.display(),
+            count(self.rules, "rule"),
+            count(self.names, "DNS name"),
+            Duration::from_secs_f64(self.compile_seconds),
+            count(self.automaton_states, "automaton state"),
+            count(self.automaton_edges, "edge"),
+            count(self.port_tables as usize, "port table"),
+            count(self.port_prefixes, "prefix"),
+        )?;
+        if self.udp_rules > 0 {
+            let verb = if self.udp_rules == 1 {
+                "applies"
+            } else {
+                "apply"
+            };
+            writeln!(
+                f,
+                "note: {} {verb} to UDP. {UDP_NOTE}",
+                count(self.udp_rules, "rule")
+            )?;
+        }
+        Ok(())
     }
-    if let Some(missing) = support.missing_required() {
-        println!("{missing}");
+}
+
+/// `rulebpf explain`: which rule decides a destination.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub destination: SocketAddr,
+    #[serde(serialize_with = "as_text")]
+    pub protocol: Protocol,
+    /// The address the rules were matched against (IPv4 for a v4-mapped one).
+    pub matched_as: IpAddr,
+    pub matched: Option<Decision>,
+    pub note: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Decision {
+    pub line: u32,
+    pub text: String,
+    pub origin: OriginPorts,
+}
+
+/// A rule's origin ports, for scripts.
+#[derive(Debug, Serialize)]
+pub struct OriginPorts {
+    pub os_choice: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<u16>,
+}
+
+impl From<Origin> for OriginPorts {
+    fn from(origin: Origin) -> Self {
+        match origin {
+            Origin::Os => Self {
+                os_choice: true,
+                first: None,
+                last: None,
+            },
+            Origin::Range(r) => Self {
+                os_choice: false,
+                first: Some(r.lo),
+                last: Some(r.hi),
+            },
+        }
     }
-    for d in support.degradations() {
-        println!("note: {d}");
+}
+
+impl Explanation {
+    /// `rule`: the index of the deciding rule, if any.
+    pub fn of(
+        set: &RuleSet,
+        destination: SocketAddr,
+        protocol: Protocol,
+        matched_as: IpAddr,
+        rule: Option<usize>,
+    ) -> Self {
+        Self {
+            destination,
+            protocol,
+            matched_as,
+            matched: rule.map(|i| &set.rules[i]).map(|r| Decision {
+                line: r.line,
+                text: r.text.clone(),
+                origin: r.origin.into(),
+            }),
+            note: (protocol == Protocol::Udp).then_some(UDP_NOTE),
+        }
     }
-    Ok(())
+}
+
+impl fmt::Display for Explanation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (dest, protocol) = (self.destination, self.protocol);
+        if self.matched_as != dest.ip() {
+            writeln!(
+                f,
+                "{dest}: IPv4-mapped; matched against the IPv4 rules as {}",
+                self.matched_as
+            )?;
+        }
+        match &self.matched {
+            None => writeln!(
+                f,
+                "{dest} ({protocol}): no rule matches; the OS chooses the origin port"
+            )?,
+            Some(d) => {
+                writeln!(
+                    f,
+                    "{dest} ({protocol}): line {} decides: `{}`",
+                    d.line, d.text
+                )?;
+                match (d.origin.first, d.origin.last) {
+                    (Some(lo), Some(hi)) => {
+                        let size = usize::from(hi - lo) + 1;
+                        let ports = if lo == hi {
+                            lo.to_string()
+                        } else {
+                            format!("{lo}-{hi}")
+                        };
+                        writeln!(f, "  origin port: {ports} ({})", count(size, "port"))?
+                    }
+                    _ => writeln!(f, "  origin port: chosen by the OS (the rule says 0)")?,
+                }
+            }
+        }
+        if let Some(note) = self.note {
+            writeln!(f, "  note: {note}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `rulebpf attach`: what was put in force. The same program fields as
+/// `status` shows.
+#[derive(Debug, Serialize)]
+pub struct AttachReport {
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub swapped: bool,
+    pub generation: u64,
+    pub policy: Policy,
+    pub programs: PerHook<ProgramInfo>,
+    pub map_memlock_bytes: u64,
+    pub summary: Summary,
+}
+
+impl AttachReport {
+    pub fn of(set: &RuleSet, applied: &Applied) -> Self {
+        let (s, r) = (&applied.state, &applied.state.rule_set);
+        Self {
+            cgroup: s.cgroup.clone(),
+            cgroup_id: s.cgroup_id,
+            swapped: applied.swapped,
+            generation: r.generation,
+            policy: r.policy,
+            programs: r.programs,
+            map_memlock_bytes: r.map_memlock_bytes,
+            summary: Summary::of(set),
+        }
+    }
+}
+
+impl fmt::Display for AttachReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (verb, preposition) = if self.swapped {
+            ("swapped in", "on")
+        } else {
+            ("attached", "to")
+        };
+        writeln!(
+            f,
+            "{verb} {} ({}) {preposition} {}: rule set {}, policy {}",
+            self.summary.file.display(),
+            count(self.summary.rules, "rule"),
+            self.cgroup.display(),
+            self.generation,
+            policy_name(self.policy),
+        )?;
+        writeln!(
+            f,
+            "  {}",
+            programs_line(&self.programs, self.map_memlock_bytes)
+        )
+    }
+}
+
+fn policy_name(policy: Policy) -> &'static str {
+    match policy {
+        Policy::Strict => "strict",
+        Policy::Fallback => "fallback",
+    }
+}
+
+/// `programs: connect4 id 12 (531 instructions verified), ...; maps: N KiB`.
+fn programs_line(programs: &PerHook<ProgramInfo>, memlock: u64) -> String {
+    let one = |name: &str, p: &ProgramInfo| {
+        let insns = p.verified_insns.map_or("?".to_string(), |n| n.to_string());
+        format!("{name} id {} ({insns} instructions verified)", p.id)
+    };
+    format!(
+        "programs: {}, {}; maps: {} KiB of kernel memory",
+        one("connect4", &programs.connect4),
+        one("connect6", &programs.connect6),
+        memlock.div_ceil(1024)
+    )
+}
+
+/// `rulebpf probe`: what each connect() gave.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct ProbeReport {
+    #[serde(skip)]
+    pub destination: SocketAddr,
+    pub outcomes: Vec<Outcome>,
+}
+
+impl ProbeReport {
+    pub fn failures(&self) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Failed { .. }))
+            .count()
+    }
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dest = self.destination;
+        for outcome in &self.outcomes {
+            match outcome {
+                Outcome::Connected { local_port } => {
+                    writeln!(f, "{dest}: connected from origin port {local_port}")?
+                }
+                Outcome::Failed { error, .. } => writeln!(f, "{dest}: connect failed: {error}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `rulebpf status`: one row per instance.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct StatusReport(pub Vec<StatusRow>);
+
+/// One instance as `status` sees it.
+#[derive(Debug, Serialize)]
+pub struct StatusRow {
+    pub cgroup_id: u64,
+    /// The cgroup links are pinned: the hooks are in force.
+    pub attached: bool,
+    /// Whether the recorded cgroup directory still exists (`None`: no state).
+    pub cgroup_exists: Option<bool>,
+    /// Everything recorded (`None`: no state file).
+    pub state: Option<State>,
+    /// Why the state file could not be read, if it could not.
+    pub state_error: Option<String>,
+}
+
+impl fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return writeln!(f, "no rulebpf instance attached");
+        }
+        // The one variable-width column last, so nothing shifts.
+        writeln!(
+            f,
+            "{:<13} {:>6} {:>4} {:<8} CGROUP",
+            "STATE", "RULES", "GEN", "POLICY"
+        )?;
+        for row in &self.0 {
+            row.fmt_text(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl StatusRow {
+    /// How the instance stands, in a word or two.
+    fn standing(&self) -> &'static str {
+        match (self.attached, self.cgroup_exists) {
+            (false, _) => "not attached",
+            (true, Some(false)) => "cgroup gone",
+            (true, _) => "in force",
+        }
+    }
+
+    fn fmt_text(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(state) = &self.state else {
+            writeln!(
+                f,
+                "{:<13} {:>6} {:>4} {:<8} cg-{} (no state: {})",
+                self.standing(),
+                "-",
+                "-",
+                "-",
+                self.cgroup_id,
+                self.state_error.as_deref().unwrap_or("no state file")
+            )?;
+            return Ok(());
+        };
+        let r = &state.rule_set;
+        writeln!(
+            f,
+            "{:<13} {:>6} {:>4} {:<8} {}",
+            self.standing(),
+            r.rules.len(),
+            r.generation,
+            policy_name(r.policy),
+            state.cgroup.display()
+        )?;
+        writeln!(f, "    rules file: {}", r.rules_file.display())?;
+        if !r.unresolved.is_empty() {
+            writeln!(f, "    unresolved names: {}", r.unresolved.join(", "))?;
+        }
+        writeln!(f, "    {}", programs_line(&r.programs, r.map_memlock_bytes))?;
+        writeln!(
+            f,
+            "    cgroup id {}; attached {}; rule set loaded {}",
+            state.cgroup_id,
+            time(state.attached_at),
+            time(r.loaded_at)
+        )?;
+        let s = &state.service;
+        if let Some(reload) = &s.last_reload {
+            writeln!(
+                f,
+                "    last reload: {} at {}: {}",
+                if reload.ok { "ok" } else { "REFUSED" },
+                time(reload.at),
+                reload.message.replace('\n', "\n      ")
+            )?;
+        }
+        if let Some(pid) = s.pid {
+            writeln!(
+                f,
+                "    managed by `rulebpf run` (pid {pid}); DNS refreshes {}, failures {}",
+                s.dns_refreshes, s.dns_failures
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A time of the state file (seconds since the epoch), for people.
+fn time(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+/// `rulebpf stats`: per-rule counters, per instance.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct StatsReport(pub Vec<InstanceStats>);
+
+#[derive(Debug, Serialize)]
+pub struct InstanceStats {
+    pub cgroup: PathBuf,
+    pub rules_file: PathBuf,
+    pub generation: u64,
+    pub rules: Vec<RuleRow>,
+}
+
+impl InstanceStats {
+    pub fn of(state: &State, rules: Vec<RuleRow>) -> Self {
+        Self {
+            cgroup: state.cgroup.clone(),
+            rules_file: state.rule_set.rules_file.clone(),
+            generation: state.rule_set.generation,
+            rules,
+        }
+    }
+}
+
+impl fmt::Display for StatsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return writeln!(f, "no rulebpf instance attached");
+        }
+        for instance in &self.0 {
+            writeln!(
+                f,
+                "{} ({}, rule set {}):",
+                instance.cgroup.display(),
+                instance.rules_file.display(),
+                instance.generation
+            )?;
+            writeln!(
+                f,
+                "  {:>6} {:>12} {:>12} {:>10}  RULE",
+                "LINE", "MATCHED", "BOUND", "EXHAUSTED"
+            )?;
+            for rule in &instance.rules {
+                writeln!(
+                    f,
+                    "  {:>6} {:>12} {:>12} {:>10}  {}",
+                    rule.line, rule.matched, rule.bound, rule.exhausted, rule.text
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `rulebpf kernel`: where cgroup v2 is and what the kernel offers.
+#[derive(Debug, Serialize)]
+pub struct KernelReport {
+    pub kernel: String,
+    pub cgroup2_mount: Option<PathBuf>,
+    pub features: Vec<Feature>,
+    #[serde(skip)]
+    missing: Option<String>,
+    #[serde(skip)]
+    degradations: Vec<String>,
+}
+
+impl KernelReport {
+    pub fn of(support: &Support) -> Self {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        Self {
+            kernel: release.trim().to_string(),
+            cgroup2_mount: crate::cgroup::cgroup2_mount().ok(),
+            features: support.features.clone(),
+            missing: support.missing_required(),
+            degradations: support.degradations(),
+        }
+    }
+}
+
+impl fmt::Display for KernelReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.cgroup2_mount {
+            Some(path) => writeln!(f, "cgroup v2 mounted at {}", path.display())?,
+            None => writeln!(
+                f,
+                "no cgroup v2 mount in /proc/mounts: rulebpf needs cgroup v2"
+            )?,
+        }
+        writeln!(f, "kernel {}:", self.kernel)?;
+        for feature in &self.features {
+            let state = match feature.present {
+                Some(true) => "yes",
+                Some(false) if feature.required => "MISSING",
+                Some(false) => "no",
+                None => "? (probe failed: root?)",
+            };
+            writeln!(
+                f,
+                "  {:<44} {:<8} since {:<5} {}",
+                feature.name, state, feature.since, feature.role
+            )?;
+        }
+        if let Some(missing) = &self.missing {
+            writeln!(f, "{missing}")?;
+        }
+        for d in &self.degradations {
+            writeln!(f, "note: {d}")?;
+        }
+        Ok(())
+    }
 }

@@ -23,7 +23,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context as _;
 use aya_log::EbpfLogger;
 use log::{error, info, warn};
 use notify::Watcher as _;
@@ -36,14 +35,15 @@ use tokio::{
 use rulebpf_rules::{
     resolve::{self, Names},
     rule::Rule,
-    ruleset::RuleSet,
+    ruleset::{RuleFileError, RuleSet},
 };
 
 use crate::{
     cgroup::Cgroup,
-    instance::{Applied, Instance, Reload, unix_now},
-    maps::LoadOptions,
+    instance::{Applied, Instance, InstanceError},
     metrics::{self, Metrics},
+    object::LoadOptions,
+    state::{Reload, unix_now},
 };
 
 /// The reader of the hook's aya-log ring buffer, printing through `log`.
@@ -60,6 +60,29 @@ pub struct Options {
     pub detach_on_exit: bool,
 }
 
+/// Why the service could not start, or a change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Rules(#[from] RuleFileError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+    #[error("watching {} for changes", path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("the metrics listener on {addr}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing the {0} handler")]
+    Signal(&'static str, #[source] std::io::Error),
+}
+
 /// What the service keeps between events.
 struct Service {
     options: Options,
@@ -71,7 +94,14 @@ struct Service {
     metrics: Arc<Metrics>,
 }
 
-pub async fn run(options: Options) -> anyhow::Result<()> {
+pub async fn run(options: Options) -> Result<(), ServiceError> {
+    // Handlers first: once the pid is recorded below, a supervisor (or a
+    // test) may send SIGTERM at once, and the default action would end the
+    // process without --detach-on-exit's cleanup.
+    let handler = |name, kind| signal(kind).map_err(|e| ServiceError::Signal(name, e));
+    let mut hangup = handler("SIGHUP", SignalKind::hangup())?;
+    let mut terminate = handler("SIGTERM", SignalKind::terminate())?;
+    let mut interrupt = handler("SIGINT", SignalKind::interrupt())?;
     let instance = Instance::of(&options.cgroup);
     let adopting = instance.is_attached();
     let mut service = Service {
@@ -95,23 +125,20 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         if !adopting {
             return Err(e);
         }
-        error!("keeping the rules already in force: {e:#}");
+        error!(
+            "keeping the rules already in force: {}",
+            crate::with_causes(&e)
+        );
     }
-    let pid = std::process::id();
-    instance.update_state(|s| s.service_pid = Some(pid))?;
-
     let (changed_tx, mut changed) = mpsc::channel::<()>(8);
     let _watcher = watch(&service.options.rules_path, changed_tx)?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut dns_tick = tokio::time::interval(service.options.dns_refresh);
     dns_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     dns_tick.tick().await; // the first tick is immediate: names were just resolved
     if let Some(addr) = service.options.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .with_context(|| format!("metrics listener on {addr}"))?;
+            .map_err(|source| ServiceError::Metrics { addr, source })?;
         info!("serving metrics on http://{addr}/metrics");
         tokio::spawn(metrics::serve(
             listener,
@@ -120,6 +147,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         ));
     }
     let mut logger = service.kernel_logger();
+    // Recorded last: `status` says "managed by" once the service answers
+    // (signals, file changes, metrics).
+    let pid = std::process::id();
+    instance.update_service(|s| s.pid = Some(pid))?;
 
     loop {
         tokio::select! {
@@ -150,7 +181,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         instance.detach()?;
         info!("detached from {cgroup} (--detach-on-exit)");
     } else {
-        instance.update_state(|s| s.service_pid = None)?;
+        instance.update_service(|s| s.pid = None)?;
         info!("exiting; the rules stay in force on {cgroup}");
     }
     Ok(())
@@ -158,7 +189,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
 
 impl Service {
     /// Reads, parses, resolves, compiles and swaps in the rule file.
-    fn reload(&mut self, why: &str) -> anyhow::Result<()> {
+    fn reload(&mut self, why: &str) -> Result<(), ServiceError> {
         let result = self.try_reload();
         match &result {
             Ok(summary) => {
@@ -167,13 +198,13 @@ impl Service {
             }
             Err(e) => {
                 self.metrics.reloaded(false);
-                for line in format!("{e:#}").lines() {
+                let message = crate::with_causes(e);
+                for line in message.lines() {
                     error!("{why}: {line}");
                 }
                 error!("{why}: nothing changed; the rules in force stay");
-                let message = format!("{e:#}");
                 let at = unix_now();
-                let _ = self.instance.update_state(|s| {
+                let _ = self.instance.update_service(|s| {
                     s.last_reload = Some(Reload {
                         at,
                         ok: false,
@@ -185,7 +216,7 @@ impl Service {
         result.map(drop)
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<String> {
+    fn try_reload(&mut self) -> Result<String, ServiceError> {
         let set = RuleSet::load_keeping(&self.options.rules_path, &self.names)?;
         for failure in &set.stale_names {
             warn!(
@@ -198,15 +229,16 @@ impl Service {
         }
         let applied = self.swap_in(set)?;
         Ok(format!(
-            "{} rules, rule set {}, program {}",
+            "{} rules, rule set {}, programs {}/{} (connect4/connect6)",
             self.rules.len(),
-            applied.state.generation,
-            applied.state.program_id
+            applied.state.rule_set.generation,
+            applied.state.rule_set.programs.connect4.id,
+            applied.state.rule_set.programs.connect6.id,
         ))
     }
 
     /// Puts `set` in force and remembers what it was built from.
-    fn swap_in(&mut self, set: RuleSet) -> anyhow::Result<Applied> {
+    fn swap_in(&mut self, set: RuleSet) -> Result<Applied, ServiceError> {
         let applied = self
             .instance
             .apply(&self.options.cgroup, &set, self.options.load)?;
@@ -234,7 +266,7 @@ impl Service {
         }
         let failed = (answers.stale.len() + answers.unresolved.len()) as u64;
         self.metrics.dns_refreshed(failed);
-        let _ = self.instance.update_state(|s| {
+        let _ = self.instance.update_service(|s| {
             s.dns_refreshes += 1;
             s.dns_failures += failed;
         });
@@ -252,20 +284,23 @@ impl Service {
             answers.names,
             answers.unresolved,
         )
-        .map_err(anyhow::Error::from)
+        .map_err(ServiceError::from)
         .and_then(|set| self.swap_in(set));
         match swapped {
             Ok(applied) => {
                 self.metrics.reloaded(true);
                 info!(
                     "DNS refresh: rules swapped in (rule set {})",
-                    applied.state.generation
+                    applied.state.rule_set.generation
                 );
                 true
             }
             Err(e) => {
                 self.metrics.reloaded(false);
-                error!("DNS refresh: could not swap the rules: {e:#}");
+                error!(
+                    "DNS refresh: could not swap the rules: {}",
+                    crate::with_causes(&e)
+                );
                 false
             }
         }
@@ -277,7 +312,8 @@ impl Service {
         if self.options.load.kernel_log == log::LevelFilter::Off {
             return None;
         }
-        let program_id = self.instance.state().ok()??.program_id;
+        // The log ring buffer is one map shared by both programs.
+        let program_id = self.instance.state().ok()??.rule_set.programs.connect4.id;
         let logger = match EbpfLogger::init_from_id(program_id) {
             Ok(logger) => logger,
             Err(e) => {
@@ -308,16 +344,20 @@ async fn readable<'a>(
 }
 
 /// Watches the directory of `path` and signals changes to that file.
-fn watch(path: &Path, changed: mpsc::Sender<()>) -> anyhow::Result<notify::RecommendedWatcher> {
-    let path = std::path::absolute(path)?;
-    let dir = path
-        .parent()
-        .context("rule file has no directory")?
-        .to_path_buf();
-    let name = path
-        .file_name()
-        .context("rule file has no name")?
-        .to_owned();
+fn watch(
+    path: &Path,
+    changed: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, ServiceError> {
+    let error = |source| ServiceError::Watch {
+        path: path.to_path_buf(),
+        source,
+    };
+    let path = std::path::absolute(path).map_err(|e| error(e.into()))?;
+    // A file that exists has a name and a directory (the service read it).
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(error(notify::Error::path_not_found()));
+    };
+    let (dir, name) = (dir.to_path_buf(), name.to_owned());
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
             && !event.kind.is_access()
@@ -325,9 +365,10 @@ fn watch(path: &Path, changed: mpsc::Sender<()>) -> anyhow::Result<notify::Recom
         {
             let _ = changed.try_send(());
         }
-    })?;
+    })
+    .map_err(error)?;
     watcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+        .map_err(error)?;
     Ok(watcher)
 }

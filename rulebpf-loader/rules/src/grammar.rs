@@ -57,6 +57,18 @@ impl ParseError {
 
 /// Parses a whole rule file. Returns every rule in file order, or every error.
 pub fn parse(text: &str) -> Result<Vec<Rule>, Vec<ParseError>> {
+    let (rules, errors) = parse_all(text);
+    if errors.is_empty() {
+        Ok(rules)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The rules of every good line and the errors of every bad one: a file
+/// with errors is never used, but its good lines can still be checked
+/// further (their DNS names, say) so that one run reports everything.
+pub fn parse_all(text: &str) -> (Vec<Rule>, Vec<ParseError>) {
     let mut rules = Vec::new();
     let mut errors = Vec::new();
     for (index, line_text) in text.lines().enumerate() {
@@ -70,11 +82,7 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, Vec<ParseError>> {
             Err(LineError { col, message }) => errors.push(ParseError { line, col, message }),
         }
     }
-    if errors.is_empty() {
-        Ok(rules)
-    } else {
-        Err(errors)
-    }
+    (rules, errors)
 }
 
 /// What is wrong with one line; [`parse`] adds the line number.

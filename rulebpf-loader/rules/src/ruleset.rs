@@ -11,7 +11,7 @@ use crate::{
     compile::{self, CompileError, Compiled},
     grammar::{self, ParseError},
     resolve::{self, NameFailure, Names},
-    rule::Rule,
+    rule::{Dest, Rule},
 };
 
 /// A rule file that compiled.
@@ -40,23 +40,67 @@ pub enum RuleFileError {
         path: PathBuf,
         error: std::io::Error,
     },
-    /// Every malformed line, one `file:line:col: message` per line.
-    #[error("{}", in_file(path, errors))]
+    /// Every malformed line, one `file:line:col: message` per line, then
+    /// a warning for each good line whose name did not resolve.
+    #[error("{}", in_file(path, errors, unresolved))]
     Parse {
         path: PathBuf,
         errors: Vec<ParseError>,
+        unresolved: Vec<UnresolvedRule>,
     },
     #[error("{}: {error}", path.display())]
     Compile { path: PathBuf, error: CompileError },
 }
 
-fn in_file(path: &Path, errors: &[ParseError]) -> String {
+fn in_file(path: &Path, errors: &[ParseError], unresolved: &[UnresolvedRule]) -> String {
     let file = path.display().to_string();
-    let lines: Vec<String> = errors.iter().map(|e| e.in_file(&file)).collect();
-    lines.join("\n")
+    let errors = errors.iter().map(|e| e.in_file(&file));
+    let warnings = unresolved.iter().map(|u| u.warning(&file));
+    errors.chain(warnings).collect::<Vec<_>>().join("\n")
+}
+
+/// A rule whose DNS name did not resolve: it matches nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnresolvedRule {
+    pub line: u32,
+    pub name: String,
+    pub reason: String,
+}
+
+impl UnresolvedRule {
+    /// `warning: FILE:LINE: `NAME` did not resolve (REASON); ...`
+    pub fn warning(&self, file: &str) -> String {
+        format!(
+            "warning: {file}:{}: `{}` did not resolve ({}); this rule matches nothing",
+            self.line, self.name, self.reason
+        )
+    }
+}
+
+/// The rules whose name is among `failures`, in file order.
+fn unresolved_rules(rules: &[Rule], failures: &[NameFailure]) -> Vec<UnresolvedRule> {
+    rules
+        .iter()
+        .filter_map(|rule| {
+            let Dest::Name(name) = &rule.dest else {
+                return None;
+            };
+            let failure = failures.iter().find(|f| &f.name == name)?;
+            Some(UnresolvedRule {
+                line: rule.line,
+                name: name.clone(),
+                reason: failure.reason.clone(),
+            })
+        })
+        .collect()
 }
 
 impl RuleSet {
+    /// The rules whose name did not resolve (they match nothing).
+    pub fn unresolved_rules(&self) -> Vec<UnresolvedRule> {
+        unresolved_rules(&self.rules, &self.name_failures)
+    }
+
     /// Reads, parses, resolves and compiles `path`.
     pub fn load(path: &Path) -> Result<Self, RuleFileError> {
         Self::load_keeping(path, &Names::new())
@@ -69,10 +113,17 @@ impl RuleSet {
             path: path.to_path_buf(),
             error,
         })?;
-        let rules = grammar::parse(&text).map_err(|errors| RuleFileError::Parse {
-            path: path.to_path_buf(),
-            errors,
-        })?;
+        let (rules, errors) = grammar::parse_all(&text);
+        if !errors.is_empty() {
+            // The good lines' names are looked up too, so that one run
+            // reports everything that is wrong with the file.
+            let (_, failures) = resolve::resolve_all(&resolve::names_in(&rules));
+            return Err(RuleFileError::Parse {
+                path: path.to_path_buf(),
+                errors,
+                unresolved: unresolved_rules(&rules, &failures),
+            });
+        }
         let (fresh, failures) = resolve::resolve_all(&resolve::names_in(&rules));
         let answers = resolve::keep_last_good(fresh, failures, last_good);
         let mut set = Self::from_parts(path, rules, answers.names, answers.unresolved)?;
@@ -115,6 +166,7 @@ mod tests {
         let error = RuleFileError::Parse {
             path: "t.ini".into(),
             errors,
+            unresolved: vec![],
         };
         let shown = error.to_string();
         let lines: Vec<&str> = shown.lines().collect();
@@ -132,6 +184,24 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "t.ini: rule set too complex: more than 4000000 automaton states"
+        );
+    }
+
+    #[test]
+    fn a_file_with_errors_also_reports_its_unresolvable_names() {
+        let path =
+            std::env::temp_dir().join(format!("rulebpf-unresolved-{}.ini", std::process::id()));
+        std::fs::write(&path, "no-such-host.invalid * : 5\n1.2.3 * : 5\n").unwrap();
+        let error = RuleSet::load(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let shown = error.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 2, "{shown}");
+        assert!(lines[0].contains(":2:1: "), "{shown}");
+        assert!(
+            lines[1].starts_with("warning: ")
+                && lines[1].contains(":1: `no-such-host.invalid` did not resolve"),
+            "{shown}"
         );
     }
 }

@@ -143,7 +143,7 @@ impl TestCgroup {
         v.as_array()
             .unwrap()
             .iter()
-            .find(|i| i["cgroup"].as_str() == Some(self.arg()))
+            .find(|i| i["state"]["cgroup"].as_str() == Some(self.arg()))
             .cloned()
             .unwrap_or(Value::Null)
     }
@@ -200,7 +200,17 @@ pub fn probe_from(cgroup: &Path, dest: SocketAddr, count: u32, extra: &[&str]) -
     ];
     args.extend_from_slice(extra);
     args.push(&dest_arg);
-    parse_probe(&rulebpf_ok(&args))
+    let out = rulebpf(&args);
+    let probed = parse_probe(&String::from_utf8_lossy(&out.stdout));
+    // `probe` exits 1 exactly when a connect failed.
+    let failed = probed.iter().any(|p| matches!(p, Probed::Errno(_)));
+    assert_eq!(
+        out.status.code(),
+        Some(if failed { 1 } else { 0 }),
+        "rulebpf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    probed
 }
 
 pub fn parse_probe(json: &str) -> Vec<Probed> {
@@ -363,7 +373,7 @@ impl RunningService {
         let pid = u64::from(child.id());
         let service = Self { child, log };
         wait_until("the service to take over", Duration::from_secs(10), || {
-            cg.status()["service_pid"].as_u64() == Some(pid)
+            cg.status()["state"]["service"]["pid"].as_u64() == Some(pid)
         });
         service
     }

@@ -201,7 +201,7 @@ fn dns_name_from_etc_hosts_is_honoured() {
             .to_str()
             .unwrap(),
     ]);
-    assert!(check.contains("1 rules OK"), "{check}");
+    assert!(check.contains("1 rule OK"), "{check}");
     cg.attach(&format!("{name} {} : 20901\n", server.port()), &[]);
     drop(hosts);
     cg.probe(server.addr, 1, &[]);
@@ -305,7 +305,7 @@ fn a_bad_file_changes_nothing() {
         "{stderr}"
     );
     assert_eq!(cg.status(), before);
-    assert_eq!(before["generation"], 1);
+    assert_eq!(before["state"]["rule_set"]["generation"], 1);
     cg.probe(server.addr, 1, &[]);
     assert_eq!(server.take(1), [21301]);
 }
