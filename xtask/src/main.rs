@@ -5,17 +5,22 @@
 //! * `bench` — connects/s and bulk throughput with no hook, rulebpf (1 to
 //!   100,000 rules) and nftables SNAT, interleaved; attach time and memory.
 //! * `vm-test` — the kernel integration suite on Linux 6.1 and 6.12 in qemu.
+//! * `ci` — the whole CI sequence (fmt, clippy, tests, bench smoke, vm-test)
+//!   that `scripts/test.sh` runs.
+//!
+//! The demo and the bench drive the built `rulebpf` binary ([`rulebpf`]);
+//! the listener they read origin ports from and the table of origin-port
+//! ranges are `rulebpf-testkit`'s, shared with the kernel tests.
 
 mod bench;
+mod ci;
 mod demo;
+mod libtest;
+mod rulebpf;
 mod vm;
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -46,40 +51,28 @@ enum Command {
         /// Only tests whose name contains this (as for cargo test).
         filter: Option<String>,
     },
+    /// The CI sequence (scripts/test.sh runs it after installing what is
+    /// missing): fmt, clippy, cargo test, bench smoke, vm-test, totals.
+    Ci(ci::Options),
     /// The bench's client (runs inside the bench cgroup).
     #[command(hide = true)]
-    BenchClient {
-        #[arg(long)]
-        cgroup: PathBuf,
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        #[arg(long)]
-        bulk: Option<u64>,
-    },
+    BenchClient(bench::client::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo => demo::run(),
-        Command::Bench { smoke, out } => {
-            let size = if smoke {
-                bench::Size::SMOKE
-            } else {
-                bench::Size::FULL
-            };
-            bench::run(size, &workspace().join(out))
-        }
+        Command::Bench { smoke, out } => bench::run(
+            bench::Size::pick(smoke),
+            &workspace().join(out),
+            bench::Echo::Report,
+        ),
         Command::VmTest { kernel, filter } => {
-            vm::run(&vm::Series::parse(&kernel)?, filter.as_deref())
+            let series = vm::Series::parse(&kernel)?;
+            vm::run(&series, filter.as_deref(), vm::Console::All)?.verdict()
         }
-        Command::BenchClient {
-            cgroup,
-            port,
-            count,
-            bulk,
-        } => bench::client(&cgroup, port, count, bulk),
+        Command::Ci(options) => ci::run(&options),
+        Command::BenchClient(args) => bench::client::run(&args),
     }
 }
 
@@ -90,6 +83,42 @@ pub fn workspace() -> &'static Path {
         .expect("xtask is in the workspace")
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (a relative one
+/// taken from the current directory, as cargo does), else `target` in the
+/// workspace.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::path::absolute(&dir).unwrap_or_else(|_| dir.into()),
+        None => workspace().join("target"),
+    }
+}
+
+/// A command of the cargo that runs xtask (`CARGO`, so the pinned toolchain's
+/// cargo), in the workspace, building into [`target_dir`] (made absolute: the
+/// child's current directory is the workspace, not ours).
+pub fn cargo() -> std::process::Command {
+    let mut command =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace());
+    if std::env::var_os("CARGO_TARGET_DIR").is_some() {
+        command.env("CARGO_TARGET_DIR", target_dir());
+    }
+    command
+}
+
+/// A step header, as scripts/setup.sh's `step` prints it (bold, stderr).
+pub fn step(what: &str) {
+    eprintln!("\x1b[1m==> {what}\x1b[0m");
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 /// The program `name` as found on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
@@ -97,15 +126,4 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .split(':')
         .map(|dir| Path::new(dir).join(name))
         .find(|p| p.is_file())
-}
-
-/// The cgroup2 mount point, from /proc/mounts (hybrid hosts included).
-pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    fs::read_to_string("/proc/mounts")?
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .context("no cgroup2 mount in /proc/mounts")
 }

@@ -4,8 +4,9 @@
 //! Steps: build the suite → fetch each kernel (cached under target/vm) →
 //! one initramfs for all kernels → choose KVM or TCG → boot each kernel, run
 //! the suite in the guest, read the results from the serial console →
-//! a table per kernel, also written to target/vm/results.md. Exits non-zero
-//! when any kernel fails.
+//! a table per kernel, also written to target/vm/results.md, and the totals
+//! (`cargo xtask ci` adds them to the host's). `cargo xtask vm-test` exits
+//! non-zero when any kernel fails.
 
 mod initramfs;
 mod kernel;
@@ -15,14 +16,13 @@ use std::{
     fmt::Write as _,
     fs,
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 pub use kernel::Series;
 
-use crate::workspace;
+use crate::{cargo, libtest::Counts, target_dir};
 
 /// The guest ends the suite after this long; qemu is killed a bit later.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
@@ -33,8 +33,7 @@ struct Outcome {
     series: Series,
     package: String,
     kernel: Option<String>,
-    passed: u32,
-    failed: u32,
+    tests: Counts,
     failures: Vec<String>,
     exit: Option<i32>,
     took: Duration,
@@ -43,11 +42,36 @@ struct Outcome {
 
 impl Outcome {
     fn ok(&self) -> bool {
-        self.exit == Some(0) && self.failed == 0 && self.passed > 0
+        self.exit == Some(0) && self.tests.failed == 0 && self.tests.passed > 0
     }
 }
 
-pub fn run(kernels: &[Series], filter: Option<&str>) -> anyhow::Result<()> {
+/// Which guest console lines reach stdout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Console {
+    All,
+    /// Every line but libtest's `test NAME ... ok` (CI's log shows failures,
+    /// summaries and the boot, not hundreds of passes).
+    HidePasses,
+}
+
+/// The guests' tests, summed over kernels.
+pub struct Totals(pub Counts);
+
+impl Totals {
+    /// Ok when every kernel ran the suite and passed it.
+    pub fn verdict(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.0.failed == 0,
+            "the suite failed on at least one kernel (see above)"
+        );
+        Ok(())
+    }
+}
+
+/// Runs the suite on `kernels`. An error means vm-test itself could not run
+/// (build, fetch, qemu); failed tests are in the [`Totals`].
+pub fn run(kernels: &[Series], filter: Option<&str>, console: Console) -> anyhow::Result<Totals> {
     let start = Instant::now();
     let dir = target_dir().join("vm");
     let cache = dir.join("kernels");
@@ -84,7 +108,9 @@ pub fn run(kernels: &[Series], filter: Option<&str>) -> anyhow::Result<()> {
         eprintln!("vm-test: booting {package} ({})", accel.name());
         let tag = format!("[{}] ", series.name());
         let boot = qemu::boot(&image, &initrd, accel, "", QEMU_DEADLINE, |line| {
-            println!("{tag}{line}")
+            if console == Console::All || !line.ends_with(" ... ok") {
+                println!("{tag}{line}");
+            }
         })?;
         outcomes.push(summarise(series, package, boot));
     }
@@ -97,20 +123,19 @@ pub fn run(kernels: &[Series], filter: Option<&str>) -> anyhow::Result<()> {
             "vm {} ({}): {} passed, {} failed",
             o.series.name(),
             o.kernel.as_deref().unwrap_or("did not boot"),
-            o.passed,
-            o.failed
+            o.tests.passed,
+            o.tests.failed
         );
     }
-    let (passed, failed) = outcomes.iter().fold((0, 0), |(p, f), o| {
-        // A kernel that did not finish counts as one failure at least.
-        (p + o.passed, f + o.failed.max(u32::from(!o.ok())))
-    });
-    fs::write(dir.join("totals"), format!("{passed} {failed}\n"))?;
-    if outcomes.iter().all(Outcome::ok) {
-        Ok(())
-    } else {
-        bail!("the suite failed on at least one kernel (see above)")
+    let mut totals = Counts::default();
+    for o in &outcomes {
+        totals += Counts {
+            passed: o.tests.passed,
+            // A kernel that did not finish counts as one failure at least.
+            failed: o.tests.failed.max(u32::from(!o.ok())),
+        };
     }
+    Ok(Totals(totals))
 }
 
 /// Reads libtest's lines from the console.
@@ -119,25 +144,13 @@ fn summarise(series: Series, package: String, boot: qemu::Boot) -> Outcome {
         series,
         package,
         kernel: boot.kernel,
-        passed: 0,
-        failed: 0,
+        tests: Counts::sum(boot.console.iter().map(String::as_str)),
         failures: Vec::new(),
         exit: boot.exit,
         took: boot.took,
         timed_out: boot.timed_out,
     };
     for line in &boot.console {
-        // "test result: ok. 31 passed; 0 failed; 0 ignored; ..."
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |what: &str| {
-                rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(what))
-                    .and_then(|n| n.split_whitespace().last()?.parse::<u32>().ok())
-                    .unwrap_or(0)
-            };
-            outcome.passed += count(" passed");
-            outcome.failed += count(" failed");
-        }
         if let Some(name) = line
             .strip_prefix("test ")
             .and_then(|l| l.strip_suffix(" ... FAILED"))
@@ -168,8 +181,8 @@ fn table(outcomes: &[Outcome], accel: qemu::Accel, took: Duration) -> String {
             o.series.name(),
             o.kernel.as_deref().unwrap_or("?"),
             o.package,
-            o.passed,
-            o.failed,
+            o.tests.passed,
+            o.tests.failed,
             o.took.as_secs_f64()
         );
         for name in &o.failures {
@@ -185,18 +198,11 @@ fn table(outcomes: &[Outcome], accel: qemu::Accel, took: Duration) -> String {
     out
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-}
-
 /// Builds `rulebpf` and the kernel test binary; returns their paths. The
 /// test binary runs `rulebpf` from the path cargo baked into it, which is
 /// where the initramfs puts it too.
 fn build_suite() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
+    let status = cargo()
         .args([
             "build",
             "--release",
@@ -205,12 +211,11 @@ fn build_suite() -> anyhow::Result<(PathBuf, PathBuf)> {
             "--bin",
             "rulebpf",
         ])
-        .current_dir(workspace())
         .status()?;
     if !status.success() {
         bail!("building rulebpf failed");
     }
-    let out = Command::new(&cargo)
+    let out = cargo()
         .args([
             "test",
             "--release",
@@ -221,7 +226,6 @@ fn build_suite() -> anyhow::Result<(PathBuf, PathBuf)> {
             "--no-run",
             "--message-format=json",
         ])
-        .current_dir(workspace())
         .output()?;
     if !out.status.success() {
         bail!(
@@ -235,5 +239,6 @@ fn build_suite() -> anyhow::Result<(PathBuf, PathBuf)> {
         .filter(|v| v["target"]["name"] == "kernel")
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .context("cargo did not report the kernel test executable")?;
-    Ok((target_dir().join("release/rulebpf"), tests))
+    let rulebpf = crate::rulebpf::Rulebpf::built()?;
+    Ok((rulebpf.path().to_path_buf(), tests))
 }

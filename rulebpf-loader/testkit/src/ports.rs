@@ -1,0 +1,131 @@
+//! Who uses which origin ports: the one table of the ranges that rule files
+//! of the demo, the kernel tests and the bench hand out.
+//!
+//! Two rules keep every check meaningful:
+//!
+//! * **No two users share a range.** The kernel tests run in parallel, and
+//!   CI runs the bench right after them: a port still held (a socket in
+//!   TIME_WAIT, a test's probe with `--hold`) by one user must never be the
+//!   port another user's assertion expects.
+//! * **Every range lies below 32768**, outside the range Linux picks
+//!   ephemeral ports from by default ([`OS_EPHEMERAL`], 32768-60999,
+//!   `/proc/sys/net/ipv4/ip_local_port_range`). A port the server sees is
+//!   then either rulebpf's choice or the OS's, never ambiguous: "no hook"
+//!   and "hooked" can be told apart by the port alone.
+//!
+//! | slot | ports | used by |
+//! |---|---|---|
+//! | [`DEMO`] | 20000-20099 | `examples/tcpoport.ini`, which `cargo xtask demo` attaches |
+//! | [`KERNEL_TESTS`] | 20100-21599 | `rulebpf-loader/tests/kernel/main.rs` |
+//! | [`RESERVED`] | 21600-22099 | nobody yet: room for more kernel tests |
+//! | [`SERVICE_TESTS`] | 22100-22999 | `rulebpf-loader/tests/kernel/service.rs` |
+//! | [`FAMILY_TESTS`] | 23000-23499 | `rulebpf-loader/tests/kernel/families.rs` |
+//! | (unassigned) | 23500-23999 | nobody |
+//! | [`BENCH`] | 24000-31999 | `cargo xtask bench`: its rule and its nft SNAT range |
+//!
+//! A new user takes a free range, adds a slot here and to [`ALL`], and the
+//! unit test below checks the table still holds together.
+
+use std::{fmt, ops::RangeInclusive};
+
+/// An inclusive range of origin ports and who hands it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSlot {
+    pub name: &'static str,
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortSlot {
+    pub const fn new(name: &'static str, lo: u16, hi: u16) -> Self {
+        Self { name, lo, hi }
+    }
+
+    pub const fn contains(&self, port: u16) -> bool {
+        self.lo <= port && port <= self.hi
+    }
+
+    pub const fn range(&self) -> RangeInclusive<u16> {
+        self.lo..=self.hi
+    }
+
+    /// Do the two ranges share a port?
+    pub const fn overlaps(&self, other: &PortSlot) -> bool {
+        self.lo <= other.hi && other.lo <= self.hi
+    }
+}
+
+/// `lo-hi`, as a rule file writes an origin range.
+impl fmt::Display for PortSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.lo, self.hi)
+    }
+}
+
+/// `examples/tcpoport.ini`'s rule for the demo's destination (`cargo xtask demo`).
+pub const DEMO: PortSlot = PortSlot::new("demo", 20000, 20099);
+/// `rulebpf-loader/tests/kernel/main.rs`.
+pub const KERNEL_TESTS: PortSlot = PortSlot::new("kernel tests", 20100, 21599);
+/// Free: room for more kernel tests.
+pub const RESERVED: PortSlot = PortSlot::new("reserved for kernel tests", 21600, 22099);
+/// `rulebpf-loader/tests/kernel/service.rs` (`rulebpf run`).
+pub const SERVICE_TESTS: PortSlot = PortSlot::new("service tests", 22100, 22999);
+/// `rulebpf-loader/tests/kernel/families.rs` (IPv6, UDP, prefixes, lists).
+pub const FAMILY_TESTS: PortSlot = PortSlot::new("family tests", 23000, 23499);
+/// `cargo xtask bench`: the measured rule's origin range and the nft SNAT range.
+pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
+
+/// Every slot of the table, in port order.
+pub const ALL: [PortSlot; 6] = [
+    DEMO,
+    KERNEL_TESTS,
+    RESERVED,
+    SERVICE_TESTS,
+    FAMILY_TESTS,
+    BENCH,
+];
+
+/// Where Linux picks ephemeral ports by default (not a slot: nobody may
+/// hand these out).
+pub const OS_EPHEMERAL: PortSlot = PortSlot::new("Linux's default ephemeral range", 32768, 60999);
+
+#[cfg(test)]
+mod tests {
+    use super::{ALL, OS_EPHEMERAL};
+
+    #[test]
+    fn slots_are_ordered_and_disjoint() {
+        for slot in ALL {
+            assert!(slot.lo <= slot.hi, "{}: {slot} is empty", slot.name);
+        }
+        for pair in ALL.windows(2) {
+            assert!(
+                pair[0].lo < pair[1].lo,
+                "ALL is not in port order at {}",
+                pair[1].name
+            );
+        }
+        for (i, a) in ALL.iter().enumerate() {
+            for b in &ALL[i + 1..] {
+                assert!(!a.overlaps(b), "{} ({a}) overlaps {} ({b})", a.name, b.name);
+            }
+        }
+    }
+
+    #[test]
+    fn slots_lie_below_the_ephemeral_range() {
+        for slot in ALL {
+            assert!(slot.hi < 32768, "{} ({slot}) reaches 32768", slot.name);
+            assert!(!slot.overlaps(&OS_EPHEMERAL), "{} ({slot})", slot.name);
+        }
+    }
+
+    #[test]
+    fn contains_and_display() {
+        let demo = super::DEMO;
+        assert!(demo.contains(20000) && demo.contains(20099));
+        assert!(!demo.contains(19999) && !demo.contains(20100));
+        assert_eq!(demo.to_string(), "20000-20099");
+        assert_eq!(demo.range(), 20000..=20099);
+    }
+}

@@ -1,0 +1,141 @@
+//! The configurations a round measures, and switching each on and off.
+//!
+//! * no hook: nothing attached, the limit;
+//! * rulebpf with 1, 1,000, 10,000 and 100,000 rules: n-1 filler rules that
+//!   never match loopback, then the measured destination's rule **last**,
+//!   the worst case for anything that scans rules in order;
+//! * nft SNAT: the peer ([`super::nft`]).
+//!
+//! Only one configuration is on at a time; whatever happens, the [`Rig`]
+//! switches everything off at the end.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde_json::Value;
+
+use super::{BULK_PORT, FIRST_PORT, ORIGIN, RULE_COUNTS, SERVER_IP, nft};
+use crate::rulebpf::{Rulebpf, arg};
+
+/// One configuration under test.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Config {
+    NoHook,
+    Rulebpf(u32),
+    NftSnat,
+}
+
+impl Config {
+    /// In the order each round runs them (and the report lists them).
+    pub fn all() -> Vec<Self> {
+        let mut configs = vec![Self::NoHook];
+        configs.extend(RULE_COUNTS.iter().map(|&n| Self::Rulebpf(n)));
+        configs.push(Self::NftSnat);
+        configs
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Self::NoHook => "no hook".into(),
+            Self::Rulebpf(n) => format!("rulebpf {n} rules"),
+            Self::NftSnat => "nft SNAT".into(),
+        }
+    }
+}
+
+/// What switching configurations takes: the `rulebpf` binary, the bench
+/// cgroup, and a directory for the generated rule files.
+pub struct Rig {
+    rulebpf: Rulebpf,
+    cgroup: PathBuf,
+    rules_dir: PathBuf,
+}
+
+impl Rig {
+    pub fn new(rulebpf: Rulebpf, cgroup: PathBuf, rules_dir: PathBuf) -> Self {
+        Self {
+            rulebpf,
+            cgroup,
+            rules_dir,
+        }
+    }
+
+    fn rules_path(&self, n: u32) -> PathBuf {
+        self.rules_dir.join(format!("rules-{n}.ini"))
+    }
+
+    /// Writes the rule file of `n` rules; returns its path.
+    pub fn write_rules(&self, n: u32) -> anyhow::Result<PathBuf> {
+        fs::create_dir_all(&self.rules_dir)?;
+        let path = self.rules_path(n);
+        fs::write(&path, rules_text(n)?)?;
+        Ok(path)
+    }
+
+    /// `rulebpf attach --json`: what it reports (compile time, map memory,
+    /// verifier instructions).
+    pub fn attach(&self, file: &Path) -> anyhow::Result<Value> {
+        self.rulebpf.json(&[
+            "attach",
+            "--json",
+            "--cgroup",
+            arg(&self.cgroup)?,
+            arg(file)?,
+        ])
+    }
+
+    pub fn detach(&self) {
+        self.rulebpf.detach(&self.cgroup);
+    }
+
+    pub fn on(&self, config: &Config) -> anyhow::Result<()> {
+        match config {
+            Config::NoHook => Ok(()),
+            Config::Rulebpf(n) => self.attach(&self.rules_path(*n)).map(drop),
+            Config::NftSnat => nft::add(),
+        }
+    }
+
+    pub fn off(&self, config: &Config) {
+        match config {
+            Config::NoHook => {}
+            Config::Rulebpf(_) => self.detach(),
+            Config::NftSnat => nft::delete(),
+        }
+    }
+
+    pub fn all_off(&self) {
+        self.detach();
+        nft::delete();
+    }
+}
+
+/// n-1 filler rules that never match loopback, then the measured
+/// destination's rule last.
+fn rules_text(n: u32) -> anyhow::Result<String> {
+    let mut text = String::with_capacity(n as usize * 32);
+    for i in 0..n - 1 {
+        let [_, b, c, d] = i.to_be_bytes();
+        writeln!(text, "10.{b}.{c}.{d} {} : {}", 1000 + i % 7, 40000 + i % 13)?;
+    }
+    writeln!(text, "{SERVER_IP} {FIRST_PORT}-{BULK_PORT} : {ORIGIN}")?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rules_text;
+
+    #[test]
+    fn the_measured_rule_comes_last() {
+        let text = rules_text(3).unwrap();
+        assert_eq!(
+            text,
+            "10.0.0.0 1000 : 40000\n10.0.0.1 1001 : 40001\n127.0.0.2 7400-7599 : 24000-31999\n"
+        );
+        assert_eq!(rules_text(1).unwrap().lines().count(), 1);
+    }
+}
