@@ -8,13 +8,6 @@ use crate::harness::*;
 
 const LOCAL6: Ipv6Addr = Ipv6Addr::LOCALHOST;
 
-fn only_port(got: &[Probed]) -> u16 {
-    match got {
-        [Probed::Port(p)] => *p,
-        other => panic!("expected one connection, got {other:?}"),
-    }
-}
-
 #[test]
 fn ipv6_tcp_address_and_prefix() {
     let cg = TestCgroup::new("v6tcp");
@@ -40,9 +33,9 @@ fn ipv6_tcp_address_and_prefix() {
 
 #[test]
 fn ipv6_udp_connected_socket() {
-    let cg = TestCgroup::new("v6udp");
-    let server = Listener::udp(LOCAL6);
-    cg.attach(&format!("::1 {} : 23011 udp\n", server.port()), &[]);
+    let (cg, server) = with_rules("v6udp", Listener::udp(LOCAL6), &[], |port| {
+        format!("::1 {port} : 23011 udp\n")
+    });
     let got = cg.probe(server.addr, 1, &["--protocol", "udp"]);
     assert_eq!(got, [Probed::Port(23011)]);
     assert_eq!(server.take(1), [23011]);
@@ -50,12 +43,9 @@ fn ipv6_udp_connected_socket() {
 
 #[test]
 fn ipv4_udp_connected_sockets_share_a_range() {
-    let cg = TestCgroup::new("v4udp");
-    let server = Listener::udp([127, 0, 0, 2]);
-    cg.attach(
-        &format!("127.0.0.0/8 {} : 23021-23022 UDP\n", server.port()),
-        &[],
-    );
+    let (cg, server) = with_rules("v4udp", Listener::udp([127, 0, 0, 2]), &[], |port| {
+        format!("127.0.0.0/8 {port} : 23021-23022 UDP\n")
+    });
     // Two sockets held at once: two distinct ports of the range.
     let got = cg.probe(server.addr, 2, &["--protocol", "udp", "--hold"]);
     let mut seen = server.take(2);

@@ -8,11 +8,11 @@
 
 use std::{
     fs,
-    net::{IpAddr, SocketAddr, TcpListener, UdpSocket},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::Child,
     process::{Command, Output},
-    sync::{Arc, Mutex},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
@@ -179,11 +179,43 @@ impl Drop for TestCgroup {
     }
 }
 
+/// A fresh cgroup with the rules `rules(port)` attached (`extra`: more
+/// `attach` arguments), where `port` is the port of `server`: the setup most
+/// tests start from.
+pub fn with_rules(
+    name: &str,
+    server: Listener,
+    extra: &[&str],
+    rules: impl FnOnce(u16) -> String,
+) -> (TestCgroup, Listener) {
+    let cg = TestCgroup::new(name);
+    cg.attach(&rules(server.port()), extra);
+    (cg, server)
+}
+
 /// One connect() of a probe: the origin port it got, or its errno.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probed {
     Port(u16),
     Errno(i32),
+}
+
+impl Probed {
+    /// The port of a connect that must have succeeded.
+    pub fn port(self) -> u16 {
+        match self {
+            Self::Port(p) => p,
+            Self::Errno(e) => panic!("connect failed: errno {e}"),
+        }
+    }
+}
+
+/// The port of the only connect of a probe.
+pub fn only_port(got: &[Probed]) -> u16 {
+    match got {
+        [one] => one.port(),
+        other => panic!("expected one connection, got {other:?}"),
+    }
 }
 
 /// `rulebpf probe --json` from `cgroup`.
@@ -225,76 +257,9 @@ pub fn parse_probe(json: &str) -> Vec<Probed> {
         .collect()
 }
 
-/// A loopback server that records the peer port of every TCP connection
-/// (closing it at once: the server closing first keeps TIME_WAIT off the
-/// client's origin ports) or of every UDP datagram.
-pub struct Listener {
-    pub addr: SocketAddr,
-    peers: Arc<Mutex<Vec<u16>>>,
-}
-
-impl Listener {
-    /// Listens on `ip` (IPv4 octets or an IPv6 address) at a port the OS
-    /// picks: unique per test.
-    pub fn on(ip: impl Into<IpAddr>) -> Self {
-        Self::on_port(ip, 0)
-    }
-
-    /// Listens on `ip:port` (port 0: the OS picks).
-    pub fn on_port(ip: impl Into<IpAddr>, port: u16) -> Self {
-        let listener = TcpListener::bind((ip.into(), port)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&peers);
-        thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Ok(peer) = stream.peer_addr() {
-                    sink.lock().unwrap().push(peer.port());
-                }
-            }
-        });
-        Self { addr, peers }
-    }
-
-    /// A UDP socket on `ip` that records the sender port of each datagram.
-    pub fn udp(ip: impl Into<IpAddr>) -> Self {
-        let socket = UdpSocket::bind((ip.into(), 0)).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&peers);
-        thread::spawn(move || {
-            let mut buf = [0u8; 512];
-            while let Ok((_, from)) = socket.recv_from(&mut buf) {
-                sink.lock().unwrap().push(from.port());
-            }
-        });
-        Self { addr, peers }
-    }
-
-    /// Waits until `n` connections have been accepted; returns their peer
-    /// ports in order and forgets them.
-    pub fn take(&self, n: usize) -> Vec<u16> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            {
-                let mut peers = self.peers.lock().unwrap();
-                if peers.len() >= n {
-                    return peers.drain(..).collect();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "listener {} saw fewer than {n} connections",
-                self.addr
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    pub fn port(&self) -> u16 {
-        self.addr.port()
-    }
-}
+/// The port-recording listener the bench and the demo use too: TCP (closes
+/// at once, so the server closes first) or UDP.
+pub use rulebpf_testkit::Listener;
 
 /// Adds a line to /etc/hosts for the life of the guard.
 pub struct HostsEntry {
