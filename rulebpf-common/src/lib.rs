@@ -29,6 +29,30 @@ pub const PROGRAM_CONNECT4: &str = "rulebpf_connect4";
 /// Name of the connect6 program in the object file.
 pub const PROGRAM_CONNECT6: &str = "rulebpf_connect6";
 
+/// The stable entry programs of an instance (object `rulebpf-entry`): what
+/// is attached to cgroups (and named in systemd's `BPFProgram=`). Each one
+/// tail-calls slot [`JUMP_SLOT`] of its jump map, where the loader puts the
+/// rule set in force; swapping rule sets never touches the attachments.
+/// The kernel's program name is the first 15 bytes of these names: every
+/// program of rulebpf starts with [`PROGRAM_PREFIX`].
+pub const PROGRAM_ENTRY4: &str = "rulebpf_entry4";
+/// See [`PROGRAM_ENTRY4`].
+pub const PROGRAM_ENTRY6: &str = "rulebpf_entry6";
+/// How a program of rulebpf is recognised among the programs attached to a
+/// cgroup (the kernel keeps 15 bytes of a program's name).
+pub const PROGRAM_PREFIX: &str = "rulebpf_";
+
+/// The jump maps of the entry object (`BPF_MAP_TYPE_PROG_ARRAY`, one slot
+/// each): one per hook, because the kernel only lets programs of one attach
+/// type share a program array.
+pub mod jump_names {
+    pub const CONNECT4: &str = "RULEBPF_JUMP4";
+    pub const CONNECT6: &str = "RULEBPF_JUMP6";
+}
+
+/// The slot of a jump map that holds the rule set in force.
+pub const JUMP_SLOT: u32 = 0;
+
 /// Map names, as the loader finds them in the object file.
 pub mod map_names {
     pub const ROOTS: &str = "RULEBPF_ROOTS";

@@ -18,6 +18,9 @@ pub struct Cgroup {
     pub id: u64,
 }
 
+/// `statfs(2)`'s `f_type` of a cgroup2 file system (linux/magic.h).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
 /// Why `--cgroup` does not name a usable cgroup.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -33,8 +36,10 @@ pub enum CgroupError {
     },
     #[error("{} is not a cgroup directory", path.display())]
     NotACgroup { path: PathBuf },
-    #[error("{} is not under the cgroup2 mount {} (rulebpf needs cgroup v2)", path.display(), root.display())]
+    #[error("{} is not a cgroup v2 directory (the cgroup2 mount is {}; rulebpf needs cgroup v2)", path.display(), root.display())]
     NotCgroup2 { path: PathBuf, root: PathBuf },
+    #[error("--cgroup {}: `..` is not allowed in a cgroup path", .0.display())]
+    DotDot(PathBuf),
 }
 
 impl CgroupError {
@@ -42,7 +47,10 @@ impl CgroupError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            Self::NotFound { .. } | Self::NotACgroup { .. } | Self::NotCgroup2 { .. }
+            Self::NotFound { .. }
+                | Self::NotACgroup { .. }
+                | Self::NotCgroup2 { .. }
+                | Self::DotDot(_)
         )
     }
 }
@@ -86,9 +94,26 @@ fn unescape_mount_path(s: &str) -> String {
 impl Cgroup {
     /// Resolves `arg` (absolute, or relative to the cgroup2 mount) to an
     /// existing cgroup v2 directory.
+    ///
+    /// The path is made canonical (links and `..` resolved) before anything
+    /// else, and the directory must be on a cgroup2 file system (statfs), not
+    /// only under the mount's path: a cgroup v1 directory's inode number can
+    /// equal a v2 cgroup's id, and a textual prefix says nothing about what
+    /// `x/../../cpu/y` reaches.
     pub fn resolve(arg: &Path) -> Result<Self, CgroupError> {
         let root = cgroup2_mount()?;
-        let path = absolute_in(&root, arg);
+        let given = Self::path_of(arg)?;
+        let path = fs::canonicalize(&given).map_err(|source| CgroupError::NotFound {
+            path: given.clone(),
+            source,
+        })?;
+        if !path.starts_with(&root) {
+            return Err(CgroupError::NotCgroup2 { path, root });
+        }
+        match rustix::fs::statfs(&path) {
+            Ok(fs) if fs.f_type as i64 == CGROUP2_SUPER_MAGIC => {}
+            _ => return Err(CgroupError::NotCgroup2 { path, root }),
+        }
         let meta = fs::metadata(&path).map_err(|source| CgroupError::NotFound {
             path: path.clone(),
             source,
@@ -96,19 +121,34 @@ impl Cgroup {
         if !meta.is_dir() || !path.join("cgroup.procs").exists() {
             return Err(CgroupError::NotACgroup { path });
         }
-        if !path.starts_with(&root) {
-            return Err(CgroupError::NotCgroup2 { path, root });
-        }
         Ok(Self {
             path,
             id: meta.ino(),
         })
     }
 
-    /// The directory `arg` names (absolute, or relative to the cgroup2 mount),
-    /// whether or not it exists.
+    /// The directory `arg` names (absolute, or relative to the cgroup2
+    /// mount), whether or not it exists. `..` is refused: a cgroup that does
+    /// not exist yet cannot be made canonical, and `run` follows this path.
     pub fn path_of(arg: &Path) -> Result<PathBuf, CgroupError> {
+        if arg
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(CgroupError::DotDot(arg.to_path_buf()));
+        }
         Ok(absolute_in(&cgroup2_mount()?, arg))
+    }
+
+    /// `path` relative to the cgroup2 mount (for instance names).
+    pub fn relative(path: &Path) -> Result<PathBuf, CgroupError> {
+        let root = cgroup2_mount()?;
+        path.strip_prefix(&root)
+            .map(Path::to_path_buf)
+            .map_err(|_| CgroupError::NotCgroup2 {
+                path: path.to_path_buf(),
+                root,
+            })
     }
 
     /// The path relative to the cgroup2 mount, for display (`/` for the root).

@@ -1,404 +1,387 @@
-//! One attached rule set per cgroup: its kernel objects pinned in bpffs, its
-//! description in /run, and the atomic swap between rule sets.
+//! Instances: a name, one rule set in force, and the cgroups it is attached
+//! to.
 //!
 //! ```text
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/link-connect4  the cgroup links (keep the hooks attached)
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/link-connect6
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/prog-connect4  the programs of rule set N
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/prog-connect6
-//! /sys/fs/bpf/rulebpf/cg-<cgroup id>/gen-<N>/RULEBPF_*  its maps
-//! /run/rulebpf/cg-<cgroup id>/state.json            cgroup, file, rules of set N
-//! /run/rulebpf/cg-<cgroup id>/lock                  serialises attach/detach
+//! /sys/fs/bpf/rulebpf/NAME/connect4, connect6    stable entry programs
+//! /sys/fs/bpf/rulebpf/NAME/jump-connect4, -6     slot 0: the rule set in force
+//! /sys/fs/bpf/rulebpf/NAME/set-N/                rule set N: programs + maps
+//! /sys/fs/bpf/rulebpf/NAME/cg-ID/link-connect4   an attachment (a pinned link
+//! /sys/fs/bpf/rulebpf/NAME/cg-ID/link-connect6     per hook) to cgroup ID
+//! /run/rulebpf/NAME/instance.json, set-N.json    records (crate::state)
+//! /run/rulebpf/NAME/lock                         serialises changes
+//! /run/rulebpf/NAME/owner                        held by `rulebpf run`
 //! ```
 //!
-//! **Swap.** A new rule set is a new pair of programs with their own, fully
-//! written maps; `BPF_LINK_UPDATE` then replaces the program on each link in
-//! one step. Each connect() runs either the old program with the old maps or
-//! the new one with the new maps, never a mix; the old objects are freed by the
-//! kernel once no CPU runs them (RCU). Nothing before the updates touches what
-//! is in force, so any failure leaves the old rules as they were (a failed
-//! second update puts the first link back). The IPv4 and IPv6 hooks switch a
-//! few microseconds apart.
-//! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L863
+//! **Swap.** A new rule set is its own pair of programs with its own, fully
+//! written maps; putting it in force writes each program into its hook's jump
+//! slot (`bpf_map_update_elem` on a program array, one step per hook). Each
+//! connect() runs the old set or the new one, never a mix; the connect4 and
+//! connect6 slots switch microseconds apart. Nothing attached changes, so a
+//! cgroup attached by systemd or an OCI hook follows every swap.
+//!
+//! **Crashes.** The set's record is written before the swap, and what is in
+//! force is read back from the kernel (the program a jump slot holds), never
+//! assumed from the records. Every command that changes an instance first
+//! reconciles: an interrupted swap is completed, sets not in force are
+//! removed. Whatever the moment of a `kill -9`, the next command shows what
+//! the kernel enforces, and the next attach works.
+//!
+//! **The kernel decides what is attached.** Before attaching, the cgroup's
+//! programs are queried: rulebpf never stacks a second pair of its own
+//! hooks on one cgroup; `detach` removes every rulebpf program it finds on
+//! the cgroup and checks that none is left.
 
 use std::{
-    fs::{self, File},
+    fs::File,
     io,
-    os::fd::AsRawFd as _,
+    os::fd::AsFd as _,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr,
-    cgroup_sock_addr::CgroupSockAddrLink,
-    links::{FdLink, PinnedLink},
-};
-use rulebpf_common::map_names;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink};
+use rulebpf_common::{PROGRAM_PREFIX, RuleStats, map_names};
 use rulebpf_rules::ruleset::RuleSet;
 
 use crate::{
+    bpf,
     cgroup::{Cgroup, CgroupError},
+    entry::{self, EntryError, Jumps},
     hook::{Hook, PerHook},
-    object::{LoadOptions, ObjectError, ProgramInfo, RuleSetObject},
-    state::{self, Reload, RuleInfo, RuleSetRecord, ServiceRecord, State, StateError, unix_now},
-    stats::{self, StatsError},
+    legacy,
+    name::{InstanceName, NameError},
+    object::{self, LoadOptions, ObjectError, ProgramInfo, RuleSetObject},
+    securedir::{SecureDir, SecureDirError},
+    state::{
+        self, AttachedBy, Attachment, INSTANCE_FILE, InstanceRecord, Reload, RuleInfo,
+        RuleSetRecord, ServiceRecord, StateError, unix_now,
+    },
+    stats::{self, RuleRow, StatsError},
 };
 
 /// Where every instance pins its objects.
 pub const BPFFS_DIR: &str = "/sys/fs/bpf/rulebpf";
-/// Where every instance keeps its description.
+/// Where every instance keeps its records.
 pub const RUN_DIR: &str = "/run/rulebpf";
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// The rulebpf instance of one cgroup (attached or not).
-#[derive(Clone, Debug)]
-pub struct Instance {
-    pub cgroup_id: u64,
-    bpf_dir: PathBuf,
-    run_dir: PathBuf,
-}
-
-/// Result of [`Instance::apply`].
-#[derive(Debug)]
-pub struct Applied {
-    pub state: State,
-    /// True when rules were already attached and have been swapped.
-    pub swapped: bool,
-}
 
 /// Why an instance could not be changed or read.
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     #[error("no bpf file system at /sys/fs/bpf: mount it with `mount -t bpf bpf /sys/fs/bpf`")]
     NoBpffs,
-    #[error("{what} {}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(
+        "changing rules needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN): {0} refused access"
+    )]
+    Privilege(String),
+    #[error(transparent)]
+    Dir(#[from] SecureDirError),
+    #[error(transparent)]
+    Name(#[from] NameError),
     #[error(transparent)]
     Object(#[from] ObjectError),
+    #[error(transparent)]
+    Entry(#[from] EntryError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
     Stats(#[from] StatsError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
-    /// A step on a cgroup link failed (attach, pin, swap).
-    #[error("{step} ({hook}){}", restore_failed.as_ref().map(|e| format!("; putting the previous rules back on the other hook failed too: {e}")).unwrap_or_default())]
+    /// A step on a cgroup link failed.
+    #[error("{step} ({hook}) on {}", cgroup.display())]
     Link {
         hook: &'static str,
         step: &'static str,
+        cgroup: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
-        restore_failed: Option<String>,
     },
-    #[error("nothing attached to {}", .0.display())]
-    NotAttached(PathBuf),
+    #[error("{what}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nothing attached to {0}")]
+    NotAttached(String),
+    #[error("no instance named {0}")]
+    NoInstance(InstanceName),
+    #[error(
+        "instance {name} is managed by `rulebpf run` (pid {pid}); change its rules file \
+         instead, or stop that service (--force overrides, and the service will notice)"
+    )]
+    Managed { name: InstanceName, pid: u32 },
+    #[error(
+        "{} already has rulebpf hooks ({hook} program {program}{}); rulebpf never stacks \
+         two rule sets on one cgroup: `rulebpf detach --cgroup {}` first",
+        cgroup.display(),
+        owner.as_ref().map(|o| format!(", instance {o}")).unwrap_or_default(),
+        cgroup.display()
+    )]
+    Stacked {
+        cgroup: PathBuf,
+        hook: &'static str,
+        program: u32,
+        owner: Option<InstanceName>,
+    },
+    #[error(
+        "rulebpf programs are still attached to {} after detaching: {programs:?}",
+        cgroup.display()
+    )]
+    LeftBehind { cgroup: PathBuf, programs: Vec<u32> },
+    #[error("instance {0} has no rule set in force")]
+    NoRules(InstanceName),
 }
 
 impl InstanceError {
-    fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
-        let path = path.to_path_buf();
-        move |source| Self::Io { what, path, source }
+    fn kernel(what: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        let what = what.into();
+        move |source| {
+            if source.kind() == io::ErrorKind::PermissionDenied {
+                Self::Privilege(what)
+            } else {
+                Self::Kernel { what, source }
+            }
+        }
     }
 
     fn link(
         hook: Hook,
         step: &'static str,
+        cgroup: &Path,
     ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> Self {
+        let cgroup = cgroup.to_path_buf();
         move |source| Self::Link {
             hook: hook.name(),
             step,
+            cgroup,
             source,
-            restore_failed: None,
         }
     }
 }
 
-/// Holds the per-instance lock until dropped.
-struct Lock(#[allow(dead_code)] File);
+/// The two top directories, each root's and verified.
+struct Tops {
+    pins: SecureDir,
+    records: SecureDir,
+}
 
-impl Instance {
-    pub fn of(cgroup: &Cgroup) -> Self {
-        Self::from_id(cgroup.id)
-    }
-
-    fn from_id(cgroup_id: u64) -> Self {
-        let name = format!("cg-{cgroup_id}");
-        Self {
-            cgroup_id,
-            bpf_dir: Path::new(BPFFS_DIR).join(&name),
-            run_dir: Path::new(RUN_DIR).join(&name),
-        }
-    }
-
-    /// Every instance with objects pinned in bpffs.
-    pub fn all() -> Result<Vec<Self>, InstanceError> {
-        let entries = match fs::read_dir(BPFFS_DIR) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
-            Err(e) => return Err(InstanceError::io("listing", Path::new(BPFFS_DIR))(e)),
-        };
-        let mut out: Vec<Self> = entries
-            .filter_map(|e| {
-                let name = e.ok()?.file_name();
-                let id = name.to_str()?.strip_prefix("cg-")?.parse().ok()?;
-                Some(Self::from_id(id))
-            })
-            .collect();
-        out.sort_by_key(|i| i.cgroup_id);
-        Ok(out)
-    }
-
-    /// The instance of the cgroup `arg` names (absolute, or relative to the
-    /// cgroup2 mount): by its id while it exists, else (a deleted cgroup) by
-    /// the path recorded when it was attached. `None`: nothing recorded.
-    pub fn find(arg: &Path) -> Result<Option<Self>, InstanceError> {
-        match Cgroup::resolve(arg) {
-            Ok(cgroup) => Ok(Some(Self::of(&cgroup))),
-            Err(CgroupError::NotFound { .. }) => Self::by_recorded_path(&Cgroup::path_of(arg)?),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn by_recorded_path(path: &Path) -> Result<Option<Self>, InstanceError> {
-        for instance in Self::all()? {
-            if instance.state()?.is_some_and(|s| s.cgroup == path) {
-                return Ok(Some(instance));
-            }
-        }
-        Ok(None)
-    }
-
-    fn link_path(&self, hook: Hook) -> PathBuf {
-        self.bpf_dir.join(format!("link-{}", hook.name()))
-    }
-
-    fn gen_dir(&self, generation: u64) -> PathBuf {
-        self.bpf_dir.join(format!("gen-{generation}"))
-    }
-
-    fn state_path(&self) -> PathBuf {
-        self.run_dir.join("state.json")
-    }
-
-    /// Whether the cgroup links are pinned (the hooks are in force).
-    pub fn is_attached(&self) -> bool {
-        self.link_path(Hook::Connect4).exists()
-    }
-
-    /// The description of the rule set in force, if any.
-    pub fn state(&self) -> Result<Option<State>, StateError> {
-        state::read(&self.state_path())
-    }
-
-    fn lock(&self) -> Result<Lock, InstanceError> {
-        fs::create_dir_all(&self.run_dir).map_err(InstanceError::io("creating", &self.run_dir))?;
-        let path = self.run_dir.join("lock");
-        let file = File::create(&path).map_err(InstanceError::io("creating", &path))?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(InstanceError::io("locking", &path)(
-                io::Error::last_os_error(),
-            ));
-        }
-        Ok(Lock(file))
-    }
-
-    /// Puts `set` in force on `cgroup`: attaches, or swaps atomically when a
-    /// rule set is already attached. On error, what was in force stays.
-    pub fn apply(
-        &self,
-        cgroup: &Cgroup,
-        set: &RuleSet,
-        options: LoadOptions,
-    ) -> Result<Applied, InstanceError> {
+impl Tops {
+    /// For commands that change things: created when missing.
+    fn create() -> Result<Self, InstanceError> {
         ensure_bpffs()?;
-        let _lock = self.lock()?;
-        let in_force = self.state()?.filter(|_| self.is_attached());
-        let generation = in_force.as_ref().map_or(0, |s| s.rule_set.generation) + 1;
-
-        let mut object = RuleSetObject::load(&set.compiled, options)?;
-        if let Some(in_force) = &in_force {
-            self.carry_stats(in_force, set, &mut object)?;
-        }
-        let (staged, programs) = self.stage(&mut object, generation)?;
-        match &in_force {
-            Some(in_force) => self.swap_links(&mut object, in_force.rule_set.generation)?,
-            None => self.attach_links(cgroup, &mut object)?,
-        }
-        staged.keep();
-
-        let state = record(
-            cgroup,
-            set,
-            options,
-            generation,
-            programs,
-            &object,
-            in_force.as_ref(),
-        );
-        state::write(&self.state_path(), &state)?;
-        self.remove_generations_except(Some(generation))?;
-        Ok(Applied {
-            state,
-            swapped: in_force.is_some(),
+        Ok(Self {
+            pins: SecureDir::open_top(Path::new(BPFFS_DIR))?,
+            records: SecureDir::open_top(Path::new(RUN_DIR))?,
         })
     }
 
-    /// Counters of rules that stay (same text) continue where they were;
-    /// increments between this read and the swap are lost.
-    fn carry_stats(
-        &self,
-        in_force: &State,
-        set: &RuleSet,
-        object: &mut RuleSetObject,
-    ) -> Result<(), InstanceError> {
-        let totals = self.read_stats(in_force)?;
-        let texts: Vec<&str> = set.rules.iter().map(|r| r.text.as_str()).collect();
-        let seeds = stats::carry_over(&in_force.rule_set.rules, totals, &texts);
-        Ok(stats::seed(object, &seeds)?)
+    /// For commands that only look: `None` when rulebpf never ran here.
+    fn existing() -> Result<Option<Self>, InstanceError> {
+        let Some(pins) = SecureDir::open_existing(Path::new(BPFFS_DIR))? else {
+            return Ok(None);
+        };
+        let records = SecureDir::open_top(Path::new(RUN_DIR))?;
+        Ok(Some(Self { pins, records }))
     }
+}
 
-    /// Pins the new rule set's objects under `gen-<generation>`; they are
-    /// removed again unless the returned guard is kept.
-    fn stage(
-        &self,
-        object: &mut RuleSetObject,
-        generation: u64,
-    ) -> Result<(RemoveOnDrop, PerHook<ProgramInfo>), InstanceError> {
-        let gen_dir = self.gen_dir(generation);
-        let staged = RemoveOnDrop(Some(gen_dir.clone()));
-        fs::create_dir_all(&gen_dir).map_err(InstanceError::io("creating", &gen_dir))?;
-        let programs = object.pin(&gen_dir)?;
-        Ok((staged, programs))
-    }
+/// A named instance, opened.
+#[derive(Debug)]
+pub struct Instance {
+    name: InstanceName,
+    pins: SecureDir,
+    records: SecureDir,
+}
 
-    /// First attach: a link per hook, both pinned only once both attached (a
-    /// failure drops the first link, which detaches it).
-    fn attach_links(
-        &self,
-        cgroup: &Cgroup,
-        object: &mut RuleSetObject,
-    ) -> Result<(), InstanceError> {
-        let cgroup_dir =
-            File::open(&cgroup.path).map_err(InstanceError::io("opening", &cgroup.path))?;
-        let links = PerHook::try_from_fn(|hook| {
-            let program = object.program(hook)?;
-            // A cgroup link is always multi-attach: other connect programs
-            // (systemd's, a CNI's) keep running, and with nested rulebpf
-            // instances the innermost binds first and the outer ones see a
-            // bound socket. link_create takes no flags (EINVAL otherwise):
-            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
-            let id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(|e| InstanceError::link(hook, "attaching to the cgroup")(e.into()))?;
-            let link = program
-                .take_link(id)
-                .map_err(|e| InstanceError::link(hook, "taking the link")(e.into()))?;
-            FdLink::try_from(link)
-                .map_err(|e| InstanceError::link(hook, "taking the link")(e.into()))
-        })?;
-        for (hook, link) in links.into_pairs() {
-            link.pin(self.link_path(hook))
-                .map_err(|e| InstanceError::link(hook, "pinning the link")(e.into()))?;
+/// Holds the instance's change lock until dropped.
+struct Lock(#[allow(dead_code)] File);
+
+/// Held by `rulebpf run` for as long as it manages the instance.
+pub struct Owner(#[allow(dead_code)] File);
+
+/// What `apply` did.
+#[derive(Debug)]
+pub struct Applied {
+    pub record: RuleSetRecord,
+    /// True when a rule set was in force before and has been replaced.
+    pub swapped: bool,
+}
+
+/// The rule set in force, as the kernel's jump slots say.
+#[derive(Debug, Default)]
+pub struct InForce {
+    /// The program each jump slot holds.
+    pub programs: PerHook<Option<u32>>,
+    /// The record of the set whose connect4 program is in force.
+    pub set: Option<RuleSetRecord>,
+    /// The two slots hold programs of different sets (an interrupted swap,
+    /// completed by the next command that changes the instance).
+    pub mixed: bool,
+}
+
+/// How an attachment stands, as the kernel and the cgroup file system say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// The cgroup is there, with the same id, and the entry programs are
+    /// attached to it.
+    InForce,
+    /// The cgroup directory no longer exists.
+    CgroupGone,
+    /// A cgroup exists at the path, but it is another one (re-created): the
+    /// rules are not attached to it.
+    Recreated { id: u64 },
+    /// The cgroup is there but the entry programs are not attached.
+    Detached,
+}
+
+impl Instance {
+    /// Opens instance `name`, creating it (directories and entry programs)
+    /// when it does not exist yet.
+    pub fn create(name: &InstanceName) -> Result<Self, InstanceError> {
+        let tops = Tops::create()?;
+        let pins = tops.pins.subdir(name.as_str(), true)?.expect("created");
+        let records = tops.records.subdir(name.as_str(), true)?.expect("created");
+        let instance = Self {
+            name: name.clone(),
+            pins,
+            records,
+        };
+        let _lock = instance.lock()?;
+        if !entry::exists(&instance.pins) {
+            let programs = entry::create(&instance.pins)?;
+            let record = InstanceRecord {
+                entry: programs,
+                created_at: unix_now(),
+                ..instance.record()?
+            };
+            instance.write_record(&record)?;
         }
-        Ok(())
+        Ok(instance)
     }
 
-    /// Moves both pinned links to the programs of `object`. If the second
-    /// update fails, the first link gets the program of generation
-    /// `previous` back, so that both hooks keep running one rule set.
-    fn swap_links(&self, object: &mut RuleSetObject, previous: u64) -> Result<(), InstanceError> {
-        for (done, hook) in Hook::ALL.into_iter().enumerate() {
-            let swapped = self.pinned_link(hook).and_then(|link| {
-                object.program(hook)?.attach_to_link(link).map_err(|e| {
-                    InstanceError::link(hook, "swapping the rules on the cgroup link")(e.into())
-                })
-            });
-            if let Err(mut error) = swapped {
-                for &undo in &Hook::ALL[..done] {
-                    if let Err(e) = self.restore_link(undo, previous)
-                        && let InstanceError::Link { restore_failed, .. } = &mut error
-                    {
-                        *restore_failed = Some(crate::with_causes(&e));
-                    }
-                }
-                return Err(error);
+    /// Opens instance `name` if it exists.
+    pub fn open(name: &InstanceName) -> Result<Option<Self>, InstanceError> {
+        let Some(tops) = Tops::existing()? else {
+            return Ok(None);
+        };
+        let Some(pins) = tops.pins.subdir(name.as_str(), false)? else {
+            return Ok(None);
+        };
+        let records = tops.records.subdir(name.as_str(), true)?.expect("created");
+        Ok(Some(Self {
+            name: name.clone(),
+            pins,
+            records,
+        }))
+    }
+
+    /// Every instance, by name.
+    pub fn all() -> Result<Vec<Self>, InstanceError> {
+        let Some(tops) = Tops::existing()? else {
+            return Ok(vec![]);
+        };
+        let mut out = Vec::new();
+        for (name, _) in tops.pins.entries()? {
+            // The previous layout's instances are not instances of this one.
+            let Ok(name) = InstanceName::new(&name) else {
+                continue;
+            };
+            if let Some(instance) = Self::open(&name)? {
+                out.push(instance);
             }
         }
-        Ok(())
+        Ok(out)
     }
 
-    fn pinned_link(&self, hook: Hook) -> Result<CgroupSockAddrLink, InstanceError> {
-        let pinned = PinnedLink::from_pin(self.link_path(hook))
-            .map_err(|e| InstanceError::link(hook, "opening the pinned link")(e.into()))?;
-        CgroupSockAddrLink::try_from(FdLink::from(pinned))
-            .map_err(|e| InstanceError::link(hook, "opening the pinned link")(e.into()))
+    pub fn name(&self) -> &InstanceName {
+        &self.name
     }
 
-    /// Puts the pinned program of `generation` back on `hook`'s link.
-    fn restore_link(&self, hook: Hook, generation: u64) -> Result<(), InstanceError> {
-        let pin = self
-            .gen_dir(generation)
-            .join(format!("prog-{}", hook.name()));
-        let mut old = CgroupSockAddr::from_pin(pin, hook.attach_type())
-            .map_err(|e| InstanceError::link(hook, "opening the previous program")(e.into()))?;
-        let link = self.pinned_link(hook)?;
-        old.attach_to_link(link)
-            .map_err(|e| InstanceError::link(hook, "restoring the previous program")(e.into()))?;
-        Ok(())
+    /// The pinned entry program of `hook` (what systemd's BPFProgram= names).
+    pub fn entry_pin(&self, hook: Hook) -> PathBuf {
+        self.pins.display(entry::program_pin(hook))
     }
 
-    /// Removes the hook and every pinned object. Returns false when nothing
-    /// was attached.
-    pub fn detach(&self) -> Result<bool, InstanceError> {
+    fn lock(&self) -> Result<Lock, InstanceError> {
+        let file = self.records.lock_file("lock")?;
+        flock(&file, libc::LOCK_EX).map_err(InstanceError::kernel(format!(
+            "locking instance {}",
+            self.name
+        )))?;
+        Ok(Lock(file))
+    }
+
+    /// The pid of the `rulebpf run` that manages this instance, if one does.
+    pub fn managed_by(&self) -> Result<Option<u32>, InstanceError> {
+        let file = self.records.lock_file("owner")?;
+        match flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
+            Ok(()) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                let pid = self
+                    .records
+                    .read("owner")?
+                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+                    .unwrap_or(0);
+                Ok(Some(pid))
+            }
+            Err(e) => Err(InstanceError::kernel("reading the owner lock")(e)),
+        }
+    }
+
+    /// Refuses when a `rulebpf run` manages the instance, unless `force`.
+    pub fn check_unmanaged(&self, force: bool) -> Result<(), InstanceError> {
+        match self.managed_by()? {
+            Some(pid) if !force => Err(InstanceError::Managed {
+                name: self.name.clone(),
+                pid,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes this process the instance's one owner (`rulebpf run`), for as
+    /// long as the returned guard lives; refused while another holds it.
+    pub fn take_ownership(&self) -> Result<Owner, InstanceError> {
+        let mut file = self.records.lock_file("owner")?;
+        if let Err(e) = flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let pid = self.managed_by()?.unwrap_or(0);
+                return Err(InstanceError::Managed {
+                    name: self.name.clone(),
+                    pid,
+                });
+            }
+            return Err(InstanceError::kernel("taking the owner lock")(e));
+        }
+        use std::io::{Seek as _, Write as _};
+        let pid = std::process::id().to_string();
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()));
+        written.map_err(InstanceError::kernel("recording the owner's pid"))?;
+        Ok(Owner(file))
+    }
+
+    /// The instance's record (empty when there is none yet).
+    pub fn record(&self) -> Result<InstanceRecord, InstanceError> {
+        Ok(state::read(&self.records, INSTANCE_FILE)?.unwrap_or_default())
+    }
+
+    fn write_record(&self, record: &InstanceRecord) -> Result<(), InstanceError> {
+        Ok(state::write(&self.records, INSTANCE_FILE, record)?)
+    }
+
+    /// Changes the instance's record under the lock.
+    fn update(&self, change: impl FnOnce(&mut InstanceRecord)) -> Result<(), InstanceError> {
         let _lock = self.lock()?;
-        let had_link = self.is_attached();
-        for hook in Hook::ALL {
-            // A link is released with its last reference (this pin): the
-            // kernel detaches the program then.
-            let path = self.link_path(hook);
-            match fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(InstanceError::io("removing", &path)(e));
-                }
-                _ => {}
-            }
-        }
-        self.remove_generations_except(None)?;
-        let _ = fs::remove_dir(&self.bpf_dir);
-        let _ = fs::remove_file(self.state_path());
-        Ok(had_link)
-    }
-
-    /// The state of the rule set in force, with per-rule counters.
-    pub fn stats(&self) -> Result<(State, Vec<stats::RuleRow>), InstanceError> {
-        let state = self
-            .state()?
-            .filter(|_| self.is_attached())
-            .ok_or_else(|| InstanceError::NotAttached(self.recorded_path()))?;
-        let totals = self.read_stats(&state)?;
-        let rows = stats::rows(&state.rule_set.rules, &totals);
-        Ok((state, rows))
-    }
-
-    /// The cgroup path recorded for this instance, or its name when none is.
-    fn recorded_path(&self) -> PathBuf {
-        self.state().ok().flatten().map_or_else(
-            || PathBuf::from(format!("cg-{}", self.cgroup_id)),
-            |s| s.cgroup,
-        )
-    }
-
-    fn read_stats(&self, state: &State) -> Result<Vec<rulebpf_common::RuleStats>, InstanceError> {
-        let path = self
-            .gen_dir(state.rule_set.generation)
-            .join(map_names::STATS);
-        Ok(stats::read(&path, state.rule_set.rules.len())?)
+        let mut record = self.record()?;
+        change(&mut record);
+        self.write_record(&record)
     }
 
     /// Changes the service's bookkeeping; the rules in force are not touched.
@@ -406,114 +389,567 @@ impl Instance {
         &self,
         change: impl FnOnce(&mut ServiceRecord),
     ) -> Result<(), InstanceError> {
-        let _lock = self.lock()?;
-        if let Some(mut state) = self.state()? {
-            change(&mut state.service);
-            state::write(&self.state_path(), &state)?;
+        self.update(|r| change(&mut r.service))
+    }
+
+    /// The rule set records present, by generation.
+    fn set_records(&self) -> Result<Vec<RuleSetRecord>, InstanceError> {
+        let mut out = Vec::new();
+        for (name, _) in self.records.entries()? {
+            let is_set = name.starts_with("set-") && name.ends_with(".json");
+            if is_set && let Some(record) = state::read::<RuleSetRecord>(&self.records, &name)? {
+                out.push(record);
+            }
+        }
+        out.sort_by_key(|r| r.generation);
+        Ok(out)
+    }
+
+    /// What the kernel has in force, with the matching record.
+    pub fn in_force(&self) -> Result<InForce, InstanceError> {
+        if !entry::exists(&self.pins) {
+            return Ok(InForce::default());
+        }
+        let jumps = Jumps::open(&self.pins)?;
+        let programs = PerHook::try_from_fn(|hook| jumps.current(hook))?;
+        let records = self.set_records()?;
+        let owner = |hook: Hook, id: Option<u32>| {
+            records
+                .iter()
+                .find(|r| id.is_some_and(|id| r.programs.get(hook).id == id))
+                .cloned()
+        };
+        let set4 = owner(Hook::Connect4, programs.connect4);
+        let set6 = owner(Hook::Connect6, programs.connect6);
+        let mixed = set4.as_ref().map(|s| s.generation) != set6.as_ref().map(|s| s.generation);
+        Ok(InForce {
+            programs,
+            set: set4.or(set6),
+            mixed,
+        })
+    }
+
+    /// Makes the pins and records agree with the kernel: completes an
+    /// interrupted swap, removes rule sets that are not in force.
+    fn reconcile(&self, jumps: &mut Jumps) -> Result<InForce, InstanceError> {
+        let mut in_force = self.in_force()?;
+        if in_force.mixed
+            && let Some(set) = &in_force.set
+        {
+            // connect4 is always swapped first: the set it holds is the newer.
+            let set_dir = self.set_dir(set.generation, false)?;
+            if let Some(set_dir) = set_dir {
+                let program = pinned_set_program(&set_dir, Hook::Connect6)?;
+                jumps.set(Hook::Connect6, program_fd(&program, Hook::Connect6)?)?;
+                in_force = self.in_force()?;
+            }
+        }
+        let keep = in_force.set.as_ref().map(|s| s.generation);
+        self.remove_sets_except(keep)?;
+        Ok(in_force)
+    }
+
+    fn set_dir(&self, generation: u64, create: bool) -> Result<Option<SecureDir>, InstanceError> {
+        Ok(self.pins.subdir(&format!("set-{generation}"), create)?)
+    }
+
+    /// Removes every rule set (pins and record) but `keep`.
+    fn remove_sets_except(&self, keep: Option<u64>) -> Result<(), InstanceError> {
+        for (name, _) in self.pins.entries()? {
+            if let Some(generation) = name.strip_prefix("set-").and_then(|g| g.parse::<u64>().ok())
+                && Some(generation) != keep
+            {
+                self.pins.remove_tree(&name)?;
+            }
+        }
+        for (name, _) in self.records.entries()? {
+            if let Some(generation) = name
+                .strip_prefix("set-")
+                .and_then(|g| g.strip_suffix(".json"))
+                .and_then(|g| g.parse::<u64>().ok())
+                && Some(generation) != keep
+            {
+                self.records.remove(&name)?;
+            }
         }
         Ok(())
     }
 
-    fn remove_generations_except(&self, keep: Option<u64>) -> Result<(), InstanceError> {
-        let Ok(entries) = fs::read_dir(&self.bpf_dir) else {
-            return Ok(());
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(generation) = name.to_str().and_then(|n| n.strip_prefix("gen-")) else {
-                continue;
-            };
-            if keep.is_some_and(|k| generation == k.to_string()) {
-                continue;
+    /// The next rule set number: above every set pinned or recorded.
+    fn next_generation(&self) -> Result<u64, InstanceError> {
+        let mut highest = 0;
+        for (name, _) in self.pins.entries()?.into_iter().chain(self.records.entries()?) {
+            if let Some(g) = name
+                .strip_prefix("set-")
+                .map(|g| g.trim_end_matches(".json"))
+                .and_then(|g| g.parse::<u64>().ok())
+            {
+                highest = highest.max(g);
             }
-            remove_pins(&entry.path())?;
+        }
+        Ok(highest + 1)
+    }
+
+    /// Puts `set` in force: loads it, records it, swaps it into the jump
+    /// slots. On error, what was in force stays.
+    pub fn apply(&self, set: &RuleSet, options: LoadOptions) -> Result<Applied, InstanceError> {
+        let _lock = self.lock()?;
+        let mut jumps = Jumps::open(&self.pins)?;
+        let in_force = self.reconcile(&mut jumps)?;
+        let generation = self.next_generation()?;
+
+        let mut object = RuleSetObject::load(&set.compiled, options)?;
+        if let Some(old) = &in_force.set {
+            self.carry_stats(old, set, &mut object)?;
+        }
+        // Staged: pinned and recorded before anything in force changes.
+        let set_dir = self.set_dir(generation, true)?.expect("created");
+        let staged = Staged {
+            instance: self,
+            generation,
+            keep: false,
+        };
+        let programs = object.pin(&set_dir)?;
+        let record = rule_set_record(set, options, generation, programs, &object);
+        state::write(&self.records, &state::set_file(generation), &record)?;
+
+        self.swap(&mut jumps, &mut object, in_force.set.as_ref())?;
+        let mut staged = staged;
+        staged.keep = true;
+        drop(staged);
+        self.remove_sets_except(Some(generation))?;
+
+        let now = unix_now();
+        let mut instance = self.record()?;
+        instance.service.last_reload = Some(Reload {
+            at: now,
+            ok: true,
+            message: format!(
+                "{} rule{} from {} (rule set {generation})",
+                set.rules.len(),
+                if set.rules.len() == 1 { "" } else { "s" },
+                set.path.display()
+            ),
+        });
+        self.write_record(&instance)?;
+        Ok(Applied {
+            record,
+            swapped: in_force.set.is_some(),
+        })
+    }
+
+    /// Writes the new programs into the jump slots, connect4 first. If the
+    /// second write fails, connect4 gets the old program back.
+    fn swap(
+        &self,
+        jumps: &mut Jumps,
+        object: &mut RuleSetObject,
+        old: Option<&RuleSetRecord>,
+    ) -> Result<(), InstanceError> {
+        jumps.set(Hook::Connect4, object.program_fd(Hook::Connect4)?)?;
+        if let Err(error) = jumps.set(Hook::Connect6, object.program_fd(Hook::Connect6)?) {
+            if let Some(old) = old
+                && let Some(dir) = self.set_dir(old.generation, false)?
+                && let Ok(program) = pinned_set_program(&dir, Hook::Connect4)
+                && let Ok(fd) = program_fd(&program, Hook::Connect4)
+            {
+                let _ = jumps.set(Hook::Connect4, fd);
+            }
+            return Err(error.into());
         }
         Ok(())
+    }
+
+    /// Counters of rules that stay (same text) continue where they were;
+    /// increments between this read and the swap are lost.
+    fn carry_stats(
+        &self,
+        old: &RuleSetRecord,
+        set: &RuleSet,
+        object: &mut RuleSetObject,
+    ) -> Result<(), InstanceError> {
+        let totals = self.read_stats(old)?;
+        let texts: Vec<&str> = set.rules.iter().map(|r| r.text.as_str()).collect();
+        let seeds = stats::carry_over(&old.rules, totals, &texts);
+        Ok(stats::seed(object, &seeds)?)
+    }
+
+    fn read_stats(&self, set: &RuleSetRecord) -> Result<Vec<RuleStats>, InstanceError> {
+        let Some(dir) = self.set_dir(set.generation, false)? else {
+            return Ok(vec![]);
+        };
+        Ok(stats::read(
+            &dir.fd_path(map_names::STATS),
+            &dir.display(map_names::STATS),
+            set.rules.len(),
+        )?)
+    }
+
+    /// The rule set in force with per-rule counters.
+    pub fn stats(&self) -> Result<(RuleSetRecord, Vec<RuleRow>), InstanceError> {
+        let set = self
+            .in_force()?
+            .set
+            .ok_or_else(|| InstanceError::NoRules(self.name.clone()))?;
+        let totals = self.read_stats(&set)?;
+        let rows = stats::rows(&set.rules, &totals);
+        Ok((set, rows))
+    }
+
+    /// Attaches the instance's entry programs to `cgroup` (idempotent).
+    /// Refused when the cgroup carries another rulebpf instance's hooks; an
+    /// instance of the previous layout on it is replaced without a gap.
+    /// Returns false when it was attached already.
+    pub fn attach(&self, cgroup: &Cgroup, by: AttachedBy) -> Result<bool, InstanceError> {
+        let _lock = self.lock()?;
+        let record = self.record()?;
+        let dir = File::open(&cgroup.path)
+            .map_err(|e| InstanceError::kernel(format!("opening {}", cgroup.path.display()))(e))?;
+        let legacy_programs = self.legacy_programs(cgroup.id)?;
+        let mut missing = Vec::new();
+        for hook in Hook::ALL {
+            let ours = record.entry.get(hook).id;
+            let present = ours_on(&dir, hook, &cgroup.path)?;
+            if present.contains(&ours) {
+                continue;
+            }
+            if let Some(&other) = present.iter().find(|id| !legacy_programs.contains(id)) {
+                return Err(InstanceError::Stacked {
+                    cgroup: cgroup.path.clone(),
+                    hook: hook.name(),
+                    program: other,
+                    owner: owner_of(other),
+                });
+            }
+            missing.push(hook);
+        }
+        let recorded = record
+            .attachments
+            .iter()
+            .any(|a| a.cgroup_id == cgroup.id);
+        if missing.is_empty() && recorded {
+            return Ok(false);
+        }
+        let link_dir = self.pins.subdir(&attachment_dir(cgroup.id), true)?.expect("created");
+        // Both links are pinned only once both attached: a failure drops
+        // the first link, which detaches it.
+        let mut links = Vec::new();
+        for &hook in &missing {
+            let mut program = entry::program(&self.pins, hook)?;
+            // A cgroup link is always multi-attach: other connect programs
+            // (systemd's, a CNI's) keep running, and with nested rulebpf
+            // instances the innermost binds first and the outer ones see a
+            // bound socket. link_create takes no flags (EINVAL otherwise):
+            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
+            let id = program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| InstanceError::link(hook, "attaching", &cgroup.path)(e.into()))?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| InstanceError::link(hook, "attaching", &cgroup.path)(e.into()))?;
+            let link = FdLink::try_from(link)
+                .map_err(|e| InstanceError::link(hook, "attaching", &cgroup.path)(e.into()))?;
+            links.push((hook, link));
+        }
+        for (hook, link) in links {
+            link.pin(link_dir.fd_path(&link_pin(hook)))
+                .map_err(|e| InstanceError::link(hook, "pinning the link", &cgroup.path)(e.into()))?;
+        }
+        let mut record = self.record()?;
+        record.attachments.retain(|a| a.cgroup_id != cgroup.id);
+        record.attachments.push(Attachment {
+            cgroup: cgroup.path.clone(),
+            cgroup_id: cgroup.id,
+            attached_at: unix_now(),
+            by,
+        });
+        self.write_record(&record)?;
+        // Only now that ours run: the previous layout's links go.
+        if !legacy_programs.is_empty() {
+            let tops = Tops::create()?;
+            legacy::remove(&tops.pins, Some(&tops.records), cgroup.id)?;
+        }
+        Ok(true)
+    }
+
+    /// Program ids of a previous-layout instance's links on cgroup `id`.
+    fn legacy_programs(&self, cgroup_id: u64) -> Result<Vec<u32>, InstanceError> {
+        let Some(tops) = Tops::existing()? else {
+            return Ok(vec![]);
+        };
+        let Some(dir) = tops.pins.subdir(&legacy::dir_name(cgroup_id), false)? else {
+            return Ok(vec![]);
+        };
+        let mut out = Vec::new();
+        for hook in Hook::ALL {
+            if let Ok(link) = aya::programs::links::PinnedLink::from_pin(dir.fd_path(&link_pin(hook)))
+                && let Ok(info) = FdLink::from(link).info()
+            {
+                out.push(info.program_id());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the attachments recorded for the cgroup at `path` (also a
+    /// gone or re-created one), then every rulebpf program still attached
+    /// to the cgroup now at `path`. Returns whether anything was removed.
+    pub fn detach_cgroup(&self, path: &Path) -> Result<bool, InstanceError> {
+        let _lock = self.lock()?;
+        let mut record = self.record()?;
+        let (gone, kept): (Vec<_>, Vec<_>) = record
+            .attachments
+            .into_iter()
+            .partition(|a| a.cgroup == path);
+        record.attachments = kept;
+        for attachment in &gone {
+            self.pins.remove_tree(&attachment_dir(attachment.cgroup_id))?;
+        }
+        self.write_record(&record)?;
+        Ok(!gone.is_empty())
+    }
+
+    /// Removes the attachment to cgroup `id` (pins and record).
+    pub fn detach_id(&self, cgroup_id: u64) -> Result<bool, InstanceError> {
+        let _lock = self.lock()?;
+        let mut record = self.record()?;
+        let before = record.attachments.len();
+        record.attachments.retain(|a| a.cgroup_id != cgroup_id);
+        let removed_pins = self.pins.remove_tree(&attachment_dir(cgroup_id))?;
+        let removed = removed_pins || record.attachments.len() != before;
+        self.write_record(&record)?;
+        Ok(removed)
+    }
+
+    /// Removes the whole instance: attachments, rule sets, entry programs,
+    /// records. Programs attached by others (systemd) lose their rules: the
+    /// entry's jump slots go with the pins.
+    pub fn remove(self) -> Result<Vec<Attachment>, InstanceError> {
+        let attachments = {
+            let _lock = self.lock()?;
+            self.record()?.attachments
+        };
+        let tops = Tops::create()?;
+        tops.pins.remove_tree(self.name.as_str())?;
+        tops.records.remove_tree(self.name.as_str())?;
+        Ok(attachments)
+    }
+
+    /// How `attachment` stands now.
+    pub fn standing(&self, attachment: &Attachment) -> Standing {
+        let Ok(meta) = std::fs::metadata(&attachment.cgroup) else {
+            return Standing::CgroupGone;
+        };
+        if meta.ino() != attachment.cgroup_id {
+            return Standing::Recreated { id: meta.ino() };
+        }
+        let Ok(record) = self.record() else {
+            return Standing::Detached;
+        };
+        let Ok(dir) = File::open(&attachment.cgroup) else {
+            return Standing::CgroupGone;
+        };
+        let attached = Hook::ALL.iter().all(|&hook| {
+            bpf::attached_programs(dir.as_fd(), hook)
+                .is_ok_and(|ids| ids.contains(&record.entry.get(hook).id))
+        });
+        if attached {
+            Standing::InForce
+        } else {
+            Standing::Detached
+        }
+    }
+
+    /// Removes the attachments of cgroups that are gone or were re-created
+    /// (their links no longer hold anything). Returns what was removed.
+    pub fn collect_garbage(&self) -> Result<Vec<Attachment>, InstanceError> {
+        let stale: Vec<Attachment> = self
+            .record()?
+            .attachments
+            .into_iter()
+            .filter(|a| {
+                matches!(
+                    self.standing(a),
+                    Standing::CgroupGone | Standing::Recreated { .. }
+                )
+            })
+            .collect();
+        for attachment in &stale {
+            self.detach_id(attachment.cgroup_id)?;
+        }
+        Ok(stale)
     }
 }
 
-/// The state after `set` was put in force as `generation`.
-fn record(
-    cgroup: &Cgroup,
+/// A rule set pinned and recorded but not (yet) in force: removed on drop
+/// unless kept.
+struct Staged<'a> {
+    instance: &'a Instance,
+    generation: u64,
+    keep: bool,
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            let name = format!("set-{}", self.generation);
+            let _ = self.instance.pins.remove_tree(&name);
+            let _ = self.instance.records.remove(&state::set_file(self.generation));
+        }
+    }
+}
+
+fn rule_set_record(
     set: &RuleSet,
     options: LoadOptions,
     generation: u64,
     programs: PerHook<ProgramInfo>,
     object: &RuleSetObject,
-    in_force: Option<&State>,
-) -> State {
-    let now = unix_now();
-    State {
-        cgroup: cgroup.path.clone(),
-        cgroup_id: cgroup.id,
-        attached_at: in_force.map_or(now, |s| s.attached_at),
-        rule_set: RuleSetRecord {
-            rules_file: set.path.clone(),
-            generation,
-            policy: options.policy,
-            programs,
-            map_memlock_bytes: object.map_memlock_bytes(),
-            loaded_at: now,
-            rules: set
-                .rules
+) -> RuleSetRecord {
+    RuleSetRecord {
+        generation,
+        rules_file: set.path.clone(),
+        policy: options.policy,
+        programs,
+        map_memlock_bytes: object.map_memlock_bytes(),
+        loaded_at: unix_now(),
+        rules: set
+            .rules
+            .iter()
+            .map(|r| RuleInfo {
+                line: r.line,
+                text: r.text.clone(),
+            })
+            .collect(),
+        unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
+    }
+}
+
+/// A pinned program of a rule set, loaded back from its pin.
+fn pinned_set_program(dir: &SecureDir, hook: Hook) -> Result<CgroupSockAddr, EntryError> {
+    CgroupSockAddr::from_pin(dir.fd_path(&object::program_pin(hook)), hook.attach_type()).map_err(
+        |source| EntryError::Program {
+            hook: hook.name(),
+            source,
+        },
+    )
+}
+
+fn program_fd(program: &CgroupSockAddr, hook: Hook) -> Result<&aya::programs::ProgramFd, EntryError> {
+    program.fd().map_err(|source| EntryError::Program {
+        hook: hook.name(),
+        source,
+    })
+}
+
+fn attachment_dir(cgroup_id: u64) -> String {
+    format!("cg-{cgroup_id}")
+}
+
+fn link_pin(hook: Hook) -> String {
+    format!("link-{}", hook.name())
+}
+
+fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The rulebpf programs attached directly to the cgroup open as `dir`.
+fn ours_on(dir: &File, hook: Hook, path: &Path) -> Result<Vec<u32>, InstanceError> {
+    let ids = bpf::attached_programs(dir.as_fd(), hook).map_err(InstanceError::kernel(format!(
+        "querying the {} programs of {}",
+        hook.name(),
+        path.display()
+    )))?;
+    Ok(ids
+        .into_iter()
+        .filter(|&id| bpf::program_name(id).is_ok_and(|n| n.starts_with(PROGRAM_PREFIX)))
+        .collect())
+}
+
+/// The instance whose entry program is `program`, if any.
+fn owner_of(program: u32) -> Option<InstanceName> {
+    Instance::all().ok()?.into_iter().find_map(|instance| {
+        let record = instance.record().ok()?;
+        Hook::ALL
+            .iter()
+            .any(|&h| record.entry.get(h).id == program)
+            .then(|| instance.name.clone())
+    })
+}
+
+/// Removes every rulebpf program attached directly to `cgroup` (links by
+/// anyone, and programs attached without a link, as systemd does), then
+/// checks that none is left. Returns how many were removed.
+pub fn clear_cgroup(cgroup: &Cgroup) -> Result<usize, InstanceError> {
+    let dir = File::open(&cgroup.path)
+        .map_err(|e| InstanceError::kernel(format!("opening {}", cgroup.path.display()))(e))?;
+    let links = bpf::connect_links().map_err(InstanceError::kernel("listing cgroup links"))?;
+    let mut removed = 0;
+    for hook in Hook::ALL {
+        for program in ours_on(&dir, hook, &cgroup.path)? {
+            let link = links
                 .iter()
-                .map(|r| RuleInfo {
-                    line: r.line,
-                    text: r.text.clone(),
-                })
-                .collect(),
-            unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
-        },
-        service: ServiceRecord {
-            last_reload: Some(Reload {
-                at: now,
-                ok: true,
-                message: format!("{} rules from {}", set.rules.len(), set.path.display()),
-            }),
-            ..in_force.map(|s| s.service.clone()).unwrap_or_default()
-        },
-    }
-}
-
-/// Removes a directory of pins (bpffs has no recursive unlink).
-fn remove_pins(dir: &Path) -> Result<(), InstanceError> {
-    let entries = fs::read_dir(dir).map_err(InstanceError::io("listing", dir))?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        fs::remove_file(&path).map_err(InstanceError::io("removing", &path))?;
-    }
-    fs::remove_dir(dir).map_err(InstanceError::io("removing", dir))
-}
-
-/// Removes a half-written generation if the apply fails before the swap.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl RemoveOnDrop {
-    fn keep(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let _ = remove_pins(&dir);
-            // The instance directory too, when this was the first attach.
-            if let Some(parent) = dir.parent() {
-                let _ = fs::remove_dir(parent);
-            }
+                .find(|l| l.cgroup_id == cgroup.id && l.hook == hook && l.program_id == program);
+            let result = match link {
+                Some(link) => bpf::detach_link(link.link_id),
+                None => bpf::detach_program(dir.as_fd(), hook, program),
+            };
+            result.map_err(InstanceError::kernel(format!(
+                "detaching program {program} from {}",
+                cgroup.path.display()
+            )))?;
+            removed += 1;
         }
     }
+    let left: Vec<u32> = Hook::ALL
+        .iter()
+        .map(|&hook| ours_on(&dir, hook, &cgroup.path))
+        .collect::<Result<Vec<_>, _>>()?
+        .concat();
+    if !left.is_empty() {
+        return Err(InstanceError::LeftBehind {
+            cgroup: cgroup.path.clone(),
+            programs: left,
+        });
+    }
+    Ok(removed)
+}
+
+/// Removes the previous layout's instance of cgroup `id`, if any.
+pub fn remove_legacy(cgroup_id: u64) -> Result<bool, InstanceError> {
+    let Some(tops) = Tops::existing()? else {
+        return Ok(false);
+    };
+    Ok(legacy::remove(&tops.pins, Some(&tops.records), cgroup_id)?)
+}
+
+/// Removes the previous layout's instances whose cgroup is gone, and
+/// returns their cgroup ids (`rulebpf gc`).
+pub fn collect_legacy_garbage(live: impl Fn(u64) -> bool) -> Result<Vec<u64>, InstanceError> {
+    let Some(tops) = Tops::existing()? else {
+        return Ok(vec![]);
+    };
+    let mut removed = Vec::new();
+    for id in legacy::all(&tops.pins)? {
+        if !live(id) {
+            legacy::remove(&tops.pins, Some(&tops.records), id)?;
+            removed.push(id);
+        }
+    }
+    Ok(removed)
 }
 
 /// bpffs must be mounted at /sys/fs/bpf for the pins to outlive the loader.
 fn ensure_bpffs() -> Result<(), InstanceError> {
-    let c_path = c"/sys/fs/bpf";
-    // SAFETY: statfs into a zeroed struct we own.
-    let mut fs_info: libc::statfs = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::statfs(c_path.as_ptr(), &mut fs_info) } == 0;
-    if !ok || fs_info.f_type as i64 != BPF_FS_MAGIC {
-        return Err(InstanceError::NoBpffs);
+    match rustix::fs::statfs(BPFFS_MOUNT) {
+        Ok(fs) if fs.f_type as i64 == BPF_FS_MAGIC => Ok(()),
+        _ => Err(InstanceError::NoBpffs),
     }
-    fs::create_dir_all(BPFFS_DIR).map_err(InstanceError::io("creating", Path::new(BPFFS_DIR)))
 }

@@ -11,14 +11,20 @@
 //! service   `rulebpf run`: reload, DNS refresh, kernel log, metrics
 //! report    what each command prints (text or JSON)
 //! ```
+pub mod bpf;
 pub mod cgroup;
+pub mod entry;
 pub mod features;
+pub mod follow;
 pub mod hook;
 pub mod instance;
+pub mod legacy;
 pub mod metrics;
+pub mod name;
 pub mod object;
 pub mod probe;
 pub mod report;
+pub mod securedir;
 pub mod service;
 pub mod state;
 pub mod stats;

@@ -12,8 +12,10 @@ use rulebpf_common::Protocol;
 use rulebpf_loader::{
     cgroup::{Cgroup, CgroupError},
     features::Support,
-    instance::{Instance, InstanceError},
+    instance::{self, Instance, InstanceError},
+    name::{InstanceName, NameError},
     object::{LoadOptions, Policy},
+    state::AttachedBy,
     probe::{self, EnterError},
     report::{self, StatusRow},
     service::{self, ServiceError},
@@ -88,6 +90,8 @@ impl From<PolicyArg> for Policy {
 
 const RULES_HELP: &str = "The rule file (tcpoport.ini): one rule per line, \
     `[!] DEST_IP DEST_PORTS : ORG_PORTS [PROTOCOL]` (see `rulebpf --help`)";
+const NAME_HELP: &str = "The instance's name (letters, digits, `_.:@-`); default: derived \
+    from the one --cgroup, as `systemd-escape --path` does";
 const CGROUP_HELP: &str = "cgroup v2 directory: absolute, or relative to the cgroup2 mount \
     (e.g. system.slice/gateway.service)";
 
@@ -116,25 +120,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Load the rules and attach them to a cgroup. They stay in force after
-    /// this command exits; attaching again swaps the rules atomically.
+    /// Put rules in force in an instance and attach it to cgroups. They stay
+    /// in force after this command exits; attaching again swaps the rules
+    /// atomically, and every cgroup of the instance follows.
     Attach {
-        #[arg(long, help = CGROUP_HELP)]
-        cgroup: PathBuf,
+        #[arg(long, help = NAME_HELP)]
+        name: Option<String>,
+        /// Attach to this cgroup too (repeatable; none: load and pin only,
+        /// for systemd's BPFProgram= or the OCI hook). cgroup v2 directory:
+        /// absolute, or relative to the cgroup2 mount.
+        #[arg(long)]
+        cgroup: Vec<PathBuf>,
         /// When no origin port of a rule's range is free.
         #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
         policy: PolicyArg,
+        /// Change an instance that `rulebpf run` manages (it will notice).
+        #[arg(long)]
+        force: bool,
         #[arg(help = RULES_HELP)]
         rules: PathBuf,
         #[arg(long)]
         json: bool,
     },
-    /// Foreground service: attach (or adopt what is pinned), reload on file
-    /// change or SIGHUP, re-resolve DNS names, print the kernel log. The rules
+    /// Foreground service: keep an instance's rules current (reload on file
+    /// change or SIGHUP, re-resolve DNS names), follow its cgroup paths
+    /// (re-attach when a unit restarts), print the kernel log. The rules
     /// stay in force when it exits (unless --detach-on-exit).
     Run {
-        #[arg(long, help = CGROUP_HELP)]
-        cgroup: PathBuf,
+        #[arg(long, help = NAME_HELP)]
+        name: Option<String>,
+        /// Attach to this cgroup path and follow it (repeatable). cgroup v2
+        /// directory: absolute, or relative to the cgroup2 mount; it may not
+        /// exist yet.
+        #[arg(long)]
+        cgroup: Vec<PathBuf>,
         /// When no origin port of a rule's range is free.
         #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
         policy: PolicyArg,
@@ -153,12 +172,22 @@ enum Command {
         #[arg(help = RULES_HELP)]
         rules: PathBuf,
     },
-    /// Remove the hook from a cgroup, with all its pinned objects (also for
-    /// a cgroup that no longer exists).
+    /// Remove rules: from one cgroup (every rulebpf hook on it, whichever
+    /// instance; also for a cgroup that no longer exists), or a whole
+    /// instance with all its pinned objects.
     Detach {
+        #[arg(long, help = NAME_HELP)]
+        name: Option<String>,
         #[arg(long, help = CGROUP_HELP)]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
+        /// Change an instance that `rulebpf run` manages (it will notice).
+        #[arg(long)]
+        force: bool,
     },
+    /// Remove what gone cgroups left behind: attachments of cgroups that no
+    /// longer exist (or were re-created), and their instances when nothing
+    /// else is left of them.
+    Gc,
     /// List attached instances: what is in force, the rule file, the
     /// programs, the last reload, the service managing it.
     Status {
@@ -202,8 +231,11 @@ enum Command {
     },
     /// Per-rule counters: connects matched, ports bound, ranges exhausted.
     Stats {
-        /// Only this cgroup's instance (cgroup v2 directory, absolute or
-        /// relative to the cgroup2 mount).
+        /// Only this instance.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only the instances attached to this cgroup (cgroup v2 directory,
+        /// absolute or relative to the cgroup2 mount).
         #[arg(long)]
         cgroup: Option<PathBuf>,
         #[arg(long)]
@@ -234,6 +266,10 @@ enum CliError {
         compiled: Option<u32>,
         reference: Option<usize>,
     },
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{0}")]
+    Usage(&'static str),
     #[error("starting the service's runtime")]
     Runtime(#[source] io::Error),
     #[error("writing the output")]
@@ -245,7 +281,11 @@ enum CliError {
 fn exit_code(error: &CliError) -> u8 {
     let bad_cgroup = |e: &CgroupError| e.is_bad_input();
     let bad = match error {
-        CliError::Rules(_) | CliError::Service(ServiceError::Rules(_)) => true,
+        CliError::Rules(_)
+        | CliError::Service(ServiceError::Rules(_))
+        | CliError::Name(_)
+        | CliError::Instance(InstanceError::Name(_))
+        | CliError::Usage(_) => true,
         CliError::Cgroup(e)
         | CliError::Instance(InstanceError::Cgroup(e))
         | CliError::Service(ServiceError::Instance(InstanceError::Cgroup(e))) => bad_cgroup(e),
@@ -299,21 +339,48 @@ fn run(command: Command) -> Result<(), CliError> {
             report::print(&explain(&set, destination, protocol.into())?, json)?;
         }
         Command::Attach {
+            name,
             cgroup,
             policy,
+            force,
             rules,
             json,
         } => {
-            let cgroup = Cgroup::resolve(&cgroup)?;
+            let name = instance_name(name.as_deref(), &cgroup)?;
+            let cgroups = cgroup
+                .iter()
+                .map(|c| Cgroup::resolve(c))
+                .collect::<Result<Vec<_>, _>>()?;
             let set = load(&rules)?;
             let options = LoadOptions {
                 policy: policy.into(),
                 kernel_log: log::LevelFilter::Off,
             };
-            let applied = Instance::of(&cgroup).apply(&cgroup, &set, options)?;
-            report::print(&report::AttachReport::of(&set, &applied), json)?;
+            let existed = Instance::open(&name)?.is_some();
+            let instance = Instance::create(&name)?;
+            instance.check_unmanaged(force)?;
+            let applied = match instance.apply(&set, options) {
+                Ok(applied) => applied,
+                Err(e) => {
+                    // An instance this command created has nothing to keep.
+                    if !existed {
+                        let _ = instance.remove();
+                    }
+                    return Err(e.into());
+                }
+            };
+            let mut attached = Vec::new();
+            for cgroup in &cgroups {
+                if instance.attach(cgroup, AttachedBy::Attach)? {
+                    attached.push(cgroup.path.clone());
+                }
+            }
+            let entry = instance.record()?.entry;
+            let report = report::AttachReport::of(name, entry, &set, &applied, attached);
+            report::print(&report, json)?;
         }
         Command::Run {
+            name,
             cgroup,
             policy,
             dns_refresh,
@@ -331,7 +398,11 @@ fn run(command: Command) -> Result<(), CliError> {
                 .format_timestamp_millis()
                 .init();
             let options = service::Options {
-                cgroup: Cgroup::resolve(&cgroup)?,
+                name: instance_name(name.as_deref(), &cgroup)?,
+                cgroups: cgroup
+                    .iter()
+                    .map(|c| Cgroup::path_of(c))
+                    .collect::<Result<_, _>>()?,
                 rules_path: rules,
                 load: LoadOptions {
                     policy: policy.into(),
@@ -341,24 +412,26 @@ fn run(command: Command) -> Result<(), CliError> {
                 metrics_listen,
                 detach_on_exit,
             };
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
-                .map_err(CliError::Runtime)?
-                .block_on(service::run(options))?;
+                .map_err(CliError::Runtime)?;
+            let result = runtime.block_on(service::run(options));
+            // A reload may still run on a blocking thread: it is safe to
+            // stop it (the instance is crash-consistent), not to wait for it.
+            runtime.shutdown_background();
+            result?;
         }
-        Command::Detach { cgroup } => {
-            let detached = match Instance::find(&cgroup)? {
-                Some(instance) => instance.detach()?,
-                None => false,
-            };
-            let what = if detached {
-                "detached from"
-            } else {
-                "nothing attached to"
-            };
-            writeln!(io::stdout(), "{what} {}", cgroup.display())?;
+        Command::Detach {
+            name,
+            cgroup,
+            force,
+        } => detach(name.as_deref(), cgroup.as_deref(), force)?,
+        Command::Gc => {
+            for line in gc()? {
+                writeln!(io::stdout(), "{line}")?;
+            }
         }
         Command::Probe {
             cgroup,
@@ -402,22 +475,34 @@ fn run(command: Command) -> Result<(), CliError> {
         Command::Kernel { json } => {
             report::print(&report::KernelReport::of(Support::get()), json)?;
         }
-        Command::Stats { cgroup, json } => {
-            let instances = match &cgroup {
-                Some(arg) => vec![
-                    Instance::find(arg)?
-                        .filter(Instance::is_attached)
-                        .ok_or_else(|| InstanceError::NotAttached(arg.clone()))?,
-                ],
-                None => Instance::all()?
-                    .into_iter()
-                    .filter(Instance::is_attached)
-                    .collect(),
-            };
+        Command::Stats { name, cgroup, json } => {
+            let mut instances = Instance::all()?;
+            if let Some(name) = &name {
+                let name = InstanceName::new(name)?;
+                instances.retain(|i| *i.name() == name);
+                if instances.is_empty() {
+                    return Err(InstanceError::NoInstance(name).into());
+                }
+            }
+            if let Some(arg) = &cgroup {
+                let path = Cgroup::path_of(arg)?;
+                instances.retain(|i| {
+                    i.record()
+                        .is_ok_and(|r| r.attachments.iter().any(|a| a.cgroup == path))
+                });
+                if instances.is_empty() {
+                    return Err(InstanceError::NotAttached(arg.display().to_string()).into());
+                }
+            }
             let mut out = Vec::new();
             for instance in instances {
-                let (state, rows) = instance.stats()?;
-                out.push(report::InstanceStats::of(&state, rows));
+                match instance.stats() {
+                    Ok((set, rows)) => {
+                        out.push(report::InstanceStats::of(instance.name().clone(), &set, rows))
+                    }
+                    Err(InstanceError::NoRules(_)) if name.is_none() => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             report::print(&report::StatsReport(out), json)?;
         }
@@ -462,24 +547,182 @@ fn explain(
     ))
 }
 
-/// `status` for one instance: a state file that cannot be read is shown as
-/// such, not an error for every instance.
-fn status_row(instance: &Instance) -> StatusRow {
-    let (state, state_error) = match instance.state() {
-        Ok(state) => (state, None),
-        Err(e) => (None, Some(with_causes(&e))),
-    };
-    StatusRow {
-        cgroup_id: instance.cgroup_id,
-        attached: instance.is_attached(),
-        cgroup_exists: state.as_ref().map(|s| cgroup_is(&s.cgroup, s.cgroup_id)),
-        state,
-        state_error,
+/// The instance a command is about: `--name`, or the name derived from the
+/// one `--cgroup`.
+fn instance_name(name: Option<&str>, cgroups: &[PathBuf]) -> Result<InstanceName, CliError> {
+    match (name, cgroups) {
+        (Some(name), _) => Ok(InstanceName::new(name)?),
+        (None, [cgroup]) => {
+            let path = Cgroup::path_of(cgroup)?;
+            Ok(InstanceName::for_cgroup(&Cgroup::relative(&path)?)?)
+        }
+        (None, _) => Err(CliError::Usage(
+            "give the instance a --name (or exactly one --cgroup to name it after)",
+        )),
     }
 }
 
-/// Whether `path` is still the cgroup with id `id`.
-fn cgroup_is(path: &Path, id: u64) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    std::fs::metadata(path).is_ok_and(|m| m.ino() == id)
+/// `rulebpf detach`: a whole instance (`--name`), an instance's attachment
+/// to one cgroup (`--name` and `--cgroup`), or every rulebpf hook on one
+/// cgroup (`--cgroup`).
+fn detach(name: Option<&str>, cgroup: Option<&Path>, force: bool) -> Result<(), CliError> {
+    let mut out = io::stdout().lock();
+    let path = cgroup.map(Cgroup::path_of).transpose()?;
+    let instances = match name {
+        Some(name) => {
+            let name = InstanceName::new(name)?;
+            match Instance::open(&name)? {
+                Some(instance) => vec![instance],
+                None if path.is_none() => {
+                    writeln!(out, "no instance named {name}")?;
+                    return Ok(());
+                }
+                None => vec![],
+            }
+        }
+        None => Instance::all()?,
+    };
+    let Some(path) = path else {
+        // The whole instance.
+        let instance = instances.into_iter().next().expect("one instance");
+        instance.check_unmanaged(force)?;
+        let name = instance.name().clone();
+        for attachment in instance.remove()? {
+            if let Ok(cgroup) = Cgroup::resolve(&attachment.cgroup)
+                && cgroup.id == attachment.cgroup_id
+            {
+                instance::clear_cgroup(&cgroup)?;
+            }
+        }
+        writeln!(out, "removed instance {name}")?;
+        return Ok(());
+    };
+    let derived = Cgroup::relative(&path)
+        .ok()
+        .and_then(|rel| InstanceName::for_cgroup(&rel).ok());
+    let mut detached = false;
+    for instance in instances {
+        let recorded = instance
+            .record()?
+            .attachments
+            .iter()
+            .any(|a| a.cgroup == path);
+        if !recorded {
+            continue;
+        }
+        instance.check_unmanaged(force)?;
+        detached |= instance.detach_cgroup(&path)?;
+        // An instance named after this cgroup has no reason to stay.
+        if Some(instance.name()) == derived.as_ref() && instance.record()?.attachments.is_empty()
+        {
+            instance.remove()?;
+        }
+    }
+    // The kernel decides what is left: any rulebpf hook still on the
+    // cgroup (another instance's, a hidden one, the previous layout's) goes.
+    if name.is_none()
+        && let Ok(cgroup) = Cgroup::resolve(&path)
+    {
+        detached |= instance::clear_cgroup(&cgroup)? > 0;
+        detached |= instance::remove_legacy(cgroup.id)?;
+    }
+    let what = if detached {
+        "detached from"
+    } else {
+        "nothing attached to"
+    };
+    let shown = cgroup.expect("a cgroup").display();
+    writeln!(out, "{what} {shown}")?;
+    Ok(())
+}
+
+/// `rulebpf gc`: what gone cgroups left behind, removed; one line each.
+fn gc() -> Result<Vec<String>, CliError> {
+    let mut lines = Vec::new();
+    for instance in Instance::all()? {
+        let removed = instance.collect_garbage()?;
+        for attachment in &removed {
+            lines.push(format!(
+                "instance {}: removed the attachment to {} (cgroup id {}, gone)",
+                instance.name(),
+                attachment.cgroup.display(),
+                attachment.cgroup_id
+            ));
+        }
+        let named_after_gone = removed.iter().any(|a| {
+            Cgroup::relative(&a.cgroup)
+                .ok()
+                .and_then(|rel| InstanceName::for_cgroup(&rel).ok())
+                .as_ref()
+                == Some(instance.name())
+        });
+        if named_after_gone
+            && instance.record()?.attachments.is_empty()
+            && instance.managed_by()?.is_none()
+        {
+            let name = instance.name().clone();
+            instance.remove()?;
+            lines.push(format!("removed instance {name} (its cgroup is gone)"));
+        }
+    }
+    for id in instance::collect_legacy_garbage(cgroup_exists)? {
+        lines.push(format!(
+            "removed cg-{id} of the previous layout (its cgroup is gone)"
+        ));
+    }
+    if lines.is_empty() {
+        lines.push("nothing to collect".into());
+    }
+    Ok(lines)
+}
+
+/// Whether a cgroup with id `id` exists (a slow walk; only for `gc`).
+fn cgroup_exists(id: u64) -> bool {
+    fn walk(dir: &Path, id: u64) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries.flatten().any(|e| {
+            e.file_type().is_ok_and(|t| t.is_dir())
+                && (e.metadata().is_ok_and(|m| m.ino() == id) || walk(&e.path(), id))
+        })
+    }
+    rulebpf_loader::cgroup::cgroup2_mount().is_ok_and(|root| walk(&root, id))
+}
+
+/// `status` for one instance: what the kernel has in force and where, and
+/// what could not be read (one bad record does not hide the others).
+fn status_row(instance: &Instance) -> StatusRow {
+    let mut errors = Vec::new();
+    let record = instance.record().unwrap_or_else(|e| {
+        errors.push(with_causes(&e));
+        Default::default()
+    });
+    let in_force = instance.in_force().unwrap_or_else(|e| {
+        errors.push(with_causes(&e));
+        Default::default()
+    });
+    let managed_by = instance.managed_by().unwrap_or_else(|e| {
+        errors.push(with_causes(&e));
+        None
+    });
+    let attachments = record
+        .attachments
+        .iter()
+        .map(|a| report::AttachmentRow {
+            attachment: a.clone(),
+            standing: instance.standing(a),
+        })
+        .collect();
+    StatusRow {
+        name: instance.name().clone(),
+        entry: record.entry,
+        rule_set: in_force.set,
+        mixed: in_force.mixed,
+        attachments,
+        managed_by,
+        service: record.service,
+        error: (!errors.is_empty()).then(|| errors.join("; ")),
+    }
 }

@@ -25,6 +25,7 @@ pub struct Metrics {
     reloads_failed: AtomicU64,
     dns_refreshes: AtomicU64,
     dns_failures: AtomicU64,
+    reattaches: AtomicU64,
 }
 
 impl Metrics {
@@ -37,6 +38,10 @@ impl Metrics {
         counter.fetch_add(1, Relaxed);
     }
 
+    pub fn reattached(&self, count: u64) {
+        self.reattaches.fetch_add(count, Relaxed);
+    }
+
     pub fn dns_refreshed(&self, failures: u64) {
         self.dns_refreshes.fetch_add(1, Relaxed);
         self.dns_failures.fetch_add(failures, Relaxed);
@@ -44,7 +49,7 @@ impl Metrics {
 }
 
 /// Answers scrapes until the listener fails.
-pub async fn serve(listener: TcpListener, instance: Instance, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, instance: Arc<Instance>, metrics: Arc<Metrics>) {
     while let Ok((mut stream, _)) = listener.accept().await {
         let body = render(&instance, &metrics);
         tokio::spawn(async move {
@@ -73,13 +78,13 @@ pub fn render(instance: &Instance, metrics: &Metrics) -> String {
             let _ = writeln!(out, "{name}{labels} {value}");
         }
     };
-    if let Ok((state, rows)) = instance.stats() {
-        let cgroup = escape(&state.cgroup.display().to_string());
+    if let Ok((_, rows)) = instance.stats() {
+        let name = escape(instance.name().as_str());
         let per_rule = |pick: fn(&RuleRow) -> u64| -> Vec<(String, u64)> {
             rows.iter()
                 .map(|row| {
                     let labels = format!(
-                        "{{cgroup=\"{cgroup}\",line=\"{}\",rule=\"{}\"}}",
+                        "{{instance=\"{name}\",line=\"{}\",rule=\"{}\"}}",
                         row.line,
                         escape(&row.text)
                     );
@@ -118,6 +123,11 @@ pub fn render(instance: &Instance, metrics: &Metrics) -> String {
         "rulebpf_dns_refreshes_total",
         "Periodic re-resolutions of the rules' DNS names.",
         &plain(&metrics.dns_refreshes),
+    );
+    counter(
+        "rulebpf_reattach_total",
+        "Followed cgroups attached again after they were re-created (a restarted unit).",
+        &plain(&metrics.reattaches),
     );
     counter(
         "rulebpf_dns_failures_total",

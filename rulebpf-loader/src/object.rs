@@ -9,14 +9,14 @@
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, Map, MapError, PerCpuArray, lpm_trie::Key},
     pin::PinError,
-    programs::{CgroupSockAddr, ProgramError},
+    programs::{CgroupSockAddr, ProgramError, ProgramFd},
 };
 use rulebpf_common::{DfaEdge, PortKey, RuleStats, Verdict, global_names, map_names};
 use rulebpf_rules::compile::Compiled;
@@ -25,7 +25,13 @@ use serde::{Deserialize, Serialize};
 use crate::{
     features::Support,
     hook::{Hook, PerHook},
+    securedir::SecureDir,
 };
+
+/// The name of a rule set's program pin in its directory.
+pub fn program_pin(hook: Hook) -> String {
+    format!("prog-{}", hook.name())
+}
 
 /// The connect4/connect6 object built by build.rs from `rulebpf-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rulebpf"));
@@ -189,21 +195,31 @@ impl RuleSetObject {
         self.typed_map(map_names::STATS)
     }
 
-    /// Pins every map and both programs under `dir` (which must exist) and
-    /// returns what the kernel says about the programs.
-    pub fn pin(&mut self, dir: &Path) -> Result<PerHook<ProgramInfo>, ObjectError> {
+    /// The file descriptor of one of the two programs (for a jump slot).
+    pub fn program_fd(&mut self, hook: Hook) -> Result<&ProgramFd, ObjectError> {
+        self.program(hook)?
+            .fd()
+            .map_err(|source| ObjectError::Load {
+                hook: hook.name(),
+                source,
+            })
+    }
+
+    /// Pins every map and both programs in `dir` and returns what the
+    /// kernel says about the programs.
+    pub fn pin(&mut self, dir: &SecureDir) -> Result<PerHook<ProgramInfo>, ObjectError> {
         for (name, map) in self.ebpf.maps() {
             // `.rodata`/`.bss` globals are frozen into the programs; only the
             // named maps are read back later (stats) or kept alive.
             if !name.starts_with('.') {
-                let path = dir.join(name);
+                let path = dir.fd_path(name);
                 map.pin(&path)
                     .map_err(|source| ObjectError::Pin { path, source })?;
             }
         }
         PerHook::try_from_fn(|hook| {
             let program = self.program(hook)?;
-            let path = dir.join(format!("prog-{}", hook.name()));
+            let path = dir.fd_path(&program_pin(hook));
             program
                 .pin(&path)
                 .map_err(|source| ObjectError::Pin { path, source })?;

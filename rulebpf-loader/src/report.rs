@@ -18,10 +18,11 @@ use serde::Serialize;
 use crate::{
     features::{Feature, Support},
     hook::PerHook,
-    instance::Applied,
+    instance::{Applied, Standing},
+    name::InstanceName,
     object::{Policy, ProgramInfo},
     probe::Outcome,
-    state::State,
+    state::{Attachment, RuleSetRecord, ServiceRecord},
     stats::RuleRow,
 };
 
@@ -268,29 +269,40 @@ impl fmt::Display for Explanation {
     }
 }
 
-/// `rulebpf attach`: what was put in force. The same program fields as
-/// `status` shows.
+/// `rulebpf attach`: what was put in force, and where. The same program
+/// fields as `status` shows.
 #[derive(Debug, Serialize)]
 pub struct AttachReport {
-    pub cgroup: PathBuf,
-    pub cgroup_id: u64,
+    pub instance: InstanceName,
+    /// Cgroups attached by this command (already attached ones not repeated).
+    pub attached: Vec<PathBuf>,
     pub swapped: bool,
     pub generation: u64,
     pub policy: Policy,
+    /// The stable entry programs (attached to the cgroups).
+    pub entry: PerHook<ProgramInfo>,
+    /// The rule set's programs (in the entry programs' jump slots).
     pub programs: PerHook<ProgramInfo>,
     pub map_memlock_bytes: u64,
     pub summary: Summary,
 }
 
 impl AttachReport {
-    pub fn of(set: &RuleSet, applied: &Applied) -> Self {
-        let (s, r) = (&applied.state, &applied.state.rule_set);
+    pub fn of(
+        instance: InstanceName,
+        entry: PerHook<ProgramInfo>,
+        set: &RuleSet,
+        applied: &Applied,
+        attached: Vec<PathBuf>,
+    ) -> Self {
+        let r = &applied.record;
         Self {
-            cgroup: s.cgroup.clone(),
-            cgroup_id: s.cgroup_id,
+            instance,
+            attached,
             swapped: applied.swapped,
             generation: r.generation,
             policy: r.policy,
+            entry,
             programs: r.programs,
             map_memlock_bytes: r.map_memlock_bytes,
             summary: Summary::of(set),
@@ -300,24 +312,24 @@ impl AttachReport {
 
 impl fmt::Display for AttachReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (verb, preposition) = if self.swapped {
-            ("swapped in", "on")
-        } else {
-            ("attached", "to")
-        };
+        let verb = if self.swapped { "swapped in" } else { "loaded" };
         writeln!(
             f,
-            "{verb} {} ({}) {preposition} {}: rule set {}, policy {}",
+            "instance {}: {verb} {} ({}) as rule set {}, policy {}",
+            self.instance,
             self.summary.file.display(),
             count(self.summary.rules, "rule"),
-            self.cgroup.display(),
             self.generation,
             policy_name(self.policy),
         )?;
+        for cgroup in &self.attached {
+            writeln!(f, "  attached to {}", cgroup.display())?;
+        }
+        writeln!(f, "  {}", programs_line(&self.programs, self.map_memlock_bytes))?;
         writeln!(
             f,
-            "  {}",
-            programs_line(&self.programs, self.map_memlock_bytes)
+            "  entry programs: connect4 id {}, connect6 id {}",
+            self.entry.connect4.id, self.entry.connect6.id
         )
     }
 }
@@ -381,31 +393,38 @@ impl fmt::Display for ProbeReport {
 #[serde(transparent)]
 pub struct StatusReport(pub Vec<StatusRow>);
 
-/// One instance as `status` sees it.
+/// One instance as `status` sees it: the kernel says what is in force and
+/// where; the records add what the kernel cannot tell.
 #[derive(Debug, Serialize)]
 pub struct StatusRow {
-    pub cgroup_id: u64,
-    /// The cgroup links are pinned: the hooks are in force.
-    pub attached: bool,
-    /// Whether the recorded cgroup directory still exists (`None`: no state).
-    pub cgroup_exists: Option<bool>,
-    /// Everything recorded (`None`: no state file).
-    pub state: Option<State>,
-    /// Why the state file could not be read, if it could not.
-    pub state_error: Option<String>,
+    pub name: InstanceName,
+    pub entry: PerHook<ProgramInfo>,
+    /// The rule set in force (the program in the jump slots), if any.
+    pub rule_set: Option<RuleSetRecord>,
+    /// The two hooks run programs of different rule sets (an interrupted
+    /// swap; the next attach or run completes it).
+    pub mixed: bool,
+    pub attachments: Vec<AttachmentRow>,
+    /// The pid of the `rulebpf run` that manages the instance.
+    pub managed_by: Option<u32>,
+    pub service: ServiceRecord,
+    /// What could not be read, if anything.
+    pub error: Option<String>,
+}
+
+/// One attachment: the recorded cgroup and how it stands now.
+#[derive(Debug, Serialize)]
+pub struct AttachmentRow {
+    #[serde(flatten)]
+    pub attachment: Attachment,
+    pub standing: Standing,
 }
 
 impl fmt::Display for StatusReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
-            return writeln!(f, "no rulebpf instance attached");
+            return writeln!(f, "no rulebpf instance");
         }
-        // The one variable-width column last, so nothing shifts.
-        writeln!(
-            f,
-            "{:<13} {:>6} {:>4} {:<8} CGROUP",
-            "STATE", "RULES", "GEN", "POLICY"
-        )?;
         for row in &self.0 {
             row.fmt_text(f)?;
         }
@@ -413,67 +432,83 @@ impl fmt::Display for StatusReport {
     }
 }
 
-impl StatusRow {
-    /// How the instance stands, in a word or two.
-    fn standing(&self) -> &'static str {
-        match (self.attached, self.cgroup_exists) {
-            (false, _) => "not attached",
-            (true, Some(false)) => "cgroup gone",
-            (true, _) => "in force",
-        }
+fn standing_text(standing: Standing) -> String {
+    match standing {
+        Standing::InForce => "in force".into(),
+        Standing::CgroupGone => "cgroup gone".into(),
+        Standing::Recreated { id } => format!("re-created (now id {id}): NOT attached"),
+        Standing::Detached => "NOT attached".into(),
     }
+}
 
+impl StatusRow {
     fn fmt_text(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let Some(state) = &self.state else {
+        let managed = match self.managed_by {
+            Some(pid) => format!(", managed by `rulebpf run` (pid {pid})"),
+            None => String::new(),
+        };
+        writeln!(f, "instance {}{managed}", self.name)?;
+        if let Some(error) = &self.error {
+            writeln!(f, "  error: {error}")?;
+        }
+        match &self.rule_set {
+            Some(r) => {
+                writeln!(
+                    f,
+                    "  rules: {} ({}), rule set {}, policy {}, loaded {}",
+                    r.rules_file.display(),
+                    count(r.rules.len(), "rule"),
+                    r.generation,
+                    policy_name(r.policy),
+                    time(r.loaded_at)
+                )?;
+                if !r.unresolved.is_empty() {
+                    writeln!(f, "  unresolved names: {}", r.unresolved.join(", "))?;
+                }
+                writeln!(f, "  {}", programs_line(&r.programs, r.map_memlock_bytes))?;
+            }
+            None => writeln!(f, "  rules: none in force (connects pass untouched)")?,
+        }
+        if self.mixed {
             writeln!(
                 f,
-                "{:<13} {:>6} {:>4} {:<8} cg-{} (no state: {})",
-                self.standing(),
-                "-",
-                "-",
-                "-",
-                self.cgroup_id,
-                self.state_error.as_deref().unwrap_or("no state file")
+                "  note: connect4 and connect6 run different rule sets (an interrupted swap; \
+                 the next attach or run completes it)"
             )?;
-            return Ok(());
-        };
-        let r = &state.rule_set;
-        writeln!(
-            f,
-            "{:<13} {:>6} {:>4} {:<8} {}",
-            self.standing(),
-            r.rules.len(),
-            r.generation,
-            policy_name(r.policy),
-            state.cgroup.display()
-        )?;
-        writeln!(f, "    rules file: {}", r.rules_file.display())?;
-        if !r.unresolved.is_empty() {
-            writeln!(f, "    unresolved names: {}", r.unresolved.join(", "))?;
         }
-        writeln!(f, "    {}", programs_line(&r.programs, r.map_memlock_bytes))?;
         writeln!(
             f,
-            "    cgroup id {}; attached {}; rule set loaded {}",
-            state.cgroup_id,
-            time(state.attached_at),
-            time(r.loaded_at)
+            "  entry programs: connect4 id {}, connect6 id {}",
+            self.entry.connect4.id, self.entry.connect6.id
         )?;
-        let s = &state.service;
+        if self.attachments.is_empty() {
+            writeln!(f, "  attached to: no cgroup by rulebpf")?;
+        }
+        // The one variable-width column last, so nothing shifts.
+        for row in &self.attachments {
+            writeln!(
+                f,
+                "  {:<36} {:>10}  {}",
+                standing_text(row.standing),
+                row.attachment.cgroup_id,
+                row.attachment.cgroup.display()
+            )?;
+        }
+        let s = &self.service;
         if let Some(reload) = &s.last_reload {
             writeln!(
                 f,
-                "    last reload: {} at {}: {}",
+                "  last reload: {} at {}: {}",
                 if reload.ok { "ok" } else { "REFUSED" },
                 time(reload.at),
-                reload.message.replace('\n', "\n      ")
+                reload.message.replace('\n', "\n    ")
             )?;
         }
-        if let Some(pid) = s.pid {
+        if s.dns_refreshes + s.dns_failures + s.reattaches > 0 {
             writeln!(
                 f,
-                "    managed by `rulebpf run` (pid {pid}); DNS refreshes {}, failures {}",
-                s.dns_refreshes, s.dns_failures
+                "  DNS refreshes {}, failures {}; cgroups re-attached {}",
+                s.dns_refreshes, s.dns_failures, s.reattaches
             )?;
         }
         Ok(())
@@ -492,18 +527,18 @@ pub struct StatsReport(pub Vec<InstanceStats>);
 
 #[derive(Debug, Serialize)]
 pub struct InstanceStats {
-    pub cgroup: PathBuf,
+    pub instance: InstanceName,
     pub rules_file: PathBuf,
     pub generation: u64,
     pub rules: Vec<RuleRow>,
 }
 
 impl InstanceStats {
-    pub fn of(state: &State, rules: Vec<RuleRow>) -> Self {
+    pub fn of(instance: InstanceName, set: &RuleSetRecord, rules: Vec<RuleRow>) -> Self {
         Self {
-            cgroup: state.cgroup.clone(),
-            rules_file: state.rule_set.rules_file.clone(),
-            generation: state.rule_set.generation,
+            instance,
+            rules_file: set.rules_file.clone(),
+            generation: set.generation,
             rules,
         }
     }
@@ -512,13 +547,13 @@ impl InstanceStats {
 impl fmt::Display for StatsReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
-            return writeln!(f, "no rulebpf instance attached");
+            return writeln!(f, "no rulebpf instance with rules in force");
         }
         for instance in &self.0 {
             writeln!(
                 f,
-                "{} ({}, rule set {}):",
-                instance.cgroup.display(),
+                "instance {} ({}, rule set {}):",
+                instance.instance,
                 instance.rules_file.display(),
                 instance.generation
             )?;

@@ -1,20 +1,27 @@
-//! `rulebpf run`: the foreground service that keeps a cgroup's rules current
-//! for months.
+//! `rulebpf run`: the foreground service that keeps an instance's rules
+//! current for months, and its cgroups attached.
 //!
-//! * **Start**: attaches, or adopts the instance already pinned for the cgroup.
-//!   Adopting is a swap on the existing link, so enforcement never has a gap.
-//! * **Live reload**: the rule file's directory is watched (inotify), so
-//!   editors that write a new file and rename it are seen too; SIGHUP forces a
-//!   reload. An invalid file is logged with every `file:line:col` error and
+//! * **Start**: takes the instance's owner lock (one `run` per instance; a
+//!   second one refuses to start), creates the instance or adopts it (its
+//!   entry programs stay attached: no gap), puts the rules in force, attaches
+//!   to the `--cgroup` paths that exist, then tells systemd it is ready
+//!   (`Type=notify`).
+//! * **Follows its paths** ([`crate::follow`]): a cgroup that goes and comes
+//!   back (a restarted unit) is attached again within milliseconds.
+//! * **Live reload**: the rule file is watched (inotify on its directory, so
+//!   editors that write a new file and rename it are seen too); SIGHUP forces
+//!   a reload. An invalid file is logged with every `file:line:col` error and
 //!   changes nothing.
-//! * **DNS refresh**: every name is re-resolved once per refresh interval;
-//!   a changed answer swaps in the recompiled rules; a failed lookup keeps the
+//! * **DNS refresh**: every name is re-resolved once per refresh interval; a
+//!   changed answer swaps in the recompiled rules; a failed lookup keeps the
 //!   last good answer.
+//! * **Reloads run off the signal path**: parsing, DNS and the kernel work
+//!   run on a blocking thread, so SIGTERM and SIGHUP are acted on at once
+//!   whatever a reload is doing. Stopping in the middle of one is safe: the
+//!   instance is crash-consistent.
 //! * **Kernel log**: aya-log lines of the hook are printed at `--log-level`.
 //! * **Exit**: SIGTERM/SIGINT leave the rules in force (`--detach-on-exit`
-//!   removes them). After `kill -9` they stay in force too, being pinned.
-//!
-//! Every change goes through [`Instance::apply`]: one atomic swap.
+//!   removes the instance). After `kill -9` they stay in force too.
 
 use std::{
     net::SocketAddr,
@@ -26,22 +33,23 @@ use std::{
 use aya_log::EbpfLogger;
 use log::{error, info, warn};
 use notify::Watcher as _;
-use tokio::{
-    io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
-
 use rulebpf_rules::{
     resolve::{self, Names},
     rule::Rule,
     ruleset::{RuleFileError, RuleSet},
 };
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    task::JoinHandle,
+};
 
 use crate::{
-    cgroup::Cgroup,
+    follow::Followed,
     instance::{Applied, Instance, InstanceError},
     metrics::{self, Metrics},
+    name::InstanceName,
     object::LoadOptions,
     state::{Reload, unix_now},
 };
@@ -52,7 +60,9 @@ type KernelLog = EbpfLogger<&'static dyn log::Log>;
 /// How to run the service.
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub cgroup: Cgroup,
+    pub name: InstanceName,
+    /// Cgroup directories to attach to and follow (absolute paths).
+    pub cgroups: Vec<PathBuf>,
     pub rules_path: PathBuf,
     pub load: LoadOptions,
     pub dns_refresh: Duration,
@@ -81,47 +91,58 @@ pub enum ServiceError {
     },
     #[error("installing the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
+    #[error("instance {0} was removed by another command (detach --force); stopping")]
+    Removed(InstanceName),
+}
+
+/// What a reload produced, back on the service's task (`None`: nothing to
+/// change, as after a DNS refresh with the same answers).
+struct Reloaded {
+    why: &'static str,
+    result: Result<Option<(RuleSet, Applied)>, ServiceError>,
 }
 
 /// What the service keeps between events.
 struct Service {
     options: Options,
-    instance: Instance,
+    instance: Arc<Instance>,
     /// The rules in force (as parsed), for DNS refreshes.
     rules: Vec<Rule>,
     /// Last good answer for every name.
     names: Names,
+    /// The connect4 program this service put in force.
+    in_force: Option<u32>,
     metrics: Arc<Metrics>,
 }
 
 pub async fn run(options: Options) -> Result<(), ServiceError> {
-    // Handlers first: once the pid is recorded below, a supervisor (or a
+    // Handlers first: once the service says it is ready, a supervisor (or a
     // test) may send SIGTERM at once, and the default action would end the
     // process without --detach-on-exit's cleanup.
     let handler = |name, kind| signal(kind).map_err(|e| ServiceError::Signal(name, e));
     let mut hangup = handler("SIGHUP", SignalKind::hangup())?;
     let mut terminate = handler("SIGTERM", SignalKind::terminate())?;
     let mut interrupt = handler("SIGINT", SignalKind::interrupt())?;
-    let instance = Instance::of(&options.cgroup);
-    let adopting = instance.is_attached();
+
+    let instance = Arc::new(Instance::create(&options.name)?);
+    let _owner = instance.take_ownership()?;
+    let adopting = instance.in_force()?.set.is_some();
+    info!(
+        "{} instance {} with {}",
+        if adopting { "adopting" } else { "starting" },
+        options.name,
+        options.rules_path.display()
+    );
     let mut service = Service {
-        instance: instance.clone(),
+        instance: Arc::clone(&instance),
         rules: Vec::new(),
         names: Names::new(),
+        in_force: None,
         metrics: Arc::new(Metrics::default()),
         options,
     };
-    let cgroup = service.options.cgroup.path.display().to_string();
-    info!(
-        "{} {cgroup} with {}",
-        if adopting {
-            "adopting the rules in force on"
-        } else {
-            "attaching to"
-        },
-        service.options.rules_path.display()
-    );
-    if let Err(e) = service.reload("start") {
+    let first = reload_task(&service, "start").await;
+    if let Err(e) = service.finish_reload(first) {
         if !adopting {
             return Err(e);
         }
@@ -130,11 +151,17 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
             crate::with_causes(&e)
         );
     }
-    let (changed_tx, mut changed) = mpsc::channel::<()>(8);
-    let _watcher = watch(&service.options.rules_path, changed_tx)?;
+
+    let (file_tx, mut file_changed) = mpsc::channel::<()>(8);
+    let _watcher = watch(&service.options.rules_path, file_tx)?;
+    let (cgroup_tx, mut cgroup_changed) = mpsc::channel::<()>(8);
+    let mut followed = Followed::new(service.options.cgroups.clone(), cgroup_tx);
+    service.follow(&mut followed);
     let mut dns_tick = tokio::time::interval(service.options.dns_refresh);
     dns_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     dns_tick.tick().await; // the first tick is immediate: names were just resolved
+    let mut check_tick = tokio::time::interval(Duration::from_secs(1));
+    check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if let Some(addr) = service.options.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -142,31 +169,49 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
         info!("serving metrics on http://{addr}/metrics");
         tokio::spawn(metrics::serve(
             listener,
-            service.instance.clone(),
+            Arc::clone(&service.instance),
             Arc::clone(&service.metrics),
         ));
     }
     let mut logger = service.kernel_logger();
-    // Recorded last: `status` says "managed by" once the service answers
-    // (signals, file changes, metrics).
-    let pid = std::process::id();
-    instance.update_service(|s| s.pid = Some(pid))?;
+    notify_systemd("READY=1");
 
-    loop {
+    // One reload at a time; a trigger during one runs once it is done.
+    let mut reloading: Option<JoinHandle<Reloaded>> = None;
+    let mut pending: Option<&'static str> = None;
+    let outcome = loop {
+        if reloading.is_none()
+            && let Some(why) = pending.take()
+        {
+            reloading = Some(spawn_reload(&service, why));
+        }
         tokio::select! {
-            _ = terminate.recv() => { info!("SIGTERM"); break; }
-            _ = interrupt.recv() => { info!("SIGINT"); break; }
-            _ = hangup.recv() => {
-                if service.reload("SIGHUP").is_ok() { logger = service.kernel_logger(); }
-            }
-            Some(()) = changed.recv() => {
+            _ = terminate.recv() => { info!("SIGTERM"); break Ok(()); }
+            _ = interrupt.recv() => { info!("SIGINT"); break Ok(()); }
+            _ = hangup.recv() => pending = Some("SIGHUP"),
+            Some(()) = file_changed.recv() => {
                 // Editors write in several steps: let them finish.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                while changed.try_recv().is_ok() {}
-                if service.reload("file changed").is_ok() { logger = service.kernel_logger(); }
+                while file_changed.try_recv().is_ok() {}
+                pending = Some("file changed");
+            }
+            Some(()) = cgroup_changed.recv() => service.follow(&mut followed),
+            _ = check_tick.tick() => {
+                service.follow(&mut followed);
+                if let Err(e) = service.check_owner() {
+                    break Err(e);
+                }
             }
             _ = dns_tick.tick() => {
-                if service.refresh_dns().await { logger = service.kernel_logger(); }
+                if reloading.is_none() {
+                    reloading = Some(spawn_dns_refresh(&service));
+                }
+            }
+            done = join(&mut reloading) => {
+                reloading = None;
+                if let Ok(done) = done && service.finish_reload(done).is_ok() {
+                    logger = service.kernel_logger();
+                }
             }
             guard = readable(&mut logger) => {
                 if let Ok(mut guard) = guard {
@@ -175,30 +220,139 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
                 }
             }
         }
-    }
+    };
+    notify_systemd("STOPPING=1");
+    outcome?;
 
     if service.options.detach_on_exit {
-        instance.detach()?;
-        info!("detached from {cgroup} (--detach-on-exit)");
+        let name = service.options.name.clone();
+        drop(service);
+        drop(_owner);
+        if let Some(instance) = Arc::into_inner(instance) {
+            instance.remove()?;
+        }
+        info!("instance {name} removed (--detach-on-exit)");
     } else {
-        instance.update_service(|s| s.pid = None)?;
-        info!("exiting; the rules stay in force on {cgroup}");
+        info!("exiting; the rules stay in force");
     }
     Ok(())
 }
 
+/// Waits for the reload in progress (forever when there is none).
+async fn join(reloading: &mut Option<JoinHandle<Reloaded>>) -> Result<Reloaded, ()> {
+    match reloading {
+        Some(handle) => handle.await.map_err(drop),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads, parses, resolves, compiles and swaps in the rule file, on a
+/// blocking thread.
+fn spawn_reload(service: &Service, why: &'static str) -> JoinHandle<Reloaded> {
+    let instance = Arc::clone(&service.instance);
+    let path = service.options.rules_path.clone();
+    let names = service.names.clone();
+    let load = service.options.load;
+    tokio::task::spawn_blocking(move || Reloaded {
+        why,
+        result: (|| {
+            let set = RuleSet::load_keeping(&path, &names)?;
+            let applied = instance.apply(&set, load)?;
+            Ok(Some((set, applied)))
+        })(),
+    })
+}
+
+async fn reload_task(service: &Service, why: &'static str) -> Reloaded {
+    spawn_reload(service, why).await.unwrap_or_else(|e| Reloaded {
+        why,
+        result: Err(ServiceError::Signal(
+            "reload",
+            std::io::Error::other(e.to_string()),
+        )),
+    })
+}
+
+/// Re-resolves every name and, when an answer changed, swaps in the
+/// recompiled rules, on a blocking thread.
+fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
+    let instance = Arc::clone(&service.instance);
+    let path = service.options.rules_path.clone();
+    let rules = service.rules.clone();
+    let last = service.names.clone();
+    let load = service.options.load;
+    let metrics = Arc::clone(&service.metrics);
+    tokio::task::spawn_blocking(move || {
+        let wanted = resolve::names_in(&rules);
+        let (fresh, failures) = resolve::resolve_all(&wanted);
+        let answers = resolve::keep_last_good(fresh, failures, &last);
+        for failure in answers.stale.iter().chain(&answers.unresolved) {
+            warn!(
+                "DNS refresh: {} did not resolve ({}); keeping its last answer",
+                failure.name, failure.reason
+            );
+        }
+        let failed = (answers.stale.len() + answers.unresolved.len()) as u64;
+        metrics.dns_refreshed(failed);
+        let _ = instance.update_service(|s| {
+            s.dns_refreshes += 1;
+            s.dns_failures += failed;
+        });
+        let result = if answers.names == last || wanted.is_empty() {
+            Ok(None)
+        } else {
+            for (name, addrs) in &answers.names {
+                if last.get(name) != Some(addrs) {
+                    info!("DNS refresh: {name} now resolves to {addrs:?}");
+                }
+            }
+            RuleSet::from_parts(&path, rules, answers.names, answers.unresolved)
+                .map_err(ServiceError::from)
+                .and_then(|set| {
+                    let applied = instance.apply(&set, load)?;
+                    Ok(Some((set, applied)))
+                })
+        };
+        Reloaded {
+            why: "DNS refresh",
+            result,
+        }
+    })
+}
+
 impl Service {
-    /// Reads, parses, resolves, compiles and swaps in the rule file.
-    fn reload(&mut self, why: &str) -> Result<(), ServiceError> {
-        let result = self.try_reload();
-        match &result {
-            Ok(summary) => {
+    /// Logs and records a reload's outcome; remembers what is in force.
+    fn finish_reload(&mut self, done: Reloaded) -> Result<(), ServiceError> {
+        let why = done.why;
+        match done.result {
+            Ok(None) => Ok(()),
+            Ok(Some((set, applied))) => {
+                for failure in &set.stale_names {
+                    warn!(
+                        "{} did not resolve ({}); keeping its last answer",
+                        failure.name, failure.reason
+                    );
+                }
+                for failure in &set.name_failures {
+                    warn!("{} did not resolve: {}", failure.name, failure.reason);
+                }
                 self.metrics.reloaded(true);
-                info!("{why}: rules in force: {summary}");
+                let r = &applied.record;
+                info!(
+                    "{why}: rules in force: {} rules, rule set {}, programs {}/{} (connect4/connect6)",
+                    set.rules.len(),
+                    r.generation,
+                    r.programs.connect4.id,
+                    r.programs.connect6.id,
+                );
+                self.in_force = Some(r.programs.connect4.id);
+                self.rules = set.rules;
+                self.names = set.names;
+                Ok(())
             }
             Err(e) => {
                 self.metrics.reloaded(false);
-                let message = crate::with_causes(e);
+                let message = crate::with_causes(&e);
                 for line in message.lines() {
                     error!("{why}: {line}");
                 }
@@ -211,109 +365,47 @@ impl Service {
                         message,
                     })
                 });
+                Err(e)
             }
         }
-        result.map(drop)
     }
 
-    fn try_reload(&mut self) -> Result<String, ServiceError> {
-        let set = RuleSet::load_keeping(&self.options.rules_path, &self.names)?;
-        for failure in &set.stale_names {
+    /// Attaches where a followed cgroup (re)appeared; counts re-attaches.
+    fn follow(&self, followed: &mut Followed) {
+        let reattached = followed.check(&self.instance);
+        if reattached > 0 {
+            self.metrics.reattached(reattached);
+            let _ = self.instance.update_service(|s| s.reattaches += reattached);
+        }
+    }
+
+    /// Notices what other commands did with `--force`: the instance
+    /// removed (the service stops), or other rules put in force (kept until
+    /// this service's file changes or SIGHUP).
+    fn check_owner(&mut self) -> Result<(), ServiceError> {
+        if Instance::open(&self.options.name).ok().flatten().is_none() {
+            return Err(ServiceError::Removed(self.options.name.clone()));
+        }
+        let now = self.instance.in_force().ok().and_then(|f| f.programs.connect4);
+        if self.in_force.is_some() && now != self.in_force {
             warn!(
-                "{} did not resolve ({}); keeping its last answer",
-                failure.name, failure.reason
+                "the rules of instance {} were replaced by another command (attach --force); \
+                 they stay until the rules file changes or SIGHUP",
+                self.options.name
             );
+            self.in_force = now;
         }
-        for failure in &set.name_failures {
-            warn!("{} did not resolve: {}", failure.name, failure.reason);
-        }
-        let applied = self.swap_in(set)?;
-        Ok(format!(
-            "{} rules, rule set {}, programs {}/{} (connect4/connect6)",
-            self.rules.len(),
-            applied.state.rule_set.generation,
-            applied.state.rule_set.programs.connect4.id,
-            applied.state.rule_set.programs.connect6.id,
-        ))
+        Ok(())
     }
 
-    /// Puts `set` in force and remembers what it was built from.
-    fn swap_in(&mut self, set: RuleSet) -> Result<Applied, ServiceError> {
-        let applied = self
-            .instance
-            .apply(&self.options.cgroup, &set, self.options.load)?;
-        self.rules = set.rules;
-        self.names = set.names;
-        Ok(applied)
-    }
-
-    /// Re-resolves every name; swaps in new rules if an answer changed.
-    /// Returns true when the rules were swapped.
-    async fn refresh_dns(&mut self) -> bool {
-        let wanted = resolve::names_in(&self.rules);
-        if wanted.is_empty() {
-            return false;
-        }
-        let (fresh, failures) = tokio::task::spawn_blocking(move || resolve::resolve_all(&wanted))
-            .await
-            .unwrap_or_default();
-        let answers = resolve::keep_last_good(fresh, failures, &self.names);
-        for failure in answers.stale.iter().chain(&answers.unresolved) {
-            warn!(
-                "DNS refresh: {} did not resolve ({}); keeping its last answer",
-                failure.name, failure.reason
-            );
-        }
-        let failed = (answers.stale.len() + answers.unresolved.len()) as u64;
-        self.metrics.dns_refreshed(failed);
-        let _ = self.instance.update_service(|s| {
-            s.dns_refreshes += 1;
-            s.dns_failures += failed;
-        });
-        if answers.names == self.names {
-            return false;
-        }
-        for (name, addrs) in &answers.names {
-            if self.names.get(name) != Some(addrs) {
-                info!("DNS refresh: {name} now resolves to {addrs:?}");
-            }
-        }
-        let swapped = RuleSet::from_parts(
-            &self.options.rules_path,
-            self.rules.clone(),
-            answers.names,
-            answers.unresolved,
-        )
-        .map_err(ServiceError::from)
-        .and_then(|set| self.swap_in(set));
-        match swapped {
-            Ok(applied) => {
-                self.metrics.reloaded(true);
-                info!(
-                    "DNS refresh: rules swapped in (rule set {})",
-                    applied.state.rule_set.generation
-                );
-                true
-            }
-            Err(e) => {
-                self.metrics.reloaded(false);
-                error!(
-                    "DNS refresh: could not swap the rules: {}",
-                    crate::with_causes(&e)
-                );
-                false
-            }
-        }
-    }
-
-    /// A reader of the kernel log of the program in force (none when the
+    /// A reader of the kernel log of the rule set in force (none when the
     /// kernel log is off).
     fn kernel_logger(&self) -> Option<AsyncFd<KernelLog>> {
         if self.options.load.kernel_log == log::LevelFilter::Off {
             return None;
         }
-        // The log ring buffer is one map shared by both programs.
-        let program_id = self.instance.state().ok()??.rule_set.programs.connect4.id;
+        // The log ring buffer is one map shared by both programs of a set.
+        let program_id = self.in_force?;
         let logger = match EbpfLogger::init_from_id(program_id) {
             Ok(logger) => logger,
             Err(e) => {
@@ -340,6 +432,30 @@ async fn readable<'a>(
     match logger {
         Some(fd) => fd.readable_mut().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Tells systemd how the service stands (`Type=notify`), when it runs under
+/// systemd: a datagram to `$NOTIFY_SOCKET` (an abstract socket when it
+/// starts with `@`).
+/// https://www.freedesktop.org/software/systemd/man/latest/sd_notify.html
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = path.to_string_lossy();
+    let addr = match path.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(path.as_ref()),
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        let addr = addr?;
+        socket.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        warn!("telling systemd {state}: {e}");
     }
 }
 

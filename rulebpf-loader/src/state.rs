@@ -1,49 +1,78 @@
-//! The state file of an instance (`/run/rulebpf/<instance>/state.json`):
-//! what `status`, `stats` and the metrics know about an attached rule set
-//! without asking the kernel for things it cannot tell (the rule texts, the
-//! file they came from).
+//! What rulebpf records about an instance in `/run/rulebpf/NAME/`, beside
+//! what the kernel holds in `/sys/fs/bpf/rulebpf/NAME/`:
 //!
-//! It keeps apart the **rule set**, a description of what the kernel enforces
-//! (written by every attach or swap, never otherwise), and the **service**'s
-//! bookkeeping (reload results, DNS counters, the pid of `rulebpf run`), which
-//! changes without touching the kernel.
+//! ```text
+//! instance.json   the instance: its entry programs, its attachments (cgroup
+//!                 path and id), the service's bookkeeping
+//! set-N.json      rule set N: the file, the rules as written, its programs
+//! ```
+//!
+//! A rule set's record is written **before** the set is put in force, and
+//! the set in force is whatever program the kernel's jump slot holds (see
+//! [`crate::instance`]): a crash between the two leaves a record too many,
+//! never a kernel the records do not describe. The records carry what the
+//! kernel cannot tell (rule texts, file names); the kernel decides what is
+//! in force.
 
 use std::{
-    fs::{self, File},
-    io::{self, Write as _},
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
     hook::PerHook,
     object::{Policy, ProgramInfo},
+    securedir::{SecureDir, SecureDirError},
 };
 
-/// Everything recorded about an attached instance.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct State {
-    /// The cgroup directory the hooks are attached to.
-    pub cgroup: PathBuf,
-    /// Its id (inode number) when attached.
-    pub cgroup_id: u64,
+/// The instance's own record (`instance.json`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// The stable entry programs (what cgroups and systemd attach).
+    pub entry: PerHook<ProgramInfo>,
     /// Seconds since the Unix epoch.
-    pub attached_at: u64,
-    pub rule_set: RuleSetRecord,
+    pub created_at: u64,
+    /// Cgroups rulebpf attached the instance to, in attach order.
+    pub attachments: Vec<Attachment>,
     pub service: ServiceRecord,
 }
 
-/// The rule set in force: changes only when the kernel's does.
+/// One cgroup the instance's entry programs are attached to by rulebpf (a
+/// pinned link per hook under `cg-<id>/`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The cgroup directory, as it was when attached.
+    pub cgroup: PathBuf,
+    /// Its id (the directory's inode number) then: a cgroup re-created at
+    /// the same path is another cgroup, with another id.
+    pub cgroup_id: u64,
+    /// Seconds since the Unix epoch.
+    pub attached_at: u64,
+    /// Who asked: `attach`, `run` (which re-attaches a re-created path), or
+    /// the OCI hook for a container.
+    pub by: AttachedBy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachedBy {
+    Attach,
+    Run,
+    Container { id: String },
+}
+
+/// A rule set (`set-N.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RuleSetRecord {
-    pub rules_file: PathBuf,
-    /// Rule sets attached to this cgroup so far; names the `gen-<N>` pins.
+    /// N: rule sets of this instance are numbered from 1.
     pub generation: u64,
+    pub rules_file: PathBuf,
     pub policy: Policy,
+    /// The set's programs; the jump slots hold these ids while it is in force.
     pub programs: PerHook<ProgramInfo>,
-    /// Kernel memory charged for the rule set's maps (`memlock` in fdinfo).
+    /// Kernel memory charged for the set's maps (`memlock` in fdinfo).
     pub map_memlock_bytes: u64,
     /// Seconds since the Unix epoch.
     pub loaded_at: u64,
@@ -65,10 +94,11 @@ pub struct RuleInfo {
 pub struct ServiceRecord {
     /// The last attempt to change the rules.
     pub last_reload: Option<Reload>,
-    /// Set while `rulebpf run` manages this instance.
-    pub pid: Option<u32>,
     pub dns_refreshes: u64,
     pub dns_failures: u64,
+    /// Cgroups `run` attached again after they were re-created.
+    #[serde(default)]
+    pub reattaches: u64,
 }
 
 /// When the rules were last (re)loaded, and how it went.
@@ -83,64 +113,43 @@ pub struct Reload {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("reading {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{} is not a rulebpf state file", path.display())]
+    #[error(transparent)]
+    Dir(#[from] SecureDirError),
+    #[error("{} is not a rulebpf record", path.display())]
     Corrupt {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("writing {}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
 }
 
-/// Reads the state at `path`; `None` when there is none.
-pub fn read(path: &Path) -> Result<Option<State>, StateError> {
-    let bytes = match fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(StateError::Read {
-                path: path.into(),
-                source,
-            });
-        }
+/// The file name of rule set `generation`'s record.
+pub fn set_file(generation: u64) -> String {
+    format!("set-{generation}.json")
+}
+
+pub const INSTANCE_FILE: &str = "instance.json";
+
+/// Reads the JSON record `name` in `dir`; `None` when there is none.
+pub fn read<T: DeserializeOwned>(dir: &SecureDir, name: &str) -> Result<Option<T>, StateError> {
+    let Some(bytes) = dir.read(name)? else {
+        return Ok(None);
     };
     serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|source| StateError::Corrupt {
-            path: path.into(),
+            path: dir.display(name),
             source,
         })
 }
 
-/// Replaces the state at `path` as a whole: written beside it, flushed to
-/// disk, then renamed over it, so a reader sees the old or the new file.
-pub fn write(path: &Path, state: &State) -> Result<(), StateError> {
-    let error = |source| StateError::Write {
-        path: path.into(),
-        source,
-    };
-    let tmp = path.with_extension("json.tmp");
-    let json = serde_json::to_vec_pretty(state)
-        .map_err(io::Error::other)
-        .map_err(error)?;
-    let mut file = File::create(&tmp).map_err(error)?;
-    file.write_all(&json).map_err(error)?;
-    file.sync_all().map_err(error)?;
-    fs::rename(&tmp, path).map_err(error)
+/// Replaces the JSON record `name` in `dir` as a whole.
+pub fn write<T: Serialize>(dir: &SecureDir, name: &str, record: &T) -> Result<(), StateError> {
+    let json = serde_json::to_vec_pretty(record).expect("records serialize");
+    Ok(dir.write(name, &json)?)
 }
 
-/// Seconds since the Unix epoch (the unit of every time in [`State`]).
+/// Seconds since the Unix epoch (the unit of every time recorded here).
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -45,11 +45,11 @@ pub enum StatsError {
     Seed(#[source] MapError),
 }
 
-/// Per-rule totals (summed over CPUs) from the pinned stats map at `path`,
-/// for the first `rule_count` rules.
-pub fn read(path: &Path, rule_count: usize) -> Result<Vec<RuleStats>, StatsError> {
+/// Per-rule totals (summed over CPUs) from the pinned stats map at `path`
+/// (`shown` in messages), for the first `rule_count` rules.
+pub fn read(path: &Path, shown: &Path, rule_count: usize) -> Result<Vec<RuleStats>, StatsError> {
     let error = |source| StatsError::Read {
-        path: path.display().to_string(),
+        path: shown.display().to_string(),
         source,
     };
     let map = MapData::from_pin(path).map_err(error)?;

@@ -143,7 +143,11 @@ impl TestCgroup {
         v.as_array()
             .unwrap()
             .iter()
-            .find(|i| i["state"]["cgroup"].as_str() == Some(self.arg()))
+            .find(|i| {
+                i["attachments"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|a| a["cgroup"].as_str() == Some(self.arg())))
+            })
             .cloned()
             .unwrap_or(Value::Null)
     }
@@ -338,7 +342,7 @@ impl RunningService {
         let pid = u64::from(child.id());
         let service = Self { child, log };
         wait_until("the service to take over", Duration::from_secs(10), || {
-            cg.status()["state"]["service"]["pid"].as_u64() == Some(pid)
+            cg.status()["managed_by"].as_u64() == Some(pid)
         });
         service
     }

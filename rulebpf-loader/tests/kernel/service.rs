@@ -30,9 +30,9 @@ fn file_edits_are_applied_and_bad_edits_refused() {
     wait_until(
         "the bad edit to be refused",
         Duration::from_secs(10),
-        || cg.status()["state"]["service"]["last_reload"]["ok"] == false,
+        || cg.status()["service"]["last_reload"]["ok"] == false,
     );
-    let message = cg.status()["state"]["service"]["last_reload"]["message"]
+    let message = cg.status()["service"]["last_reload"]["message"]
         .as_str()
         .unwrap()
         .to_string();
@@ -56,12 +56,12 @@ fn file_edits_are_applied_and_bad_edits_refused() {
     wait_until("the fix to apply", Duration::from_secs(10), || {
         cg.probe(server.addr, 1, &[]) == [Probed::Port(22105)]
     });
-    let generation = cg.status()["state"]["rule_set"]["generation"]
+    let generation = cg.status()["rule_set"]["generation"]
         .as_u64()
         .unwrap();
     service.signal(libc::SIGHUP);
     wait_until("SIGHUP to reload", Duration::from_secs(10), || {
-        cg.status()["state"]["rule_set"]["generation"].as_u64() == Some(generation + 1)
+        cg.status()["rule_set"]["generation"].as_u64() == Some(generation + 1)
     });
     server.take(0);
 }
@@ -87,18 +87,18 @@ fn dns_changes_are_followed_and_failures_keep_the_last_answer() {
 
     // The name stops resolving: the last good answer stays in force.
     drop(hosts);
-    let failures = cg.status()["state"]["service"]["dns_failures"]
+    let failures = cg.status()["service"]["dns_failures"]
         .as_u64()
         .unwrap();
     wait_until("a failed refresh", Duration::from_secs(10), || {
-        cg.status()["state"]["service"]["dns_failures"]
+        cg.status()["service"]["dns_failures"]
             .as_u64()
             .unwrap()
             > failures
     });
     assert_eq!(only_port(&cg.probe(new.addr, 1, &[])), 22201);
     assert!(
-        cg.status()["state"]["service"]["dns_refreshes"]
+        cg.status()["service"]["dns_refreshes"]
             .as_u64()
             .unwrap()
             >= 2
@@ -151,7 +151,7 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
     let set_b = format!("10.0.0.0 * : 1\n127.0.0.2 {p} : 22600-22699\n");
     let file = cg.rules_file("s.ini", &set_a);
     let _service = RunningService::start(&cg, &file, &[]);
-    let generation = cg.status()["state"]["rule_set"]["generation"]
+    let generation = cg.status()["rule_set"]["generation"]
         .as_u64()
         .unwrap();
     let results = thread::scope(|s| {
@@ -166,7 +166,7 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
             edits += 1;
             let want = generation + edits;
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while cg.status()["state"]["rule_set"]["generation"].as_u64() < Some(want)
+            while cg.status()["rule_set"]["generation"].as_u64() < Some(want)
                 && std::time::Instant::now() < deadline
             {
                 thread::sleep(Duration::from_millis(5));
@@ -178,7 +178,7 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
             .collect::<Vec<_>>()
     });
     let seen = server.take(results.len());
-    let reloads = cg.status()["state"]["rule_set"]["generation"]
+    let reloads = cg.status()["rule_set"]["generation"]
         .as_u64()
         .unwrap()
         - generation;
