@@ -111,7 +111,7 @@ impl Cgroup {
             return Err(CgroupError::NotCgroup2 { path, root });
         }
         match rustix::fs::statfs(&path) {
-            Ok(fs) if fs.f_type as i64 == CGROUP2_SUPER_MAGIC => {}
+            Ok(fs) if fs.f_type == CGROUP2_SUPER_MAGIC => {}
             _ => return Err(CgroupError::NotCgroup2 { path, root }),
         }
         let meta = fs::metadata(&path).map_err(|source| CgroupError::NotFound {

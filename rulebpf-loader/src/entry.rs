@@ -125,12 +125,12 @@ pub fn exists(dir: &SecureDir) -> bool {
 
 /// The pinned entry program of `hook`, ready to attach.
 pub fn program(dir: &SecureDir, hook: Hook) -> Result<CgroupSockAddr, EntryError> {
-    CgroupSockAddr::from_pin(dir.fd_path(program_pin(hook)), hook.attach_type()).map_err(
-        |source| EntryError::Program {
+    CgroupSockAddr::from_pin(dir.fd_path(program_pin(hook)), hook.attach_type()).map_err(|source| {
+        EntryError::Program {
             hook: hook.name(),
             source,
-        },
-    )
+        }
+    })
 }
 
 /// The jump maps of an instance, opened from their pins.

@@ -17,11 +17,7 @@ use log::{info, warn};
 use notify::Watcher as _;
 use tokio::sync::mpsc;
 
-use crate::{
-    cgroup::Cgroup,
-    instance::Instance,
-    state::AttachedBy,
-};
+use crate::{cgroup::Cgroup, instance::Instance, state::AttachedBy};
 
 /// One followed path.
 #[derive(Debug)]

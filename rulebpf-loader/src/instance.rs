@@ -63,6 +63,15 @@ use crate::{
 pub const BPFFS_DIR: &str = "/sys/fs/bpf/rulebpf";
 /// Where every instance keeps its records.
 pub const RUN_DIR: &str = "/run/rulebpf";
+/// Environment variables that move the two directories (the tests run a
+/// second, independent rulebpf beside the first; the pin directory must
+/// still be on bpffs and meets the same checks).
+pub const PIN_DIR_ENV: &str = "RULEBPF_PIN_DIR";
+pub const RUN_DIR_ENV: &str = "RULEBPF_RUN_DIR";
+
+fn dir_from_env(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from)
+}
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -173,17 +182,17 @@ impl Tops {
     fn create() -> Result<Self, InstanceError> {
         ensure_bpffs()?;
         Ok(Self {
-            pins: SecureDir::open_top(Path::new(BPFFS_DIR))?,
-            records: SecureDir::open_top(Path::new(RUN_DIR))?,
+            pins: SecureDir::open_top(&dir_from_env(PIN_DIR_ENV, BPFFS_DIR))?,
+            records: SecureDir::open_top(&dir_from_env(RUN_DIR_ENV, RUN_DIR))?,
         })
     }
 
     /// For commands that only look: `None` when rulebpf never ran here.
     fn existing() -> Result<Option<Self>, InstanceError> {
-        let Some(pins) = SecureDir::open_existing(Path::new(BPFFS_DIR))? else {
+        let Some(pins) = SecureDir::open_existing(&dir_from_env(PIN_DIR_ENV, BPFFS_DIR))? else {
             return Ok(None);
         };
-        let records = SecureDir::open_top(Path::new(RUN_DIR))?;
+        let records = SecureDir::open_top(&dir_from_env(RUN_DIR_ENV, RUN_DIR))?;
         Ok(Some(Self { pins, records }))
     }
 }
@@ -456,7 +465,9 @@ impl Instance {
     /// Removes every rule set (pins and record) but `keep`.
     fn remove_sets_except(&self, keep: Option<u64>) -> Result<(), InstanceError> {
         for (name, _) in self.pins.entries()? {
-            if let Some(generation) = name.strip_prefix("set-").and_then(|g| g.parse::<u64>().ok())
+            if let Some(generation) = name
+                .strip_prefix("set-")
+                .and_then(|g| g.parse::<u64>().ok())
                 && Some(generation) != keep
             {
                 self.pins.remove_tree(&name)?;
@@ -478,7 +489,12 @@ impl Instance {
     /// The next rule set number: above every set pinned or recorded.
     fn next_generation(&self) -> Result<u64, InstanceError> {
         let mut highest = 0;
-        for (name, _) in self.pins.entries()?.into_iter().chain(self.records.entries()?) {
+        for (name, _) in self
+            .pins
+            .entries()?
+            .into_iter()
+            .chain(self.records.entries()?)
+        {
             if let Some(g) = name
                 .strip_prefix("set-")
                 .map(|g| g.trim_end_matches(".json"))
@@ -623,39 +639,15 @@ impl Instance {
             }
             missing.push(hook);
         }
-        let recorded = record
-            .attachments
-            .iter()
-            .any(|a| a.cgroup_id == cgroup.id);
+        let recorded = record.attachments.iter().any(|a| a.cgroup_id == cgroup.id);
         if missing.is_empty() && recorded {
             return Ok(false);
         }
-        let link_dir = self.pins.subdir(&attachment_dir(cgroup.id), true)?.expect("created");
-        // Both links are pinned only once both attached: a failure drops
-        // the first link, which detaches it.
-        let mut links = Vec::new();
-        for &hook in &missing {
-            let mut program = entry::program(&self.pins, hook)?;
-            // A cgroup link is always multi-attach: other connect programs
-            // (systemd's, a CNI's) keep running, and with nested rulebpf
-            // instances the innermost binds first and the outer ones see a
-            // bound socket. link_create takes no flags (EINVAL otherwise):
-            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
-            let id = program
-                .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|e| InstanceError::link(hook, "attaching", &cgroup.path)(e.into()))?;
-            let link = program
-                .take_link(id)
-                .map_err(|e| InstanceError::link(hook, "attaching", &cgroup.path)(e.into()))?;
-            let link = FdLink::try_from(link)
-                .map_err(|e| InstanceError::link(hook, "attaching", &cgroup.path)(e.into()))?;
-            links.push((hook, link));
-        }
-        for (hook, link) in links {
-            link.pin(link_dir.fd_path(&link_pin(hook)))
-                .map_err(|e| InstanceError::link(hook, "pinning the link", &cgroup.path)(e.into()))?;
-        }
+        // Recorded first, so that status never shows rules in force on a
+        // cgroup it does not list (it checks the kernel for each record);
+        // a failure below takes the record back.
         let mut record = self.record()?;
+        let before = record.clone();
         record.attachments.retain(|a| a.cgroup_id != cgroup.id);
         record.attachments.push(Attachment {
             cgroup: cgroup.path.clone(),
@@ -664,12 +656,57 @@ impl Instance {
             by,
         });
         self.write_record(&record)?;
+        if let Err(e) = self.attach_links(&dir, cgroup, &missing) {
+            let _ = self.write_record(&before);
+            return Err(e);
+        }
         // Only now that ours run: the previous layout's links go.
         if !legacy_programs.is_empty() {
             let tops = Tops::create()?;
             legacy::remove(&tops.pins, Some(&tops.records), cgroup.id)?;
         }
         Ok(true)
+    }
+
+    /// Attaches the entry programs of `hooks` to the cgroup open as `dir`
+    /// and pins the links; both are pinned only once both attached (a
+    /// failure drops the first link, which detaches it).
+    fn attach_links(
+        &self,
+        dir: &File,
+        cgroup: &Cgroup,
+        hooks: &[Hook],
+    ) -> Result<(), InstanceError> {
+        let link_dir = self
+            .pins
+            .subdir(&attachment_dir(cgroup.id), true)?
+            .expect("created");
+        let mut links = Vec::new();
+        for &hook in hooks {
+            let mut program = entry::program(&self.pins, hook)?;
+            let attaching = |e: Box<dyn std::error::Error + Send + Sync>| {
+                InstanceError::link(hook, "attaching", &cgroup.path)(e)
+            };
+            // A cgroup link is always multi-attach: other connect programs
+            // (systemd's, a CNI's) keep running, and with nested rulebpf
+            // instances the innermost binds first and the outer ones see a
+            // bound socket. link_create takes no flags (EINVAL otherwise):
+            // https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c#L1442
+            let id = program
+                .attach(dir, CgroupAttachMode::Single)
+                .map_err(|e| attaching(e.into()))?;
+            let link = program.take_link(id).map_err(|e| attaching(e.into()))?;
+            links.push((
+                hook,
+                FdLink::try_from(link).map_err(|e| attaching(e.into()))?,
+            ));
+        }
+        for (hook, link) in links {
+            link.pin(link_dir.fd_path(&link_pin(hook))).map_err(|e| {
+                InstanceError::link(hook, "pinning the link", &cgroup.path)(e.into())
+            })?;
+        }
+        Ok(())
     }
 
     /// Program ids of a previous-layout instance's links on cgroup `id`.
@@ -682,7 +719,8 @@ impl Instance {
         };
         let mut out = Vec::new();
         for hook in Hook::ALL {
-            if let Ok(link) = aya::programs::links::PinnedLink::from_pin(dir.fd_path(&link_pin(hook)))
+            if let Ok(link) =
+                aya::programs::links::PinnedLink::from_pin(dir.fd_path(&link_pin(hook)))
                 && let Ok(info) = FdLink::from(link).info()
             {
                 out.push(info.program_id());
@@ -703,7 +741,8 @@ impl Instance {
             .partition(|a| a.cgroup == path);
         record.attachments = kept;
         for attachment in &gone {
-            self.pins.remove_tree(&attachment_dir(attachment.cgroup_id))?;
+            self.pins
+                .remove_tree(&attachment_dir(attachment.cgroup_id))?;
         }
         self.write_record(&record)?;
         Ok(!gone.is_empty())
@@ -725,14 +764,24 @@ impl Instance {
     /// records. Programs attached by others (systemd) lose their rules: the
     /// entry's jump slots go with the pins.
     pub fn remove(self) -> Result<Vec<Attachment>, InstanceError> {
-        let attachments = {
+        let record = {
             let _lock = self.lock()?;
-            self.record()?.attachments
+            self.record()?
         };
         let tops = Tops::create()?;
         tops.pins.remove_tree(self.name.as_str())?;
         tops.records.remove_tree(self.name.as_str())?;
-        Ok(attachments)
+        // A link someone else still holds open outlives its pin: the kernel
+        // is asked what is left of this instance on its cgroups.
+        let entry = [record.entry.connect4.id, record.entry.connect6.id];
+        for attachment in &record.attachments {
+            if let Ok(cgroup) = Cgroup::resolve(&attachment.cgroup)
+                && cgroup.id == attachment.cgroup_id
+            {
+                clear_cgroup(&cgroup, Some(&entry))?;
+            }
+        }
+        Ok(record.attachments)
     }
 
     /// How `attachment` stands now.
@@ -794,7 +843,10 @@ impl Drop for Staged<'_> {
         if !self.keep {
             let name = format!("set-{}", self.generation);
             let _ = self.instance.pins.remove_tree(&name);
-            let _ = self.instance.records.remove(&state::set_file(self.generation));
+            let _ = self
+                .instance
+                .records
+                .remove(&state::set_file(self.generation));
         }
     }
 }
@@ -835,7 +887,10 @@ fn pinned_set_program(dir: &SecureDir, hook: Hook) -> Result<CgroupSockAddr, Ent
     )
 }
 
-fn program_fd(program: &CgroupSockAddr, hook: Hook) -> Result<&aya::programs::ProgramFd, EntryError> {
+fn program_fd(
+    program: &CgroupSockAddr,
+    hook: Hook,
+) -> Result<&aya::programs::ProgramFd, EntryError> {
     program.fd().map_err(|source| EntryError::Program {
         hook: hook.name(),
         source,
@@ -884,16 +939,21 @@ fn owner_of(program: u32) -> Option<InstanceName> {
     })
 }
 
-/// Removes every rulebpf program attached directly to `cgroup` (links by
-/// anyone, and programs attached without a link, as systemd does), then
-/// checks that none is left. Returns how many were removed.
-pub fn clear_cgroup(cgroup: &Cgroup) -> Result<usize, InstanceError> {
+/// Removes the rulebpf programs attached directly to `cgroup` (links by
+/// anyone, and programs attached without a link, as systemd does) — all of
+/// them, or `only` those — then checks that none is left. Returns how many
+/// were removed.
+pub fn clear_cgroup(cgroup: &Cgroup, only: Option<&[u32]>) -> Result<usize, InstanceError> {
+    let wanted = |id: &u32| only.is_none_or(|only| only.contains(id));
     let dir = File::open(&cgroup.path)
         .map_err(|e| InstanceError::kernel(format!("opening {}", cgroup.path.display()))(e))?;
     let links = bpf::connect_links().map_err(InstanceError::kernel("listing cgroup links"))?;
     let mut removed = 0;
     for hook in Hook::ALL {
-        for program in ours_on(&dir, hook, &cgroup.path)? {
+        for program in ours_on(&dir, hook, &cgroup.path)?
+            .into_iter()
+            .filter(wanted)
+        {
             let link = links
                 .iter()
                 .find(|l| l.cgroup_id == cgroup.id && l.hook == hook && l.program_id == program);
@@ -912,7 +972,10 @@ pub fn clear_cgroup(cgroup: &Cgroup) -> Result<usize, InstanceError> {
         .iter()
         .map(|&hook| ours_on(&dir, hook, &cgroup.path))
         .collect::<Result<Vec<_>, _>>()?
-        .concat();
+        .concat()
+        .into_iter()
+        .filter(wanted)
+        .collect();
     if !left.is_empty() {
         return Err(InstanceError::LeftBehind {
             cgroup: cgroup.path.clone(),
@@ -928,6 +991,22 @@ pub fn remove_legacy(cgroup_id: u64) -> Result<bool, InstanceError> {
         return Ok(false);
     };
     Ok(legacy::remove(&tops.pins, Some(&tops.records), cgroup_id)?)
+}
+
+/// Removes record directories that have no pins (left by a crash, or by
+/// the previous layout's detach); returns their names.
+pub fn collect_orphan_records() -> Result<Vec<String>, InstanceError> {
+    let Some(tops) = Tops::existing()? else {
+        return Ok(vec![]);
+    };
+    let mut removed = Vec::new();
+    for (name, _) in tops.records.entries()? {
+        if !tops.pins.contains(&name) {
+            tops.records.remove_tree(&name)?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes the previous layout's instances whose cgroup is gone, and
@@ -949,7 +1028,7 @@ pub fn collect_legacy_garbage(live: impl Fn(u64) -> bool) -> Result<Vec<u64>, In
 /// bpffs must be mounted at /sys/fs/bpf for the pins to outlive the loader.
 fn ensure_bpffs() -> Result<(), InstanceError> {
     match rustix::fs::statfs(BPFFS_MOUNT) {
-        Ok(fs) if fs.f_type as i64 == BPF_FS_MAGIC => Ok(()),
+        Ok(fs) if fs.f_type == BPF_FS_MAGIC => Ok(()),
         _ => Err(InstanceError::NoBpffs),
     }
 }

@@ -37,7 +37,11 @@ pub fn all(pins: &SecureDir) -> Result<Vec<u64>, SecureDirError> {
 
 /// Removes the previous-layout instance of cgroup `id`: its pins (which
 /// detaches its links) and its records. False when there was none.
-pub fn remove(pins: &SecureDir, records: Option<&SecureDir>, cgroup_id: u64) -> Result<bool, SecureDirError> {
+pub fn remove(
+    pins: &SecureDir,
+    records: Option<&SecureDir>,
+    cgroup_id: u64,
+) -> Result<bool, SecureDirError> {
     let name = dir_name(cgroup_id);
     let removed = pins.remove_tree(&name)?;
     if let Some(records) = records {

@@ -15,10 +15,10 @@ use rulebpf_loader::{
     instance::{self, Instance, InstanceError},
     name::{InstanceName, NameError},
     object::{LoadOptions, Policy},
-    state::AttachedBy,
     probe::{self, EnterError},
     report::{self, StatusRow},
     service::{self, ServiceError},
+    state::AttachedBy,
     with_causes,
 };
 use rulebpf_rules::ruleset::{RuleFileError, RuleSet};
@@ -276,6 +276,24 @@ enum CliError {
     Output(#[from] io::Error),
 }
 
+/// Whether `error` comes from the kernel refusing an unprivileged caller.
+fn lacks_privilege(error: &CliError) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// 2 for what the user gave us (a bad file, a path that is no cgroup),
 /// 1 for a failure while acting on valid input.
 fn exit_code(error: &CliError) -> u8 {
@@ -318,6 +336,13 @@ fn main() -> ExitCode {
             // panic either.
             let prefix = if code == 2 { "" } else { "rulebpf: " };
             let _ = writeln!(io::stderr(), "{prefix}{}", with_causes(&e));
+            if lacks_privilege(&e) {
+                let _ = writeln!(
+                    io::stderr(),
+                    "rulebpf: this needs root (CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN): \
+                     the pins in /sys/fs/bpf/rulebpf and the records in /run/rulebpf are root's"
+                );
+            }
             ExitCode::from(code)
         }
     }
@@ -497,9 +522,11 @@ fn run(command: Command) -> Result<(), CliError> {
             let mut out = Vec::new();
             for instance in instances {
                 match instance.stats() {
-                    Ok((set, rows)) => {
-                        out.push(report::InstanceStats::of(instance.name().clone(), &set, rows))
-                    }
+                    Ok((set, rows)) => out.push(report::InstanceStats::of(
+                        instance.name().clone(),
+                        &set,
+                        rows,
+                    )),
                     Err(InstanceError::NoRules(_)) if name.is_none() => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -587,13 +614,7 @@ fn detach(name: Option<&str>, cgroup: Option<&Path>, force: bool) -> Result<(), 
         let instance = instances.into_iter().next().expect("one instance");
         instance.check_unmanaged(force)?;
         let name = instance.name().clone();
-        for attachment in instance.remove()? {
-            if let Ok(cgroup) = Cgroup::resolve(&attachment.cgroup)
-                && cgroup.id == attachment.cgroup_id
-            {
-                instance::clear_cgroup(&cgroup)?;
-            }
-        }
+        instance.remove()?;
         writeln!(out, "removed instance {name}")?;
         return Ok(());
     };
@@ -613,8 +634,7 @@ fn detach(name: Option<&str>, cgroup: Option<&Path>, force: bool) -> Result<(), 
         instance.check_unmanaged(force)?;
         detached |= instance.detach_cgroup(&path)?;
         // An instance named after this cgroup has no reason to stay.
-        if Some(instance.name()) == derived.as_ref() && instance.record()?.attachments.is_empty()
-        {
+        if Some(instance.name()) == derived.as_ref() && instance.record()?.attachments.is_empty() {
             instance.remove()?;
         }
     }
@@ -623,7 +643,7 @@ fn detach(name: Option<&str>, cgroup: Option<&Path>, force: bool) -> Result<(), 
     if name.is_none()
         && let Ok(cgroup) = Cgroup::resolve(&path)
     {
-        detached |= instance::clear_cgroup(&cgroup)? > 0;
+        detached |= instance::clear_cgroup(&cgroup, None)? > 0;
         detached |= instance::remove_legacy(cgroup.id)?;
     }
     let what = if detached {
@@ -668,6 +688,14 @@ fn gc() -> Result<Vec<String>, CliError> {
     for id in instance::collect_legacy_garbage(cgroup_exists)? {
         lines.push(format!(
             "removed cg-{id} of the previous layout (its cgroup is gone)"
+        ));
+    }
+    let orphans = instance::collect_orphan_records()?;
+    if !orphans.is_empty() {
+        lines.push(format!(
+            "removed {} record director{} with no pins",
+            orphans.len(),
+            if orphans.len() == 1 { "y" } else { "ies" }
         ));
     }
     if lines.is_empty() {

@@ -120,7 +120,10 @@ mod tests {
             Err(NameError::BadChar { ch: '/', .. })
         ));
         assert!(matches!(InstanceName::new(".x"), Err(NameError::Dot(_))));
-        assert!(matches!(InstanceName::new("cg-42"), Err(NameError::Legacy(_))));
+        assert!(matches!(
+            InstanceName::new("cg-42"),
+            Err(NameError::Legacy(_))
+        ));
         assert!(InstanceName::new("gw@dmz_1:a.b-c").is_ok());
     }
 }

@@ -325,7 +325,11 @@ impl fmt::Display for AttachReport {
         for cgroup in &self.attached {
             writeln!(f, "  attached to {}", cgroup.display())?;
         }
-        writeln!(f, "  {}", programs_line(&self.programs, self.map_memlock_bytes))?;
+        writeln!(
+            f,
+            "  {}",
+            programs_line(&self.programs, self.map_memlock_bytes)
+        )?;
         writeln!(
             f,
             "  entry programs: connect4 id {}, connect6 id {}",

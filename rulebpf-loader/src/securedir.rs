@@ -82,8 +82,7 @@ impl SecureDir {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io_error("creating", path)(e)),
         }
-        let fd = rustix::fs::open(path, dir_flags(), Mode::empty())
-            .map_err(|e| refine(e, path))?;
+        let fd = rustix::fs::open(path, dir_flags(), Mode::empty()).map_err(|e| refine(e, path))?;
         Self::verified(fd, path.to_path_buf())
     }
 
@@ -273,12 +272,16 @@ fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
-/// A clearer error for what `open(O_NOFOLLOW | O_DIRECTORY)` refuses.
+/// A clearer error for what `open(O_NOFOLLOW | O_DIRECTORY)` refuses: on a
+/// symlink it says ELOOP or, with O_DIRECTORY, ENOTDIR; lstat tells which.
 fn refine(errno: rustix::io::Errno, path: &Path) -> SecureDirError {
     match errno {
-        // O_NOFOLLOW on a symlink: ELOOP.
-        rustix::io::Errno::LOOP => SecureDirError::Symlink(path.to_path_buf()),
-        rustix::io::Errno::NOTDIR => SecureDirError::NotADirectory(path.to_path_buf()),
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => match path.symlink_metadata() {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                SecureDirError::Symlink(path.to_path_buf())
+            }
+            _ => SecureDirError::NotADirectory(path.to_path_buf()),
+        },
         e => io_error("opening", path)(e),
     }
 }

@@ -175,6 +175,11 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     }
     let mut logger = service.kernel_logger();
     notify_systemd("READY=1");
+    info!(
+        "ready: instance {} in force, following {} cgroup path(s)",
+        service.options.name,
+        service.options.cgroups.len()
+    );
 
     // One reload at a time; a trigger during one runs once it is done.
     let mut reloading: Option<JoinHandle<Reloaded>> = None;
@@ -264,13 +269,15 @@ fn spawn_reload(service: &Service, why: &'static str) -> JoinHandle<Reloaded> {
 }
 
 async fn reload_task(service: &Service, why: &'static str) -> Reloaded {
-    spawn_reload(service, why).await.unwrap_or_else(|e| Reloaded {
-        why,
-        result: Err(ServiceError::Signal(
-            "reload",
-            std::io::Error::other(e.to_string()),
-        )),
-    })
+    spawn_reload(service, why)
+        .await
+        .unwrap_or_else(|e| Reloaded {
+            why,
+            result: Err(ServiceError::Signal(
+                "reload",
+                std::io::Error::other(e.to_string()),
+            )),
+        })
 }
 
 /// Re-resolves every name and, when an answer changed, swaps in the
@@ -386,7 +393,11 @@ impl Service {
         if Instance::open(&self.options.name).ok().flatten().is_none() {
             return Err(ServiceError::Removed(self.options.name.clone()));
         }
-        let now = self.instance.in_force().ok().and_then(|f| f.programs.connect4);
+        let now = self
+            .instance
+            .in_force()
+            .ok()
+            .and_then(|f| f.programs.connect4);
         if self.in_force.is_some() && now != self.in_force {
             warn!(
                 "the rules of instance {} were replaced by another command (attach --force); \

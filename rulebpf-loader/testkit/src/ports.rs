@@ -64,10 +64,17 @@ impl fmt::Display for PortSlot {
 
 /// `examples/tcpoport.ini`'s rule for the demo's destination (`cargo xtask demo`).
 pub const DEMO: PortSlot = PortSlot::new("demo", 20000, 20099);
-/// `rulebpf-loader/tests/kernel/main.rs`.
+/// `rulebpf-loader/tests/kernel/enforcement.rs` and `cli.rs`.
 pub const KERNEL_TESTS: PortSlot = PortSlot::new("kernel tests", 20100, 21599);
+/// `rulebpf-loader/tests/kernel/containers.rs` (podman and the OCI hook).
+pub const CONTAINER_TESTS: PortSlot = PortSlot::new("container tests", 21600, 21699);
+/// `rulebpf-loader/tests/kernel/instances.rs` (names, attachments, run
+/// following its paths, crashes, owners, the previous layout).
+pub const INSTANCE_TESTS: PortSlot = PortSlot::new("instance tests", 21700, 21899);
+/// `rulebpf-loader/tests/kernel/hardening.rs` (hostile directories, paths).
+pub const HARDENING_TESTS: PortSlot = PortSlot::new("hardening tests", 21900, 21999);
 /// Free: room for more kernel tests.
-pub const RESERVED: PortSlot = PortSlot::new("reserved for kernel tests", 21600, 22099);
+pub const RESERVED: PortSlot = PortSlot::new("reserved for kernel tests", 22000, 22099);
 /// `rulebpf-loader/tests/kernel/service.rs` (`rulebpf run`).
 pub const SERVICE_TESTS: PortSlot = PortSlot::new("service tests", 22100, 22999);
 /// `rulebpf-loader/tests/kernel/families.rs` (IPv6, UDP, prefixes, lists).
@@ -76,9 +83,12 @@ pub const FAMILY_TESTS: PortSlot = PortSlot::new("family tests", 23000, 23499);
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 6] = [
+pub const ALL: [PortSlot; 9] = [
     DEMO,
     KERNEL_TESTS,
+    CONTAINER_TESTS,
+    INSTANCE_TESTS,
+    HARDENING_TESTS,
     RESERVED,
     SERVICE_TESTS,
     FAMILY_TESTS,

@@ -183,6 +183,61 @@ impl Drop for TestCgroup {
     }
 }
 
+/// Instance `name`'s entry of `rulebpf status --json` (Null: none).
+pub fn instance_status(name: &str) -> Value {
+    let v: Value = serde_json::from_str(&rulebpf_ok(&["status", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"].as_str() == Some(name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// A named instance for one test (`t<pid>-<tag>`), removed on drop.
+pub struct Named {
+    pub name: String,
+}
+
+impl Named {
+    pub fn new(tag: &str) -> Self {
+        require_kernel();
+        Self {
+            name: format!("t{}-{tag}", std::process::id()),
+        }
+    }
+
+    /// This instance's entry of `rulebpf status --json` (Null: none).
+    pub fn status(&self) -> Value {
+        instance_status(&self.name)
+    }
+
+    /// Everything pinned for this instance, as paths relative to its
+    /// directory (empty when the directory is gone).
+    pub fn pins(&self) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                out.push(path.strip_prefix(base).unwrap().display().to_string());
+                if path.is_dir() {
+                    walk(&path, base, out);
+                }
+            }
+        }
+        let dir = Path::new("/sys/fs/bpf/rulebpf").join(&self.name);
+        let mut out = Vec::new();
+        walk(&dir, &dir, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Named {
+    fn drop(&mut self) {
+        let _ = rulebpf(&["detach", "--name", &self.name, "--force"]);
+    }
+}
+
 /// A fresh cgroup with the rules `rules(port)` attached (`extra`: more
 /// `attach` arguments), where `port` is the port of `server`: the setup most
 /// tests start from.
@@ -341,9 +396,12 @@ impl RunningService {
             .unwrap();
         let pid = u64::from(child.id());
         let service = Self { child, log };
-        wait_until("the service to take over", Duration::from_secs(10), || {
-            cg.status()["managed_by"].as_u64() == Some(pid)
+        // `ready:` is logged when systemd would be told READY=1: rules in
+        // force, cgroups attached, metrics listening.
+        wait_until("the service to be ready", Duration::from_secs(10), || {
+            service.log_text().contains("ready: instance")
         });
+        assert_eq!(cg.status()["managed_by"].as_u64(), Some(pid));
         service
     }
 

@@ -7,5 +7,7 @@
 mod cli;
 mod enforcement;
 mod families;
+mod hardening;
 mod harness;
+mod instances;
 mod service;

@@ -56,9 +56,7 @@ fn file_edits_are_applied_and_bad_edits_refused() {
     wait_until("the fix to apply", Duration::from_secs(10), || {
         cg.probe(server.addr, 1, &[]) == [Probed::Port(22105)]
     });
-    let generation = cg.status()["rule_set"]["generation"]
-        .as_u64()
-        .unwrap();
+    let generation = cg.status()["rule_set"]["generation"].as_u64().unwrap();
     service.signal(libc::SIGHUP);
     wait_until("SIGHUP to reload", Duration::from_secs(10), || {
         cg.status()["rule_set"]["generation"].as_u64() == Some(generation + 1)
@@ -87,22 +85,12 @@ fn dns_changes_are_followed_and_failures_keep_the_last_answer() {
 
     // The name stops resolving: the last good answer stays in force.
     drop(hosts);
-    let failures = cg.status()["service"]["dns_failures"]
-        .as_u64()
-        .unwrap();
+    let failures = cg.status()["service"]["dns_failures"].as_u64().unwrap();
     wait_until("a failed refresh", Duration::from_secs(10), || {
-        cg.status()["service"]["dns_failures"]
-            .as_u64()
-            .unwrap()
-            > failures
+        cg.status()["service"]["dns_failures"].as_u64().unwrap() > failures
     });
     assert_eq!(only_port(&cg.probe(new.addr, 1, &[])), 22201);
-    assert!(
-        cg.status()["service"]["dns_refreshes"]
-            .as_u64()
-            .unwrap()
-            >= 2
-    );
+    assert!(cg.status()["service"]["dns_refreshes"].as_u64().unwrap() >= 2);
 }
 
 #[test]
@@ -151,9 +139,7 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
     let set_b = format!("10.0.0.0 * : 1\n127.0.0.2 {p} : 22600-22699\n");
     let file = cg.rules_file("s.ini", &set_a);
     let _service = RunningService::start(&cg, &file, &[]);
-    let generation = cg.status()["rule_set"]["generation"]
-        .as_u64()
-        .unwrap();
+    let generation = cg.status()["rule_set"]["generation"].as_u64().unwrap();
     let results = thread::scope(|s| {
         let storm: Vec<_> = (0..2)
             .map(|_| s.spawn(|| cg.probe(server.addr, 5000, &[])))
@@ -178,10 +164,7 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
             .collect::<Vec<_>>()
     });
     let seen = server.take(results.len());
-    let reloads = cg.status()["rule_set"]["generation"]
-        .as_u64()
-        .unwrap()
-        - generation;
+    let reloads = cg.status()["rule_set"]["generation"].as_u64().unwrap() - generation;
     let a = seen.iter().filter(|p| (22500..=22599).contains(*p)).count();
     let b = seen.iter().filter(|p| (22600..=22699).contains(*p)).count();
     eprintln!(
