@@ -4,12 +4,19 @@
 //! are the pure crate `rulebpf-rules`; this crate is the kernel side:
 //!
 //! ```text
-//! object    a compiled rule set -> a loaded eBPF object (programs + filled maps)
-//! instance  a cgroup's rule set: pins, attach, atomic swap, detach
-//! state     what is recorded about it in /run/rulebpf
-//! stats     per-rule counters: read, carried over across a swap
-//! service   `rulebpf run`: reload, DNS refresh, kernel log, metrics
-//! report    what each command prints (text or JSON)
+//! name       instance names (--name, or derived from a cgroup path)
+//! object     a compiled rule set -> a loaded eBPF object (programs + filled maps)
+//! entry      an instance's stable entry programs and their jump slots
+//! instance   an instance: rule set in force, attachments, swap, detach, crashes
+//! bpf        the few bpf(2) commands aya does not expose (what a cgroup holds)
+//! securedir  root's directories, walked without following links
+//! state      what is recorded in /run/rulebpf
+//! stats      per-rule counters: read, carried over across a swap
+//! legacy     instances of the previous layout (cg-<id>), replaced without a gap
+//! follow     the cgroup paths `run` follows across restarts
+//! watch      the rule file `run` reloads, also through symlinks (ConfigMaps)
+//! service    `rulebpf run`: reload, DNS refresh, kernel log, metrics
+//! report     what each command prints (text or JSON)
 //! ```
 pub mod bpf;
 pub mod cgroup;
@@ -28,6 +35,7 @@ pub mod securedir;
 pub mod service;
 pub mod state;
 pub mod stats;
+pub mod watch;
 
 /// An error and its causes on one line, `a: b: c` (for logs and records;
 /// the CLI prints its errors the same way).

@@ -255,8 +255,8 @@ fn a_crash_at_any_moment_leaves_status_true_to_the_kernel() {
     let filler: String = (0..5_000)
         .map(|i| format!("10.{}.{}.0/24 * : 21799\n", i / 250, i % 250))
         .collect();
-    let a = cg.rules_file("a.ini", &format!("{filler}127.0.0.2 {p} : 21751\n"));
-    let b = cg.rules_file("b.ini", &format!("{filler}127.0.0.2 {p} : 21752\n"));
+    let a = cg.rules_file("a.ini", &format!("{filler}127.0.0.2 {p} : 21751-21755\n"));
+    let b = cg.rules_file("b.ini", &format!("{filler}127.0.0.2 {p} : 21756-21760\n"));
     rulebpf_ok(&["attach", "--cgroup", cg.arg(), a.to_str().unwrap()]);
     let started = Instant::now();
     rulebpf_ok(&["attach", "--cgroup", cg.arg(), b.to_str().unwrap()]);
@@ -285,16 +285,18 @@ fn a_crash_at_any_moment_leaves_status_true_to_the_kernel() {
         }
         let said = cg.status();
         let rules_file = said["rule_set"]["rules_file"].as_str().unwrap().to_string();
+        // Five ports per file: a probe never waits for the previous
+        // probe's socket to let go of its port.
         let expected = if rules_file.ends_with("a.ini") {
-            21751
+            21751..=21755
         } else {
-            21752
+            21756..=21760
         };
         // IPv4 connects run the connect4 slot, whose set status names.
         let got = only_port(&cg.probe(server.addr, 1, &[]));
-        assert_eq!(
-            got, expected,
-            "round {round}: status says {rules_file}: {said}"
+        assert!(
+            expected.contains(&got),
+            "round {round}: status says {rules_file}, the kernel gave {got}: {said}"
         );
         if said["mixed"] == true {
             mixed += 1;
@@ -306,7 +308,7 @@ fn a_crash_at_any_moment_leaves_status_true_to_the_kernel() {
     );
     // And a plain attach works after all that.
     rulebpf_ok(&["attach", "--cgroup", cg.arg(), a.to_str().unwrap()]);
-    assert_eq!(only_port(&cg.probe(server.addr, 1, &[])), 21751);
+    assert!((21751..=21755).contains(&only_port(&cg.probe(server.addr, 1, &[]))));
     server.take(51);
 }
 
