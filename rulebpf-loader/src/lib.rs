@@ -35,7 +35,6 @@ pub mod securedir;
 pub mod service;
 pub mod state;
 pub mod stats;
-pub mod watch;
 
 /// An error and its causes on one line, `a: b: c` (for logs and records;
 /// the CLI prints its errors the same way).
