@@ -130,6 +130,50 @@ fn sigterm_keeps_the_rules_and_detach_on_exit_removes_them() {
     server.take(2);
 }
 
+/// A reload that takes seconds (a large file compiling, a slow DNS server)
+/// must not hold signals: SIGTERM is acted on within a second, and the
+/// rules in force are whole afterwards (old or new, never half).
+#[test]
+fn sigterm_is_acted_on_during_a_long_reload() {
+    let cg = TestCgroup::new("svc-slow");
+    let server = Listener::on([127, 0, 0, 2]);
+    let p = server.port();
+    let file = cg.rules_file("s.ini", &format!("127.0.0.2 {p} : 22451-22459\n"));
+    let mut service = RunningService::start(&cg, &file, &[]);
+    // 200,000 rules: the reload compiles and loads for a while.
+    let big: String = (0..200_000)
+        .map(|i| format!("10.{}.{}.0/24 * : 22460-22469\n", i / 256 % 256, i % 256))
+        .collect();
+    fs::write(&file, format!("{big}127.0.0.2 {p} : 22460-22469\n")).unwrap();
+    // The watcher waits 50 ms for editors to finish; then the reload runs.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !service.log_text().contains("file changed: rules in force"),
+        "the reload ended before SIGTERM: the test proves nothing (make the file bigger)"
+    );
+    let sent = std::time::Instant::now();
+    service.signal(libc::SIGTERM);
+    let exited = loop {
+        if let Some(status) = service.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "SIGTERM not acted on within a second during a reload:\n{}",
+            service.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("exited {:?} after SIGTERM during a reload", sent.elapsed());
+    assert!(exited.success(), "{}", service.log_text());
+    let got = only_port(&cg.probe(server.addr, 1, &[]));
+    assert!(
+        (22451..=22469).contains(&got),
+        "whole rules, old or new: {got}"
+    );
+    server.take(1);
+}
+
 #[test]
 fn reloads_in_a_connect_storm_never_mix_or_fail() {
     let cg = TestCgroup::new("svc-storm");
