@@ -11,8 +11,11 @@ TOOLCHAIN=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}"
 BPF_LINKER_VERSION=0.13.0
 LLVM_MAJOR=22
 # qemu-system-x86, busybox-static, cpio: `cargo xtask vm-test` (other kernels in qemu).
+# podman, crun, runc: the kernel suite's container tests (the OCI hook under
+# both runtimes; the image is built locally from busybox-static, no registry).
 APT_PACKAGES=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev
-              iproute2 nftables qemu-system-x86 busybox-static cpio)
+              iproute2 nftables qemu-system-x86 busybox-static cpio
+              podman crun runc)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

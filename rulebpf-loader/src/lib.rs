@@ -29,6 +29,7 @@ pub mod legacy;
 pub mod metrics;
 pub mod name;
 pub mod object;
+pub mod oci;
 pub mod probe;
 pub mod report;
 pub mod securedir;

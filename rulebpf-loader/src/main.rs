@@ -15,6 +15,7 @@ use rulebpf_loader::{
     instance::{self, Instance, InstanceError},
     name::{InstanceName, NameError},
     object::{LoadOptions, Policy},
+    oci::{self, HookAction, OciError},
     probe::{self, EnterError},
     report::{self, StatusRow},
     service::{self, ServiceError},
@@ -241,6 +242,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// OCI runtime hook, run by podman or CRI-O from the hooks.d entries in
+    /// contrib/oci/ for containers annotated `io.rulebpf.instance=NAME`:
+    /// createRuntime attaches instance NAME to the container's cgroup before
+    /// its program starts (a failure stops the container), poststop removes
+    /// that attachment. Reads the container state JSON on stdin.
+    OciHook {
+        /// createRuntime or poststop.
+        stage: oci::Stage,
+    },
 }
 
 /// Everything a command can fail with; [`exit_code`] sorts it.
@@ -268,6 +278,8 @@ enum CliError {
     },
     #[error(transparent)]
     Name(#[from] NameError),
+    #[error(transparent)]
+    Oci(#[from] OciError),
     #[error("{0}")]
     Usage(&'static str),
     #[error("starting the service's runtime")]
@@ -304,6 +316,7 @@ fn exit_code(error: &CliError) -> u8 {
         | CliError::Name(_)
         | CliError::Instance(InstanceError::Name(_))
         | CliError::Usage(_) => true,
+        CliError::Oci(e) => e.is_bad_input(),
         CliError::Cgroup(e)
         | CliError::Instance(InstanceError::Cgroup(e))
         | CliError::Service(ServiceError::Instance(InstanceError::Cgroup(e))) => bad_cgroup(e),
@@ -497,6 +510,7 @@ fn run(command: Command) -> Result<(), CliError> {
             let rows = Instance::all()?.iter().map(status_row).collect();
             report::print(&report::StatusReport(rows), json)?;
         }
+        Command::OciHook { stage } => oci_hook(stage)?,
         Command::Kernel { json } => {
             report::print(&report::KernelReport::of(Support::get()), json)?;
         }
@@ -753,4 +767,40 @@ fn status_row(instance: &Instance) -> StatusRow {
         service: record.service,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     }
+}
+
+/// `rulebpf oci-hook STAGE`: what [`oci::plan`] decided, done with the
+/// instance API.
+fn oci_hook(stage: oci::Stage) -> Result<(), CliError> {
+    let state = oci::read_state(io::stdin().lock())?;
+    match oci::plan(stage, &state, &oci::System)? {
+        HookAction::Attach {
+            instance,
+            cgroup,
+            container,
+        } => {
+            let opened = Instance::open(&instance)?.ok_or(InstanceError::NoInstance(instance))?;
+            let cgroup = Cgroup::resolve(&cgroup)?;
+            opened.attach(
+                &cgroup,
+                AttachedBy::Container { id: container },
+            )?;
+        }
+        HookAction::Detach {
+            instance,
+            container,
+        } => {
+            // The instance may have been removed meanwhile: nothing to undo.
+            if let Some(opened) = Instance::open(&instance)? {
+                let by = AttachedBy::Container { id: container };
+                for attachment in opened.record()?.attachments {
+                    if attachment.by == by {
+                        opened.detach_id(attachment.cgroup_id)?;
+                    }
+                }
+            }
+        }
+        HookAction::Nothing(_) => {}
+    }
+    Ok(())
 }
