@@ -14,9 +14,11 @@
 //! match whatever comes next (the *terminal*): a non-negated rule whose port
 //! set is `*` once the rest of its pattern is all `*`, or a negated rule once
 //! none of its alternatives survive. Nothing after the terminal can ever
-//! decide, so it is cut off; this is what keeps the states small. Equal states
-//! are shared (hash-consed), and at the end states with identical transitions
-//! are merged level by level (minimisation).
+//! decide, so it is cut off; nor can a rule whose every port is claimed by
+//! earlier rules certain to match (a repeated line). These cuts are what
+//! keep the states small. Equal states are shared (hash-consed), and at the
+//! end states with identical transitions are merged level by level
+//! (minimisation).
 //!
 //! After the last octet, the surviving rules all match the address; the
 //! first-match answer as a function of the port is a list of disjoint
@@ -25,12 +27,16 @@
 //!
 //! The construction is in `automaton` (states, terminal cut, minimisation)
 //! and `ports` (port tables and their LPM prefixes); this module runs it for
-//! every selector and numbers the result into map entries.
+//! every selector and numbers the result into map entries. `budget` prices
+//! what is built as the kernel will charge for it and stops a compile that
+//! goes over its [`Budget`] (some shapes of rules multiply each other's
+//! states), naming the rules responsible.
 //!
 //! [`Compiled::lookup`] evaluates the result exactly as the kernel does, and the
 //! property test checks it against [`crate::first_match()`].
 
 mod automaton;
+mod budget;
 mod ports;
 
 use std::{collections::HashMap, net::IpAddr};
@@ -40,7 +46,8 @@ use rulebpf_common::{
 };
 
 use self::{
-    automaton::{Builder, Entry, Limits, NO_TERMINAL, RuleFacts, Target, Transitions},
+    automaton::{Builder, Entry, NO_TERMINAL, RuleFacts, Target, Transitions},
+    budget::Meter,
     ports::{Tables, port_prefixes},
 };
 use crate::{
@@ -81,19 +88,47 @@ impl Default for Compiled {
     }
 }
 
-/// The rule set is too large or too tangled for the compiler's limits.
+pub use self::budget::{
+    Budget, Culprits, DEFAULT_MAX_KERNEL_BYTES, DEFAULT_MAX_WORK, KernelMemory, MapSizes, size,
+};
+
+/// The rule set is too large or too tangled for the compiler's budget.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
     /// Rules are numbered with `u32` in the maps.
     #[error("too many rules: {count}")]
     TooManyRules { count: usize },
-    #[error("rule set too complex: more than {limit} automaton states")]
-    TooManyStates { limit: usize },
-    #[error("rule set too complex: automaton would hold more than {limit} rule references")]
-    TooManyStateEntries { limit: usize },
+    #[error(
+        "rule set too large: its lookup maps would need more than {} of kernel \
+         memory (the limit, --max-kernel-memory){culprits}",
+        size(*limit)
+    )]
+    KernelMemory { limit: u64, culprits: Culprits },
+    #[error(
+        "rule set too complex: compiling it takes more than {limit} steps (the \
+         limit on the compiler's time and memory){culprits}"
+    )]
+    Work { limit: u64, culprits: Culprits },
 }
 
 impl Compiled {
+    /// The entries of each map this rule set fills.
+    pub fn map_sizes(&self) -> MapSizes {
+        MapSizes {
+            states: self.defaults.len() as u64,
+            edges: self.edges.len() as u64,
+            port_prefixes: self.ports.len() as u64,
+            rules: u64::from(self.rule_count),
+        }
+    }
+
+    /// The kernel memory its maps will be charged (`memlock`), on a
+    /// machine with `possible_cpus` possible CPUs (the per-rule counters
+    /// are per CPU).
+    pub fn kernel_memory(&self, possible_cpus: u32) -> KernelMemory {
+        self.map_sizes().kernel_memory(possible_cpus)
+    }
+
     /// The decision for a connect() to `addr:port` on a `protocol` socket,
     /// computed exactly as the hook computes it.
     pub fn lookup(&self, protocol: Protocol, addr: IpAddr, port: u16) -> Option<Verdict> {
@@ -162,8 +197,18 @@ impl Compiled {
     }
 }
 
-/// Compiles `rules` (file order) with `names` resolving their DNS names.
+/// Compiles `rules` (file order) with `names` resolving their DNS names,
+/// within the default [`Budget`].
 pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> {
+    compile_within(rules, names, Budget::default())
+}
+
+/// [`compile`] within `budget`.
+pub fn compile_within(
+    rules: &[Rule],
+    names: &Names,
+    budget: Budget,
+) -> Result<Compiled, CompileError> {
     let rule_count = u32::try_from(rules.len())
         .map_err(|_| CompileError::TooManyRules { count: rules.len() })?;
     let facts: Vec<RuleFacts> = rules
@@ -195,13 +240,13 @@ pub fn compile(rules: &[Rule], names: &Names) -> Result<Compiled, CompileError> 
         ..Compiled::default()
     };
     let mut tables = Tables::default();
-    let mut limits = Limits::new();
+    let mut meter = Meter::new(budget);
     for selector in Selector::ALL {
         let (entries, terminal) = alternatives(rules, names, selector);
         let levels = Builder {
             facts: &facts,
             entries: &entries,
-            limits: &mut limits,
+            meter: &mut meter,
         }
         .build(selector.family().octets(), terminal, &mut tables)?;
         compiled.roots[selector as usize] = compiled.append(&levels);
@@ -266,12 +311,7 @@ fn verdict(facts: &RuleFacts, rule: u32) -> Verdict {
         Origin::Os => (0, 0),
         Origin::Range(range) => (range.lo, range.hi),
     };
-    Verdict {
-        rule,
-        line: facts.line,
-        org_lo,
-        org_hi,
-    }
+    Verdict::new(rule, facts.line, org_lo, org_hi)
 }
 
 #[cfg(test)]
@@ -409,6 +449,117 @@ mod tests {
             Some((100_000, org, org))
         );
         assert_eq!(decide(&set, [10, 1, 134, 159], port + 1), None);
+        // What `rulebpf attach` reported for them: 19.1 MB on 2 CPUs.
+        let memory = set.compiled.kernel_memory(2);
+        assert!(
+            memory.lookup < 16 << 20 && memory.total() < 24 << 20,
+            "{memory:?}"
+        );
+    }
+
+    /// `x.*.*.* 80 : 1`, `*.x.*.* 81 : 1`, `*.*.x.* 82 : 1`, `*.*.*.x 83 : 1`
+    /// for x in 0..n: (n + 1)^4 port tables from 4n lines.
+    fn crossed(n: u32) -> Vec<Rule> {
+        let mut text = String::new();
+        for x in 0..n {
+            text.push_str(&format!(
+                "{x}.*.*.* 80 : 1\n*.{x}.*.* 81 : 1\n*.*.{x}.* 82 : 1\n*.*.*.{x} 83 : 1\n"
+            ));
+        }
+        parse(&text).unwrap()
+    }
+
+    #[test]
+    fn a_file_whose_patterns_multiply_is_refused_naming_its_lines() {
+        // 80 lines, 194,481 port tables, 48 MB of kernel memory: over a
+        // 16 MiB budget. The `*.*.*.x` rules are in every state when the
+        // budget runs out; `x.*.*.*` (a prefix) is never named.
+        let budget = Budget {
+            max_kernel_bytes: 16 << 20,
+            ..Budget::default()
+        };
+        let error = compile_within(&crossed(20), &Names::new(), budget).unwrap_err();
+        assert_eq!(
+            error,
+            CompileError::KernelMemory {
+                limit: 16 << 20,
+                culprits: Culprits {
+                    lines: vec![4, 8, 12, 16, 20],
+                    more: 55,
+                },
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            "rule set too large: its lookup maps would need more than 16 MiB of kernel \
+             memory (the limit, --max-kernel-memory); it comes from the address patterns \
+             that fix an octet after a `*`, which multiply each other's states: lines 4, \
+             8, 12, 16, 20 and 55 more"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(
+        debug_assertions,
+        ignore = "seconds with optimisations, minutes without"
+    )]
+    fn the_crossed_file_of_the_issue_is_refused_by_the_default_budget() {
+        // 160 lines once took 1.3 GB and 9 s to compile into 712 MB of
+        // kernel memory; the budget stops it a quarter of the way.
+        let error = compile(&crossed(40), &Names::new()).unwrap_err();
+        let CompileError::KernelMemory { limit, culprits } = error else {
+            panic!("{error}")
+        };
+        assert_eq!(limit, DEFAULT_MAX_KERNEL_BYTES);
+        assert_eq!(culprits.lines, [4, 8, 12, 16, 20]);
+    }
+
+    #[test]
+    fn the_work_budget_stops_a_compile_too() {
+        let budget = Budget {
+            max_work: 1000,
+            ..Budget::default()
+        };
+        let error = compile_within(&crossed(3), &Names::new(), budget).unwrap_err();
+        assert!(
+            matches!(error, CompileError::Work { limit: 1000, .. }),
+            "{error}"
+        );
+        assert!(compile_within(&crossed(3), &Names::new(), Budget::default()).is_ok());
+    }
+
+    #[test]
+    fn rules_that_can_no_longer_decide_are_not_carried_along() {
+        // 10,000 repeats of a rule under a crossed file: each state used to
+        // carry all of them (176 million steps, 1.2 GB); the repeats are
+        // shadowed by the first, negated or not.
+        let mut rules = crossed(10);
+        for (text, line) in [("*.*.*.* 80 : 5", 41), ("! *.*.*.* 81 : 6", 10_042)] {
+            let mut repeats = parse(&format!("{text}\n").repeat(10_000)).unwrap();
+            for (i, rule) in repeats.iter_mut().enumerate() {
+                rule.line = line + i as u32;
+            }
+            rules.extend(repeats);
+        }
+        let budget = Budget {
+            max_work: 2_000_000,
+            ..Budget::default()
+        };
+        let compiled = compile_within(&rules, &Names::new(), budget).unwrap();
+        let names = Names::new();
+        for (ip, port, line) in [
+            ([1, 2, 3, 4], 80, Some(5)),
+            ([11, 12, 13, 4], 83, Some(20)),
+            ([11, 12, 13, 14], 80, Some(41)),
+            ([11, 12, 13, 14], 81, None),
+            ([11, 12, 13, 14], 82, Some(10_042)),
+        ] {
+            let addr = IpAddr::from(ip);
+            let got = compiled.lookup(Tcp, addr, port);
+            let want = first_match(&rules, &names, Tcp, addr, port);
+            assert_eq!(got.map(|v| v.rule as usize), want, "{addr}:{port}");
+            assert_eq!(got.map(|v| v.line), line, "{addr}:{port}");
+        }
     }
 
     #[test]

@@ -26,17 +26,27 @@
 //! per bad line, each with the 1-based line and the column of the character
 //! it is about. A line is split into words (`tokens`), then each field is read
 //! by its own parser (`dest`, `ports`).
+//!
+//! The file itself is bytes ([`parse_bytes`]): a UTF-8 byte-order mark at the
+//! start is skipped (editors on Windows write one), a line that is not UTF-8
+//! is an error at its first bad byte, and CRLF line ends are accepted. The
+//! file's text is echoed in messages escaped and cut short (`shown`).
 
 mod dest;
 mod ports;
+mod shown;
 mod tokens;
 
 use self::{
     dest::parse_dest,
     ports::{blank_in_port_list, parse_origin, parse_port_list, parse_protocols},
-    tokens::{Piece, Token, split_line},
+    shown::cut,
+    tokens::{Piece, Token, split_line, width},
 };
 use crate::rule::{Protocols, Rule};
+
+/// The UTF-8 encoding of U+FEFF, the byte-order mark.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// A malformed line: where it is wrong and why, without the file name
 /// (see [`ParseError::in_file`] for the `file:line:col: message` form).
@@ -45,6 +55,8 @@ pub struct ParseError {
     pub line: u32,
     /// 1-based column, counted in characters.
     pub col: u32,
+    /// What is wrong; the file's text in it is escaped (never a raw control
+    /// character) and cut short.
     pub message: String,
 }
 
@@ -69,11 +81,24 @@ pub fn parse(text: &str) -> Result<Vec<Rule>, Vec<ParseError>> {
 /// with errors is never used, but its good lines can still be checked
 /// further (their DNS names, say) so that one run reports everything.
 pub fn parse_all(text: &str) -> (Vec<Rule>, Vec<ParseError>) {
+    parse_bytes(text.as_bytes())
+}
+
+/// [`parse_all`] on the file's bytes: a leading byte-order mark is skipped,
+/// and each line that is not UTF-8 is an error at its first bad byte.
+pub fn parse_bytes(file: &[u8]) -> (Vec<Rule>, Vec<ParseError>) {
+    let file = file.strip_prefix(BOM).unwrap_or(file);
     let mut rules = Vec::new();
     let mut errors = Vec::new();
-    for (index, line_text) in text.lines().enumerate() {
+    for (index, bytes) in file.split(|&b| b == b'\n').enumerate() {
         let line = u32::try_from(index + 1).unwrap_or(u32::MAX);
-        match parse_line(line_text) {
+        // CRLF: the CR is part of the line end, as `str::lines` has it.
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let parsed = match std::str::from_utf8(bytes) {
+            Ok(text) => parse_line(text),
+            Err(error) => Err(not_utf8(bytes, error)),
+        };
+        match parsed {
             Ok(Some(mut rule)) => {
                 rule.line = line;
                 rules.push(rule);
@@ -85,17 +110,39 @@ pub fn parse_all(text: &str) -> (Vec<Rule>, Vec<ParseError>) {
     (rules, errors)
 }
 
+/// The error of a line that is not UTF-8, at its first bad byte.
+fn not_utf8(bytes: &[u8], error: std::str::Utf8Error) -> LineError {
+    let (good, bad) = bytes.split_at(error.valid_up_to());
+    // `good` is the longest valid prefix, so this cannot fail.
+    let col = std::str::from_utf8(good).map_or(1, |text| width(text).saturating_add(1));
+    LineError::new(
+        col,
+        format!(
+            "not UTF-8 text (byte 0x{:02x}); save the file as UTF-8",
+            bad[0]
+        ),
+    )
+}
+
 /// What is wrong with one line; [`parse`] adds the line number.
 struct LineError {
     col: u32,
     message: String,
 }
 
-fn err<T>(col: u32, message: impl Into<String>) -> Result<T, LineError> {
-    Err(LineError {
-        col,
-        message: message.into(),
-    })
+impl LineError {
+    /// The one way a line error is made: its message is escaped here, so
+    /// no message can carry a raw control character of the file.
+    fn new(col: u32, message: impl AsRef<str>) -> Self {
+        Self {
+            col,
+            message: shown::escaped(message.as_ref()),
+        }
+    }
+}
+
+fn err<T>(col: u32, message: impl AsRef<str>) -> Result<T, LineError> {
+    Err(LineError::new(col, message))
 }
 
 fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
@@ -103,7 +150,7 @@ fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
     if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
         return Ok(None);
     }
-    let end_col = line.trim_end().chars().count() as u32 + 1;
+    let end_col = width(line.trim_end()).saturating_add(1);
     let mut pieces = split_line(line).into_iter();
 
     // Optional `!`, either alone (`! 10.*.*.*`) or glued to the address (`!10.*.*.*`).
@@ -118,7 +165,7 @@ fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
         } else {
             Some(Piece::Word(Token {
                 text: rest,
-                col: token.col + 1,
+                col: token.col.saturating_add(1),
             }))
         };
         if first.is_none() {
@@ -161,7 +208,7 @@ fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
                 token.col,
                 format!(
                     "expected `:` between destination ports and origin ports, found `{}`",
-                    token.text
+                    cut(token.text)
                 ),
             );
         }
@@ -192,7 +239,7 @@ fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
 
     if let Some(extra) = pieces.next() {
         let (col, what) = match extra {
-            Piece::Word(token) => (token.col, format!("`{}`", token.text)),
+            Piece::Word(token) => (token.col, format!("`{}`", cut(token.text))),
             Piece::Colon(col) => (col, "`:`".to_string()),
         };
         return err(col, format!("unexpected {what} after the protocol"));
@@ -473,6 +520,102 @@ mod tests {
         // port is the 13th character but starts at byte 14.
         let (_, col, message) = error("1.2.3.4\u{a0}* : 70000");
         assert_eq!(col, 13, "{message}");
+    }
+
+    #[test]
+    fn a_two_megabyte_port_list_parses_in_linear_time() {
+        // One column per list entry used to rescan the list from its start:
+        // quadratic (a 1 MB line took seconds). Columns are now carried
+        // forward; the meter counts every byte scanned to compute them.
+        let entries = 1_000_000;
+        let line = format!("1.2.3.4 {}x : 5", "1,".repeat(entries));
+        tokens::SCANNED.with(|scanned| scanned.set(0));
+        let (line_no, col, message) = error(&line);
+        let scanned = tokens::SCANNED.with(|scanned| scanned.get());
+        assert_eq!((line_no, col), (1, 9 + 2 * entries as u32), "{message}");
+        assert_eq!(
+            message,
+            "bad destination port `x`: expected a number 0-65535"
+        );
+        assert!(
+            scanned <= 2 * line.len(),
+            "{scanned} bytes scanned for a {} byte line",
+            line.len()
+        );
+        // The same for a good line, and for the long-line errors of the
+        // other splitting fields.
+        tokens::SCANNED.with(|scanned| scanned.set(0));
+        let good = format!("1.2.3.4 {}1 : 5", "1,".repeat(entries));
+        assert_eq!(
+            one(&good).dest_ports.normalized(),
+            [PortRange { lo: 1, hi: 1 }]
+        );
+        assert!(tokens::SCANNED.with(|scanned| scanned.get()) <= 2 * good.len());
+    }
+
+    #[test]
+    fn a_long_word_is_cut_short_in_its_message() {
+        let (_, col, message) = error(&format!("1.2.3.4 {} : 5", "9".repeat(100_000)));
+        assert_eq!(col, 9);
+        assert_eq!(
+            message,
+            format!(
+                "destination port `{}…` is larger than 65535",
+                "9".repeat(40)
+            )
+        );
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_an_error_at_its_first_bad_byte() {
+        // Line 2: `é` is two bytes, one column; 0xff is the 11th character.
+        let file = b"1.2.3.4 * : 5\n# caf\xc3\xa9 \xff\xfe\n1.2.3 * : 5\n1.2.3.4 * : 6\n";
+        let (rules, errors) = parse_bytes(file);
+        assert_eq!(rules.iter().map(|r| r.line).collect::<Vec<_>>(), [1, 4]);
+        let shown: Vec<String> = errors.iter().map(|e| e.in_file("t.ini")).collect();
+        assert_eq!(
+            shown,
+            [
+                "t.ini:2:8: not UTF-8 text (byte 0xff); save the file as UTF-8",
+                "t.ini:3:1: an IPv4 address or pattern has 4 octets, `1.2.3` has 3",
+            ]
+        );
+        // A truncated sequence at the end of a line.
+        let (_, errors) = parse_bytes(b"1.2.3.4 * : 5 \xe2\x82");
+        assert_eq!((errors[0].line, errors[0].col), (1, 15));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_crlf_accepted() {
+        let file = "\u{feff}10.1.1.1 21 : 65001\r\n\r\n1.2.3.4 * : 5 udp\r\n";
+        let (rules, errors) = parse_bytes(file.as_bytes());
+        assert_eq!(errors, []);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].text, "10.1.1.1 21 : 65001");
+        assert_eq!(rules[1].line, 3);
+        assert_eq!(rules[1].protocols, Protocols::UDP);
+        // Columns on line 1 do not count the mark.
+        assert_eq!(error("\u{feff}1.2.3.4 x : 5").1, 9);
+        // Anywhere else it is a character like any other, shown escaped.
+        let (_, col, message) = error("1.2.3.4 * : 5\n\u{feff}1.2.3.4 * : 5");
+        assert_eq!(col, 1);
+        assert!(message.contains(r"`\u{feff}1.2.3.4`"), "{message}");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_messages() {
+        for (text, shown) in [
+            ("1.2.3.4 1\0 : 5", r"bad destination port `1\0`"),
+            (
+                "bad\u{1b}[2J.example * : 5",
+                r"unexpected character `\u{1b}`",
+            ),
+            ("1.2.3.4 * : 5 udp\u{7f}", r"unknown protocol `udp\u{7f}`"),
+        ] {
+            let (_, _, message) = error(text);
+            assert!(message.contains(shown), "{text:?}: {message}");
+            assert!(!message.chars().any(char::is_control), "{message:?}");
+        }
     }
 
     #[test]

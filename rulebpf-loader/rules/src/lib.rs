@@ -39,6 +39,7 @@
 //! assert_eq!(reference, Some(verdict.rule as usize));
 //! ```
 pub mod compile;
+mod file;
 mod first_match;
 pub mod grammar;
 pub mod resolve;
@@ -48,4 +49,4 @@ pub mod ruleset;
 pub use first_match::first_match;
 pub use resolve::Names;
 pub use rulebpf_common::{Family, Protocol};
-pub use ruleset::{RuleFileError, RuleSet};
+pub use ruleset::{LoadLimits, RuleFileError, RuleSet};

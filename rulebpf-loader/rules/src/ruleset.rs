@@ -1,6 +1,10 @@
 //! A rule file made ready for the kernel: read, parsed, names resolved,
 //! compiled. Nothing here touches the kernel, so `check` and `explain` use it
 //! as they are, and `attach` only proceeds once it succeeded as a whole.
+//!
+//! The file is not trusted: [`LoadLimits`] bounds what reading it
+//! (`crate::file`: regular files only, a size limit) and compiling it
+//! ([`Budget`]) may cost.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,11 +12,36 @@ use std::{
 };
 
 use crate::{
-    compile::{self, CompileError, Compiled},
+    compile::{self, Budget, CompileError, Compiled},
+    file,
     grammar::{self, ParseError},
     resolve::{self, NameFailure, Names},
     rule::{Dest, Rule},
 };
+
+/// What loading one rule file may cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadLimits {
+    /// The largest file read, in bytes (`--max-file-size`).
+    pub max_file_bytes: u64,
+    /// What compiling it may cost (`--max-kernel-memory`).
+    pub compile: Budget,
+}
+
+/// 128 MiB: 1,000,000 rules of a realistic 40 to 64 bytes a line
+/// (`dc1.corp.example 389,636,3268-3269 : 41300-41399`, an IPv6 address,
+/// a comment now and then) are 40-64 MB; twice that leaves room for long
+/// names and comments, and reading it is a fraction of a second.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 128 << 20;
+
+impl Default for LoadLimits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            compile: Budget::default(),
+        }
+    }
+}
 
 /// A rule file that compiled.
 #[derive(Debug)]
@@ -39,6 +68,18 @@ pub enum RuleFileError {
     Read {
         path: PathBuf,
         error: std::io::Error,
+    },
+    /// A device or a FIFO: reading would never end, or never start.
+    #[error("{} is not a regular file ({kind})", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "{} is {size} bytes; the limit is {limit} (--max-file-size)",
+        path.display()
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
     },
     /// Every malformed line, one `file:line:col: message` per line, then
     /// a warning for each good line whose name did not resolve.
@@ -101,19 +142,27 @@ impl RuleSet {
         unresolved_rules(&self.rules, &self.name_failures)
     }
 
-    /// Reads, parses, resolves and compiles `path`.
+    /// Reads, parses, resolves and compiles `path` within the default
+    /// [`LoadLimits`].
     pub fn load(path: &Path) -> Result<Self, RuleFileError> {
-        Self::load_keeping(path, &Names::new())
+        Self::load_within(path, &Names::new(), &LoadLimits::default())
     }
 
     /// Like [`RuleSet::load`], but a name that fails to resolve keeps its
     /// answer from `last_good` (the service's reloads).
     pub fn load_keeping(path: &Path, last_good: &Names) -> Result<Self, RuleFileError> {
-        let text = std::fs::read_to_string(path).map_err(|error| RuleFileError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
-        let (rules, errors) = grammar::parse_all(&text);
+        Self::load_within(path, last_good, &LoadLimits::default())
+    }
+
+    /// [`RuleSet::load_keeping`] within `limits`.
+    pub fn load_within(
+        path: &Path,
+        last_good: &Names,
+        limits: &LoadLimits,
+    ) -> Result<Self, RuleFileError> {
+        let bytes = file::read(path, limits.max_file_bytes)?;
+        let (rules, errors) = grammar::parse_bytes(&bytes);
+        drop(bytes);
         if !errors.is_empty() {
             // The good lines' names are looked up too, so that one run
             // reports everything that is wrong with the file.
@@ -126,23 +175,39 @@ impl RuleSet {
         }
         let (fresh, failures) = resolve::resolve_all(&resolve::names_in(&rules));
         let answers = resolve::keep_last_good(fresh, failures, last_good);
-        let mut set = Self::from_parts(path, rules, answers.names, answers.unresolved)?;
+        let mut set =
+            Self::from_parts_within(path, rules, answers.names, answers.unresolved, limits)?;
         set.stale_names = answers.stale;
         Ok(set)
     }
 
-    /// Compiles already parsed rules with already resolved names.
+    /// Compiles already parsed rules with already resolved names, within
+    /// the default [`LoadLimits`].
     pub fn from_parts(
         path: &Path,
         rules: Vec<Rule>,
         names: Names,
         name_failures: Vec<NameFailure>,
     ) -> Result<Self, RuleFileError> {
+        Self::from_parts_within(path, rules, names, name_failures, &LoadLimits::default())
+    }
+
+    /// [`RuleSet::from_parts`] within `limits` (the service's DNS refreshes:
+    /// new answers can make a set larger).
+    pub fn from_parts_within(
+        path: &Path,
+        rules: Vec<Rule>,
+        names: Names,
+        name_failures: Vec<NameFailure>,
+        limits: &LoadLimits,
+    ) -> Result<Self, RuleFileError> {
         let start = Instant::now();
         let compiled =
-            compile::compile(&rules, &names).map_err(|error| RuleFileError::Compile {
-                path: path.to_path_buf(),
-                error,
+            compile::compile_within(&rules, &names, limits.compile).map_err(|error| {
+                RuleFileError::Compile {
+                    path: path.to_path_buf(),
+                    error,
+                }
             })?;
         Ok(Self {
             path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
@@ -179,11 +244,55 @@ mod tests {
     fn a_compile_error_names_the_file_and_the_limit() {
         let error = RuleFileError::Compile {
             path: "t.ini".into(),
-            error: CompileError::TooManyStates { limit: 4_000_000 },
+            error: CompileError::KernelMemory {
+                limit: 256 << 20,
+                culprits: compile::Culprits::default(),
+            },
         };
         assert_eq!(
             error.to_string(),
-            "t.ini: rule set too complex: more than 4000000 automaton states"
+            "t.ini: rule set too large: its lookup maps would need more than 256 MiB \
+             of kernel memory (the limit, --max-kernel-memory)"
+        );
+    }
+
+    #[test]
+    fn loading_keeps_within_its_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.ini");
+        std::fs::write(&path, "\u{feff}1.2.3.4 * : 5\r\n*.1.*.* 80 : 6\r\n").unwrap();
+        let set = RuleSet::load(&path).unwrap();
+        assert_eq!(set.rules.len(), 2);
+        let small = LoadLimits {
+            max_file_bytes: 10,
+            ..LoadLimits::default()
+        };
+        let error = RuleSet::load_within(&path, &Names::new(), &small).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                RuleFileError::TooLarge {
+                    size: 34,
+                    limit: 10,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let tight = LoadLimits {
+            compile: Budget {
+                max_kernel_bytes: 1024,
+                ..Budget::default()
+            },
+            ..LoadLimits::default()
+        };
+        let error = RuleSet::load_within(&path, &Names::new(), &tight).unwrap_err();
+        let RuleFileError::Compile { error, .. } = error else {
+            panic!("{error}")
+        };
+        assert!(
+            matches!(error, CompileError::KernelMemory { limit: 1024, .. }),
+            "{error}"
         );
     }
 

@@ -8,14 +8,10 @@ use rulebpf_common::DFA_DEAD;
 
 use super::{
     CompileError,
+    budget::{Culprits, Exceeded, Meter},
     ports::{Painter, PortTable, Tables},
 };
 use crate::rule::{AddrPattern, Origin, PortRange};
-
-/// Upper bound on automaton states and on entries stored in them, so that a
-/// pathological file fails with a message instead of eating the machine.
-const MAX_STATES: usize = 4_000_000;
-const MAX_STATE_ENTRIES: usize = 200_000_000;
 
 /// Per-rule facts the automaton needs, indexed like the rule list.
 pub(super) struct RuleFacts {
@@ -57,18 +53,19 @@ pub(super) struct Transitions {
     pub(super) edges: Vec<(u8, Target)>,
 }
 
-/// What every automaton together may still use.
-pub(super) struct Limits {
-    states: usize,
-    entries: usize,
+/// The level being built: its states, hash-consed; after the last octet,
+/// the shared port tables and the table of each state instead.
+struct Level<'t> {
+    index: HashMap<StateKey, u32>,
+    tables: Option<(&'t mut Tables, Vec<u32>)>,
 }
 
-impl Limits {
-    pub(super) fn new() -> Self {
-        Self {
-            states: MAX_STATES,
-            entries: MAX_STATE_ENTRIES,
-        }
+impl Level<'_> {
+    /// The states in the order they were numbered.
+    fn into_states(self) -> Vec<StateKey> {
+        let mut numbered: Vec<(StateKey, u32)> = self.index.into_iter().collect();
+        numbered.sort_unstable_by_key(|&(_, id)| id);
+        numbered.into_iter().map(|(key, _)| key).collect()
     }
 }
 
@@ -76,7 +73,8 @@ impl Limits {
 pub(super) struct Builder<'a> {
     pub(super) facts: &'a [RuleFacts],
     pub(super) entries: &'a [Entry],
-    pub(super) limits: &'a mut Limits,
+    /// Shared by every automaton of the rule set: the budget is for all.
+    pub(super) meter: &'a mut Meter,
 }
 
 impl Builder<'_> {
@@ -93,27 +91,32 @@ impl Builder<'_> {
         let root = self.settle(all, terminal, 0);
         let mut level_states = vec![root];
         let mut levels: Vec<Vec<Transitions>> = Vec::new();
+        // After the last octet each state is a port table (its id, below).
+        let mut below: Vec<u32> = Vec::new();
         for k in 0..width {
-            let mut next_index: HashMap<StateKey, u32> = HashMap::new();
-            let mut next_states: Vec<StateKey> = Vec::new();
+            let mut next = Level {
+                index: HashMap::new(),
+                // Tables as the states come, so that a file whose tables
+                // multiply stops early.
+                tables: (k + 1 == width).then_some((&mut *tables, Vec::new())),
+            };
             let mut transitions = Vec::with_capacity(level_states.len());
             for state in &level_states {
-                transitions.push(self.step(state, k, &mut next_index, &mut next_states)?);
+                let counted = self.step(state, k, &mut next).and_then(|t| {
+                    self.meter.built(0, t.edges.len(), 0)?;
+                    Ok(t)
+                });
+                match counted {
+                    Ok(t) => transitions.push(t),
+                    Err(exceeded) => return Err(self.refusal(exceeded, &level_states)),
+                }
             }
-            self.limits.states = self
-                .limits
-                .states
-                .checked_sub(next_states.len())
-                .ok_or(CompileError::TooManyStates { limit: MAX_STATES })?;
             levels.push(transitions);
-            level_states = next_states;
+            match next.tables {
+                Some((_, ids)) => below = ids,
+                None => level_states = next.into_states(),
+            }
         }
-
-        // After the last octet each surviving state becomes a port table.
-        let mut below: Vec<u32> = level_states
-            .iter()
-            .map(|state| tables.intern(self.port_table(state)))
-            .collect();
 
         // Minimise bottom-up: states with equal transitions are one state.
         let mut canonical_levels: Vec<Vec<Transitions>> = Vec::new();
@@ -154,49 +157,93 @@ impl Builder<'_> {
         Ok(canonical_levels)
     }
 
-    /// Transitions of `state` on octet position `k`.
+    /// The id of the port table of `state`, a state after the last octet.
+    fn table(&mut self, state: &StateKey, tables: &mut Tables) -> Result<u32, Exceeded> {
+        let table = self.port_table(state);
+        self.meter.work(table.len())?;
+        let (id, new_prefixes) = tables.intern(table);
+        self.meter.built(0, 0, new_prefixes)?;
+        Ok(id)
+    }
+
+    /// Why the compile stops, naming the rules that multiply among the
+    /// `states` being expanded when the budget ran out.
+    fn refusal(&self, exceeded: Exceeded, states: &[StateKey]) -> CompileError {
+        let culprits = self.culprits(states);
+        let budget = self.meter.budget();
+        match exceeded {
+            Exceeded::KernelMemory => CompileError::KernelMemory {
+                limit: budget.max_kernel_bytes,
+                culprits,
+            },
+            Exceeded::Work => CompileError::Work {
+                limit: budget.max_work,
+                culprits,
+            },
+        }
+    }
+
+    /// The rules of a multiplying shape ([`multiplies`]), those in the most
+    /// `states` first.
+    fn culprits(&self, states: &[StateKey]) -> Culprits {
+        let mut presence: HashMap<u32, usize> = HashMap::new();
+        for state in states {
+            let mut last = None;
+            for &id in &state.entries {
+                let entry = &self.entries[id as usize];
+                // Entries are in rule order: a rule's alternatives are adjacent.
+                if last != Some(entry.rule) && multiplies(&entry.pattern) {
+                    *presence.entry(entry.rule).or_default() += 1;
+                }
+                last = Some(entry.rule);
+            }
+        }
+        let mut ranked: Vec<(usize, u32)> = presence
+            .into_iter()
+            .map(|(rule, count)| (count, self.facts[rule as usize].line))
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let more = ranked.len().saturating_sub(Culprits::SHOWN);
+        let mut lines: Vec<u32> = ranked
+            .into_iter()
+            .take(Culprits::SHOWN)
+            .map(|(_, line)| line)
+            .collect();
+        lines.sort_unstable();
+        Culprits { lines, more }
+    }
+
+    /// Transitions of `state` on octet position `k`, into `next`.
     fn step(
         &mut self,
         state: &StateKey,
         k: usize,
-        next_index: &mut HashMap<StateKey, u32>,
-        next_states: &mut Vec<StateKey>,
-    ) -> Result<Transitions, CompileError> {
+        next: &mut Level<'_>,
+    ) -> Result<Transitions, Exceeded> {
         let mut wild = Vec::new();
         let mut buckets: BTreeMap<u8, Vec<u32>> = BTreeMap::new();
+        let mut visits = state.entries.len();
         for &id in &state.entries {
             let range = self.entries[id as usize].pattern.octets()[k];
             if range.is_any() {
                 wild.push(id);
             } else {
+                visits += range.hi as usize - range.lo as usize + 1;
                 for v in range.lo..=range.hi {
                     buckets.entry(v).or_default().push(id);
                 }
             }
         }
+        self.meter.work(visits)?;
         // Negated rules with no `*` alternative at this octet: an octet none of
         // their alternatives covers makes them match unconditionally.
         let fragile: Vec<u32> = self.fragile_negated(&state.entries, k);
 
-        let mut intern = |this: &mut Self, key: StateKey| -> Result<Target, CompileError> {
-            if key.entries.is_empty() && key.terminal == NO_TERMINAL {
-                return Ok(DFA_DEAD);
-            }
-            this.limits.entries = this.limits.entries.checked_sub(key.entries.len()).ok_or(
-                CompileError::TooManyStateEntries {
-                    limit: MAX_STATE_ENTRIES,
-                },
-            )?;
-            Ok(*next_index.entry(key).or_insert_with_key(|key| {
-                next_states.push(key.clone());
-                next_states.len() as u32 - 1
-            }))
-        };
         let default_terminal = state
             .terminal
             .min(fragile.first().copied().unwrap_or(NO_TERMINAL));
         let default_key = self.settle(wild.clone(), default_terminal, k + 1);
-        let default = intern(self, default_key)?;
+        let default = self.intern(default_key, next)?;
 
         let mut edges = Vec::new();
         for (octet, bucket) in buckets {
@@ -211,7 +258,7 @@ impl Builder<'_> {
                 .unwrap_or(NO_TERMINAL);
             let merged = merge_sorted(&bucket, &wild);
             let key = self.settle(merged, state.terminal.min(died), k + 1);
-            let target = intern(self, key)?;
+            let target = self.intern(key, next)?;
             if target != default {
                 edges.push((octet, target));
             }
@@ -239,21 +286,75 @@ impl Builder<'_> {
         out
     }
 
-    /// Applies the terminal cut after `consumed` octets have been read.
+    /// The target of a transition to the state `key` in `next`: dead, a
+    /// state already there, or a new one (metered; after the last octet
+    /// its port table is made at once).
+    fn intern(&mut self, key: StateKey, next: &mut Level<'_>) -> Result<Target, Exceeded> {
+        if key.entries.is_empty() && key.terminal == NO_TERMINAL {
+            return Ok(DFA_DEAD);
+        }
+        self.meter.work(key.entries.len())?;
+        if let Some(&id) = next.index.get(&key) {
+            return Ok(id);
+        }
+        let id = next.index.len() as u32;
+        match &mut next.tables {
+            Some((tables, ids)) => ids.push(self.table(&key, tables)?),
+            None => self.meter.built(1, 0, 0)?,
+        }
+        next.index.insert(key, id);
+        Ok(id)
+    }
+
+    /// Applies the cuts after `consumed` octets have been read. Two kinds
+    /// of rules can no longer decide anything below the state, and go:
+    ///
+    /// * everything from the *terminal* on: the first rule certain to
+    ///   match every destination below, whatever the port (a non-negated
+    ///   rule with port `*` whose remaining octets are all `*`);
+    /// * a rule whose ports are all claimed by earlier rules certain to
+    ///   match (a repeated line, a port under a broader rule): this keeps
+    ///   a file of many such rules from carrying them in every state. A
+    ///   rule is certain to match once its remaining octets are all `*`;
+    ///   then a negated one claims the ports outside its set, like any
+    ///   rule. A negated rule that is not certain stays: leaving its
+    ///   pattern makes it match every port (see `fragile_negated`). Once
+    ///   earlier rules claim every port, nothing after them can decide.
     fn settle(&self, mut entries: Vec<u32>, terminal: u32, consumed: usize) -> StateKey {
         let mut terminal = terminal;
-        for &id in &entries {
+        // Ports claimed by the kept rules certain to match; made when the
+        // first such rule comes.
+        let mut claimed: Option<Painter> = None;
+        entries.retain(|&id| {
             let entry = &self.entries[id as usize];
-            if entry.rule >= terminal {
-                break;
+            if entry.rule >= terminal || claimed.as_ref().is_some_and(Painter::is_full) {
+                return false;
             }
             let facts = &self.facts[entry.rule as usize];
-            if !facts.negated && facts.ports_any && entry.wild_from <= consumed {
-                terminal = entry.rule;
-                break;
+            let certain = entry.wild_from <= consumed;
+            if facts.negated && !certain {
+                return true;
             }
-        }
-        entries.retain(|&id| self.entries[id as usize].rule < terminal);
+            if let Some(painter) = &claimed
+                && facts
+                    .claims
+                    .iter()
+                    .all(|range| painter.is_claimed(range.lo, range.hi))
+            {
+                return false;
+            }
+            if certain {
+                if !facts.negated && facts.ports_any {
+                    terminal = entry.rule;
+                    return false;
+                }
+                let painter = claimed.get_or_insert_with(Painter::new);
+                for range in &facts.claims {
+                    painter.fill(range.lo, range.hi, entry.rule);
+                }
+            }
+            true
+        });
         StateKey { entries, terminal }
     }
 
@@ -280,6 +381,16 @@ impl Builder<'_> {
         }
         paint.into_intervals()
     }
+}
+
+/// Whether `pattern` fixes an octet after a free one (`*.5.*.*`,
+/// `10.*.5.*`): the automaton must then remember the free octets' values
+/// in combination with other rules, and such rules multiply each other's
+/// states. Addresses and prefixes (`10.0.0.0/8`, `10.*.*.*`) never do.
+fn multiplies(pattern: &AddrPattern) -> bool {
+    let octets = pattern.octets();
+    let first_free = octets.iter().position(|o| o.lo != o.hi);
+    first_free.is_some_and(|k| octets[k + 1..].iter().any(|o| !o.is_any()))
 }
 
 /// Two ascending, disjoint id lists as one ascending list (rule order).

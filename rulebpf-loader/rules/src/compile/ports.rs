@@ -19,15 +19,23 @@ pub(super) struct Tables {
 
 impl Tables {
     /// The id of `table` (shared with an equal one already here), or
-    /// `DFA_DEAD` for an empty table: no port matches.
-    pub(super) fn intern(&mut self, table: PortTable) -> u32 {
+    /// `DFA_DEAD` for an empty table: no port matches. With it, the number
+    /// of LPM prefixes the table adds to the map (0 when it was here).
+    pub(super) fn intern(&mut self, table: PortTable) -> (u32, usize) {
         if table.is_empty() {
-            return DFA_DEAD;
+            return (DFA_DEAD, 0);
         }
-        *self.index.entry(table.clone()).or_insert_with(|| {
-            self.list.push(table);
-            self.list.len() as u32 - 1
-        })
+        if let Some(&id) = self.index.get(&table) {
+            return (id, 0);
+        }
+        let prefixes = table
+            .iter()
+            .map(|&(lo, hi, _)| port_prefixes(lo, hi).len())
+            .sum();
+        let id = self.list.len() as u32;
+        self.index.insert(table.clone(), id);
+        self.list.push(table);
+        (id, prefixes)
     }
 }
 
@@ -48,6 +56,16 @@ impl Painter {
 
     pub(super) fn is_full(&self) -> bool {
         self.free.is_empty()
+    }
+
+    /// Whether every port of `[lo, hi]` is claimed: the last free interval
+    /// starting at or before `hi` ends before `lo` (free intervals are
+    /// disjoint and sorted, so no earlier one reaches further).
+    pub(super) fn is_claimed(&self, lo: u16, hi: u16) -> bool {
+        self.free
+            .range(..=hi)
+            .next_back()
+            .is_none_or(|(_, &end)| end < lo)
     }
 
     pub(super) fn fill(&mut self, lo: u16, hi: u16, rule: u32) {

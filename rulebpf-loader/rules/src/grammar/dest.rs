@@ -3,7 +3,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::{LineError, err, tokens::Token};
+use super::{
+    LineError, cut, err,
+    tokens::{Token, width},
+};
 use crate::rule::{AddrPattern, Dest, OctetRange};
 
 pub(super) fn parse_dest(token: Token<'_>) -> Result<Dest, LineError> {
@@ -31,23 +34,19 @@ pub(super) fn parse_dest(token: Token<'_>) -> Result<Dest, LineError> {
 }
 
 fn parse_pattern(token: Token<'_>) -> Result<AddrPattern, LineError> {
-    let parts: Vec<&str> = token.text.split('.').collect();
-    if parts.len() != 4 {
+    let count = token.text.split('.').count();
+    if count != 4 {
         return err(
             token.col,
             format!(
-                "an IPv4 address or pattern has 4 octets, `{}` has {}",
-                token.text,
-                parts.len()
+                "an IPv4 address or pattern has 4 octets, `{}` has {count}",
+                cut(token.text),
             ),
         );
     }
     let mut octets = [OctetRange::ANY; 4];
-    let mut byte = 0;
-    for (slot, part) in octets.iter_mut().zip(parts) {
-        let col = token.col_at(byte);
-        *slot = parse_octet(part, col)?;
-        byte += part.len() + 1;
+    for (slot, part) in octets.iter_mut().zip(token.split('.')) {
+        *slot = parse_octet(part.text, part.col)?;
     }
     Ok(AddrPattern::V4(octets))
 }
@@ -64,7 +63,10 @@ fn parse_ipv4_prefix(token: Token<'_>, addr: &str, len: &str) -> Result<AddrPatt
     if octets.iter().any(|o| o.lo != o.hi) {
         return err(
             token.col,
-            format!("`{}`: a prefix needs a plain address, not `*`", token.text),
+            format!(
+                "`{}`: a prefix needs a plain address, not `*`",
+                cut(token.text)
+            ),
         );
     }
     let base = Ipv4Addr::from(octets.map(|o| o.lo));
@@ -81,17 +83,19 @@ fn parse_ipv6(token: Token<'_>) -> Result<AddrPattern, LineError> {
         let prefix = if after.starts_with('/') { after } else { "" };
         return err(
             token.col,
-            format!("write an IPv6 address without brackets: `{addr}{prefix}`"),
+            format!(
+                "write an IPv6 address without brackets: `{}`",
+                cut(&format!("{addr}{prefix}"))
+            ),
         );
     }
     let (addr_text, len_text) = match token.text.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (token.text, None),
     };
-    let addr: Ipv6Addr = addr_text.parse().map_err(|_| LineError {
-        col: token.col,
-        message: format!("bad IPv6 address `{addr_text}`"),
-    })?;
+    let addr: Ipv6Addr = addr_text
+        .parse()
+        .map_err(|_| LineError::new(token.col, format!("bad IPv6 address `{}`", cut(addr_text))))?;
     if let Some(v4) = addr.to_ipv4_mapped() {
         return err(
             token.col,
@@ -113,11 +117,17 @@ fn parse_ipv6(token: Token<'_>) -> Result<AddrPattern, LineError> {
 fn parse_prefix_len(token: Token<'_>, byte: usize, text: &str, max: u8) -> Result<u8, LineError> {
     let col = token.col_at(byte);
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return err(col, format!("bad prefix length `{text}`: expected 0-{max}"));
+        return err(
+            col,
+            format!("bad prefix length `{}`: expected 0-{max}", cut(text)),
+        );
     }
     match text.parse::<u16>() {
         Ok(v) if v <= u16::from(max) => Ok(v as u8),
-        _ => err(col, format!("prefix length `{text}` is longer than {max}")),
+        _ => err(
+            col,
+            format!("prefix length `{}` is longer than {max}", cut(text)),
+        ),
     }
 }
 
@@ -158,19 +168,22 @@ fn parse_octet(part: &str, col: u32) -> Result<OctetRange, LineError> {
     if part.contains('*') {
         return err(
             col,
-            format!("bad octet `{part}`: `*` must be the whole octet"),
+            format!("bad octet `{}`: `*` must be the whole octet", cut(part)),
         );
     }
     if part.len() > 1 && part.starts_with('0') {
         // inet_aton would read this as octal; refuse instead of guessing.
         return err(
             col,
-            format!("bad octet `{part}`: leading zeros are ambiguous"),
+            format!("bad octet `{}`: leading zeros are ambiguous", cut(part)),
         );
     }
     match part.parse::<u16>() {
         Ok(v) if v <= 255 => Ok(OctetRange::exact(v as u8)),
-        _ => err(col, format!("bad octet `{part}`: must be 0-255 or `*`")),
+        _ => err(
+            col,
+            format!("bad octet `{}`: must be 0-255 or `*`", cut(part)),
+        ),
     }
 }
 
@@ -180,22 +193,23 @@ fn validate_name(token: Token<'_>) -> Result<(), LineError> {
     if text.len() > 253 {
         return err(token.col, "DNS name longer than 253 characters");
     }
-    let mut byte = 0;
-    for label in text.strip_suffix('.').unwrap_or(text).split('.') {
-        let col = token.col_at(byte);
+    let labels = Token {
+        text: text.strip_suffix('.').unwrap_or(text),
+        col: token.col,
+    };
+    for Token { text: label, col } in labels.split('.') {
         if label.is_empty() {
             return err(col, format!("bad DNS name `{text}`: empty label"));
         }
         if label.len() > 63 {
             return err(col, format!("bad DNS name `{text}`: label longer than 63"));
         }
-        if let Some(pos) = label
-            .bytes()
-            .position(|b| !(b.is_ascii_alphanumeric() || b == b'-'))
+        if let Some((pos, ch)) = label
+            .char_indices()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '-'))
         {
-            let ch = label[pos..].chars().next().unwrap_or('?');
             return err(
-                token.col_at(byte + pos),
+                col.saturating_add(width(&label[..pos])),
                 format!("bad DNS name `{text}`: unexpected character `{ch}`"),
             );
         }
@@ -205,7 +219,6 @@ fn validate_name(token: Token<'_>) -> Result<(), LineError> {
                 format!("bad DNS name `{text}`: a label cannot start or end with `-`"),
             );
         }
-        byte += label.len() + 1;
     }
     Ok(())
 }

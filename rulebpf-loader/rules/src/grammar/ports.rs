@@ -1,7 +1,7 @@
 //! The port fields (`DEST_PORTS`, `ORG_PORTS`) and the optional `PROTOCOL`.
 
 use super::{
-    LineError, err,
+    LineError, cut, err,
     tokens::{Piece, Token},
 };
 use crate::rule::{Origin, PortRange, PortSet, Protocols};
@@ -22,26 +22,25 @@ pub(super) fn blank_in_port_list<'a>(
             _ => break,
         }
     }
-    (joined.len() > list.text.len()).then(|| LineError {
-        col: list.col_at(list.text.len()),
-        message: format!("a port list has no blanks: write `{joined}`"),
+    (joined.len() > list.text.len()).then(|| {
+        LineError::new(
+            list.col_at(list.text.len()),
+            format!("a port list has no blanks: write `{}`", cut(&joined)),
+        )
     })
 }
 
 /// `*`, or comma-separated ports and ranges: `389,636,3268-3269`.
 pub(super) fn parse_port_list(token: Token<'_>) -> Result<PortSet, LineError> {
     let mut ranges = Vec::new();
-    let mut byte = 0;
-    for part in token.text.split(',') {
-        let col = token.col_at(byte);
-        if part.is_empty() {
+    for part in token.split(',') {
+        if part.text.is_empty() {
             return err(
-                col,
-                format!("empty entry in the port list `{}`", token.text),
+                part.col,
+                format!("empty entry in the port list `{}`", cut(token.text)),
             );
         }
-        ranges.push(parse_port_range(Token { text: part, col }, "destination")?);
-        byte += part.len() + 1;
+        ranges.push(parse_port_range(part, "destination")?);
     }
     Ok(PortSet::new(ranges).expect("split yields at least one part"))
 }
@@ -62,7 +61,10 @@ fn parse_port_range(token: Token<'_>, what: &str) -> Result<PortRange, LineError
     if hi < lo {
         return err(
             token.col,
-            format!("reversed {what} port range `{}`: {lo} > {hi}", token.text),
+            format!(
+                "reversed {what} port range `{}`: {lo} > {hi}",
+                cut(token.text)
+            ),
         );
     }
     Ok(PortRange { lo, hi })
@@ -75,12 +77,15 @@ fn parse_port(text: &str, col: u32, what: &str) -> Result<u16, LineError> {
     if !text.bytes().all(|b| b.is_ascii_digit()) {
         return err(
             col,
-            format!("bad {what} port `{text}`: expected a number 0-65535"),
+            format!("bad {what} port `{}`: expected a number 0-65535", cut(text)),
         );
     }
     match text.parse::<u32>() {
         Ok(v) if v <= 65535 => Ok(v as u16),
-        _ => err(col, format!("{what} port `{text}` is larger than 65535")),
+        _ => err(
+            col,
+            format!("{what} port `{}` is larger than 65535", cut(text)),
+        ),
     }
 }
 
@@ -117,7 +122,7 @@ pub(super) fn parse_protocols(token: Token<'_>) -> Result<Protocols, LineError> 
             token.col,
             format!(
                 "unknown protocol `{}`: expected tcp, udp or tcp+udp",
-                token.text
+                cut(token.text)
             ),
         ),
     }
