@@ -11,6 +11,7 @@
 mod initramfs;
 mod kernel;
 mod qemu;
+pub mod systemd;
 
 use std::{
     fmt::Write as _,
