@@ -22,6 +22,16 @@
 //!
 //! First-match order and negation are resolved entirely by the compiler; the
 //! hook never sees a rule list.
+//!
+//! **Instance maps** ([`shared_map_names`]) outlive rule sets: created with
+//! the entry object, pinned in the instance's directory, and reused by every
+//! rule set (pinned by name), so the bookkeeping of live sockets survives a
+//! swap. `RULEBPF_TUPLES` holds a [`TupleKey`] per live socket the hook bound
+//! with port sharing (what makes a port "busy toward a destination"),
+//! `RULEBPF_SOCKS` the [`SockState`] of each such socket (socket-local
+//! storage, read back when the socket is released), `RULEBPF_OCCUPANCY` the
+//! [`Occupancy`] of each rule by its [`Verdict::key`], and
+//! `RULEBPF_COUNTERS` the instance's [`Counter`]s.
 #![no_std]
 
 /// Name of the connect4 program in the object file.
@@ -53,6 +63,16 @@ pub mod jump_names {
 /// The slot of a jump map that holds the rule set in force.
 pub const JUMP_SLOT: u32 = 0;
 
+/// The bookkeeping programs of the entry object, attached beside the entry
+/// programs: they keep the instance maps true whatever rule set is in force.
+pub const PROGRAM_BIND4: &str = "rulebpf_bind4";
+/// See [`PROGRAM_BIND4`].
+pub const PROGRAM_BIND6: &str = "rulebpf_bind6";
+/// See [`PROGRAM_BIND4`]; 15 bytes, what the kernel keeps of a name.
+pub const PROGRAM_RELEASE: &str = "rulebpf_release";
+/// See [`PROGRAM_BIND4`].
+pub const PROGRAM_SOCKOPS: &str = "rulebpf_sockops";
+
 /// Map names, as the loader finds them in the object file.
 pub mod map_names {
     pub const ROOTS: &str = "RULEBPF_ROOTS";
@@ -63,13 +83,48 @@ pub mod map_names {
     pub const CURSOR: &str = "RULEBPF_CURSOR";
 }
 
+/// The instance maps: declared identically (pinned by name) in the entry
+/// object and in every rule-set object, created once per instance.
+pub mod shared_map_names {
+    /// [`super::TupleKey`] -> rule key (`u64`): live sockets bound with port
+    /// sharing, by protocol, destination and origin port.
+    pub const TUPLES: &str = "RULEBPF_TUPLES";
+    /// Socket-local storage: [`super::SockState`].
+    pub const SOCKS: &str = "RULEBPF_SOCKS";
+    /// Rule key (`u64`) -> [`super::Occupancy`].
+    pub const OCCUPANCY: &str = "RULEBPF_OCCUPANCY";
+    /// [`super::PortUse`] -> sockets on that port of that rule (`u64`).
+    pub const PORT_USE: &str = "RULEBPF_PORT_USE";
+    /// Per-CPU `u64` counters, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "RULEBPF_COUNTERS";
+    pub const ALL: [&str; 5] = [TUPLES, SOCKS, OCCUPANCY, PORT_USE, COUNTERS];
+}
+
+/// Entries of `RULEBPF_TUPLES` unless the instance is created with another
+/// capacity: live shared sockets of the instance.
+pub const TUPLE_CAPACITY: u32 = 65_536;
+/// Entries of `RULEBPF_OCCUPANCY` (rules that bound a socket) and of
+/// `RULEBPF_PORT_USE` (ports with a socket, per rule).
+pub const OCCUPANCY_CAPACITY: u32 = 65_536;
+
 /// Names of the read-only globals the loader sets before the program loads.
 pub mod global_names {
     /// `u32`: [`super::POLICY_STRICT`] or [`super::POLICY_FALLBACK`].
     pub const POLICY: &str = "RULEBPF_POLICY";
     /// `u32`: 1 when the kernel has `bpf_set_retval` (5.18+), else 0.
     pub const SET_RETVAL: &str = "RULEBPF_SET_RETVAL";
+    /// `u32`: 1 to share origin ports among destinations (the default), 0
+    /// for one socket per origin port.
+    pub const SHARING: &str = "RULEBPF_SHARING";
+    /// `u32`: [`super::APP_BOUND_KEEP`] or [`super::APP_BOUND_REFUSE`].
+    pub const APP_BOUND: &str = "RULEBPF_APP_BOUND";
 }
+
+/// A socket the application bound outside the rule's range keeps its port.
+pub const APP_BOUND_KEEP: u32 = 0;
+/// A socket the application bound outside the rule's range fails connect()
+/// with `EPERM`.
+pub const APP_BOUND_REFUSE: u32 = 1;
 
 /// No free port in the range: `connect()` fails with `EADDRNOTAVAIL`.
 pub const POLICY_STRICT: u32 = 0;
@@ -202,6 +257,35 @@ pub struct Verdict {
     pub org_lo: u16,
     /// Last origin port (inclusive); equal to `org_lo` for a single port.
     pub org_hi: u16,
+    /// Always 0 (keeps `key` aligned, no padding bytes).
+    pub reserved: u32,
+    /// The rule's stable identity across rule sets (its text and which
+    /// occurrence of that text it is), set by the loader: the key of
+    /// `RULEBPF_OCCUPANCY` and of the sockets bound under the rule.
+    pub key: u64,
+}
+
+impl Verdict {
+    /// A verdict without its key (the loader sets it when filling the map).
+    pub const fn new(rule: u32, line: u32, org_lo: u16, org_hi: u16) -> Self {
+        Self {
+            rule,
+            line,
+            org_lo,
+            org_hi,
+            reserved: 0,
+            key: 0,
+        }
+    }
+
+    /// Ports in the origin range (0 for "the OS chooses").
+    pub const fn range_size(&self) -> u32 {
+        if self.org_lo == 0 {
+            0
+        } else {
+            self.org_hi as u32 - self.org_lo as u32 + 1
+        }
+    }
 }
 
 /// Value of `RULEBPF_STATS` (per-CPU array indexed by rule).
@@ -214,7 +298,142 @@ pub struct RuleStats {
     pub bound: u64,
     /// connect() calls for which no port of the range could be bound.
     pub exhausted: u64,
+    /// Sockets the application had bound to a port it chose (`bind(addr,
+    /// P)`) before connect(): kept (or refused, `--app-bound refuse`).
+    pub app_chose: u64,
+    /// Sockets bound before connect() to a port the kernel chose: `bind(addr,
+    /// 0)`, or a UDP socket that sent before it connected.
+    pub kernel_chose: u64,
 }
+
+/// Key of `RULEBPF_TUPLES`: a live socket the hook bound with port sharing,
+/// as the kernel tells connections apart (the local address aside: one
+/// entry per origin port and destination, whatever the source address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    /// [`Family`] as `u8`: an IPv4-mapped destination is IPv4.
+    pub family: u8,
+    /// [`Protocol`] as `u8`.
+    pub protocol: u8,
+    /// Host order.
+    pub origin_port: u16,
+    /// Host order.
+    pub dest_port: u16,
+    pub pad: u16,
+    /// Network order; an IPv4 address in the first word, the rest 0.
+    pub dest_addr: [u32; 4],
+}
+
+/// Value of `RULEBPF_SOCKS` (socket-local storage): what the release of a
+/// socket must undo, and what the bind hooks saw.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    /// The socket's entry in `RULEBPF_TUPLES` (valid with [`SOCK_TUPLE`]).
+    pub tuple: TupleKey,
+    /// The rule it was bound under (valid with [`SOCK_COUNTED`]).
+    pub rule_key: u64,
+    /// `SOCK_*` flags.
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// The hook bound this socket to an origin port.
+pub const SOCK_OURS: u32 = 1;
+/// `SockState::tuple` is in `RULEBPF_TUPLES`: delete it at release.
+pub const SOCK_TUPLE: u32 = 1 << 1;
+/// The socket counts in its rule's `Occupancy::sockets`: subtract at release.
+pub const SOCK_COUNTED: u32 = 1 << 2;
+/// bind() with a port: the application chose it.
+pub const SOCK_APP_CHOSE: u32 = 1 << 3;
+/// bind() with port 0: the kernel chose it.
+pub const SOCK_KERNEL_CHOSE: u32 = 1 << 4;
+/// A socket the application bound, counted at its first connect(): later
+/// connects (a UDP socket connecting elsewhere) only move its tuple.
+pub const SOCK_KEPT: u32 = 1 << 5;
+/// The socket holds a reference in `RULEBPF_PORT_USE`: give it back at
+/// release (the last one frees the port in `Occupancy::in_use`).
+pub const SOCK_PORT: u32 = 1 << 6;
+/// A TCP socket whose state changes the sock_ops program follows: its
+/// tuple goes when the connection is closed (the full socket gone), not
+/// when the application closes it.
+pub const SOCK_FOLLOWED: u32 = 1 << 7;
+
+/// Value of `RULEBPF_OCCUPANCY`: what a rule's range holds now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Ports of the range with at least one live socket the hook bound
+    /// (with sharing a port serves one socket per destination).
+    pub in_use: u64,
+    /// The most `in_use` has been since the instance was created (read
+    /// after each increment: may miss a concurrent peak, never overstates).
+    pub high_water: u64,
+    /// Live sockets the hook bound under the rule.
+    pub sockets: u64,
+}
+
+/// Key of `RULEBPF_PORT_USE`: one port of one rule's range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortUse {
+    pub rule_key: u64,
+    pub port: u16,
+    pub pad: [u16; 3],
+}
+
+/// The instance counters (`RULEBPF_COUNTERS`, per CPU, index = value).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// `RULEBPF_TUPLES` was full: the socket was bound without sharing.
+    TuplesFull = 0,
+    /// `RULEBPF_OCCUPANCY` was full: a rule's sockets are not counted.
+    OccupancyFull = 1,
+    /// `bpf_setsockopt(SO_REUSEADDR/SO_REUSEPORT)` failed (Linux < 6.0): the
+    /// socket was bound without sharing.
+    SharingUnavailable = 2,
+    /// Ports skipped because a live socket of the instance already goes
+    /// from them to the destination.
+    BusyToDestination = 3,
+    /// Sockets released that the hook had bound.
+    Released = 4,
+    /// No socket-local storage could be made for a bound socket: it is not
+    /// tracked (its port is not shared).
+    StorageFailed = 5,
+    /// A reconnect of a socket the hook bound, to a destination that
+    /// socket's port is already busy toward: refused with EADDRNOTAVAIL.
+    RekeyRefused = 6,
+}
+
+impl Counter {
+    pub const ALL: [Self; 7] = [
+        Self::TuplesFull,
+        Self::OccupancyFull,
+        Self::SharingUnavailable,
+        Self::BusyToDestination,
+        Self::Released,
+        Self::StorageFailed,
+        Self::RekeyRefused,
+    ];
+
+    /// snake_case, as `stats --json` and the metrics name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TuplesFull => "tuples_full",
+            Self::OccupancyFull => "occupancy_full",
+            Self::SharingUnavailable => "sharing_unavailable",
+            Self::BusyToDestination => "busy_to_destination",
+            Self::Released => "released",
+            Self::StorageFailed => "storage_failed",
+            Self::RekeyRefused => "rekey_refused",
+        }
+    }
+}
+
+/// Entries of `RULEBPF_COUNTERS` (room for more).
+pub const COUNTERS: u32 = 8;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -223,6 +442,10 @@ mod pod {
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::Verdict {}
     unsafe impl aya::Pod for super::RuleStats {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::Occupancy {}
+    unsafe impl aya::Pod for super::PortUse {}
 }
 
 #[cfg(test)]
@@ -242,6 +465,19 @@ mod tests {
             );
         }
         assert_eq!(Selector::new(Family::Ipv6, Protocol::Udp) as u32, 3);
+    }
+
+    #[test]
+    fn shared_layouts_have_no_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<Verdict>(), 24);
+        assert_eq!(size_of::<TupleKey>(), 24);
+        assert_eq!(size_of::<SockState>(), 40);
+        assert_eq!(size_of::<Occupancy>(), 24);
+        assert_eq!(size_of::<PortUse>(), 16);
+        assert_eq!(size_of::<RuleStats>(), 40);
+        assert_eq!(Verdict::new(0, 1, 5, 9).range_size(), 5);
+        assert_eq!(Verdict::new(0, 1, 0, 0).range_size(), 0);
     }
 
     #[test]

@@ -1,33 +1,86 @@
 //! Binding a socket to a free origin port of a range with `bpf_bind()`.
 //!
-//! The search starts at a per-rule cursor that every connect advances, so
-//! successive connections walk the range like the kernel walks its ephemeral
-//! range, and every port of the range is tried once before giving up: a free
-//! port is always found when one exists, whatever the range size.
+//! The search starts at a per-rule cursor that every connect advances (and
+//! that skips what a search had to skip, so a block of busy ports is walked
+//! once, not by every connect), so successive connections walk the range
+//! like the kernel walks its ephemeral range, and every port of the range is
+//! tried once before giving up: a free port is always found when one exists,
+//! whatever the range size.
 //!
 //! `bpf_bind()` is `__inet_bind()` (or `inet6_bind()`) on the connecting
-//! socket; a port in use (by a live socket or one in TIME_WAIT) fails with
-//! `-EADDRINUSE`.
+//! socket; a port in use fails with `-EADDRINUSE`.
 //! https://github.com/torvalds/linux/blob/v6.12/net/core/filter.c#L5705
+//!
+//! **Port sharing** (the default; `--port-sharing off` binds one socket per
+//! port). A TCP connection is unique by its 4-tuple, and the kernel's own
+//! connect() allocator gives one port to many destinations; so does the
+//! hook:
+//!
+//! 1. Before the search, `SO_REUSEADDR` (TCP) or `SO_REUSEPORT` (UDP) is set
+//!    on the socket with `bpf_setsockopt()`. It takes effect at once
+//!    (`sk->sk_reuse`), so the `bpf_bind()` below honours it: the bind does
+//!    not conflict with the instance's other sockets on that port, connected
+//!    or in TIME_WAIT (which keeps the flag), as long as none of them listens
+//!    (`inet_bind_conflict()`). A socket without the flag (bound by another
+//!    program, or by a rule set without sharing) still excludes the port.
+//!    `bpf_setsockopt()` came to sock_addr programs in 5.8 (beecf11bc218),
+//!    `SO_REUSEADDR` to its allowed options in 6.0 (7e41df5dbba2): before
+//!    that it fails, and the socket is bound without sharing (counted).
+//!    https://github.com/torvalds/linux/blob/v6.12/net/ipv4/inet_connection_sock.c (inet_bind_conflict)
+//! 2. For each candidate port, the connection's tuple `(family, protocol,
+//!    destination, destination port, origin port)` is inserted in
+//!    `RULEBPF_TUPLES` with `BPF_NOEXIST`: atomic, so of two racing connects
+//!    only one gets a port toward one destination. An existing entry means
+//!    a live socket of the instance already goes from that port to that
+//!    destination: next port. Without this, the clash would only be found by
+//!    connect() after the hook returned (`__inet_check_established()`: TCP
+//!    fails with EADDRNOTAVAIL although other ports are free; UDP does not
+//!    check at all and two sockets would share one 4-tuple).
+//! 3. `bpf_bind()`; `-EADDRINUSE` (a socket that does not share, a listener)
+//!    takes the tuple back: next port.
+//!
+//! The released socket's tuple goes at its last close (`sock_release`, in
+//! the entry object), before TIME_WAIT. A TIME_WAIT socket with the same
+//! 4-tuple is then resolved by the kernel at connect(): for a socket bound
+//! before connect() (as the hook binds it) `tcp_twsk_unique()` is called
+//! without `twp` and reuses the TIME_WAIT socket whenever that connection
+//! used TCP timestamps (`tw_ts_recent_stamp`), whatever
+//! `net.ipv4.tcp_tw_reuse` says; without timestamps, connect() fails with
+//! EADDRNOTAVAIL for the 60 s of TIME_WAIT (other destinations are not
+//! affected). Linux uses timestamps unless `net.ipv4.tcp_timestamps=0` or
+//! the peer refuses them.
+//! https://github.com/torvalds/linux/blob/v6.12/net/ipv4/inet_hashtables.c (__inet_hash_connect: check_established(..., NULL))
+//! https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp_ipv4.c (tcp_twsk_unique)
+//!
+//! UDP shares with `SO_REUSEPORT`, not `SO_REUSEADDR`: connected sockets on
+//! one port each receive only their peer's datagrams and ICMP errors
+//! (`compute_score()` prefers the connected socket), measured on 6.1, 6.12
+//! and 6.18; `SO_REUSEPORT` only lets sockets of the same user share, while
+//! with `SO_REUSEADDR` any local user could bind the port and take the
+//! replies.
 
-use core::{
-    ffi::{c_long, c_void},
-    intrinsics::{AtomicOrdering, atomic_xadd},
-};
+use core::ffi::{c_long, c_void};
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, sockaddr},
-    helpers::generated::{bpf_bind, bpf_loop},
+    bindings::{BPF_NOEXIST, bpf_sock_addr, sockaddr},
+    helpers::generated::{bpf_bind, bpf_loop, bpf_setsockopt},
     programs::SockAddrContext,
 };
-use rulebpf_common::Verdict;
+use rulebpf_common::{Counter, Protocol, TupleKey, Verdict};
 
-use crate::RULEBPF_CURSOR;
+use crate::{
+    RULEBPF_CURSOR,
+    shared::{RULEBPF_TUPLES, atomic_add, count},
+};
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+const EEXIST: i32 = 17;
 const EADDRINUSE: i32 = 98;
 const EADDRNOTAVAIL: i32 = 99;
+const SOL_SOCKET: i32 = 1;
+const SO_REUSEADDR: i32 = 2;
+const SO_REUSEPORT: i32 = 15;
 
 /// `struct sockaddr_in` and `struct sockaddr_in6` in one layout (aya's
 /// bindings carry neither): both have the family, then the port. It is
@@ -72,26 +125,49 @@ struct Search {
     /// The hook's context: `bpf_bind` needs it. Kept first so it is spilled
     /// as a whole, aligned pointer and the verifier keeps its type.
     ctx: *mut bpf_sock_addr,
+    /// The candidate's tuple (its origin port set per candidate).
+    tuple: TupleKey,
+    /// The rule's key: the value of the tuple's entry.
+    key: u64,
     addr: SockAddr,
     lo: u32,
     size: u32,
     start: u32,
+    /// 1: reserve each candidate's tuple before binding.
+    sharing: u32,
+    /// `Protocol` as `u32`.
+    protocol: u32,
     /// 0 once bound; else the last negative errno.
     result: i32,
+    /// The loop index of the last candidate tried.
+    index: u32,
+}
+
+/// A socket bound by [`bind_in_range`].
+pub(crate) struct Bound {
+    /// Its tuple, with the origin port it got.
+    pub(crate) tuple: TupleKey,
+    /// The tuple is in `RULEBPF_TUPLES` (bound with sharing).
+    pub(crate) tracked: bool,
 }
 
 /// Binds the socket to a free port of `verdict`'s range at `source` (the
-/// address the application bound, or "any"). On failure returns the errno
-/// for connect(): `EADDRNOTAVAIL` when every port is in use.
+/// address the application bound, or "any"), sharing ports among
+/// destinations when `sharing`. On failure returns the errno for
+/// connect(): `EADDRNOTAVAIL` when every port is in use (or busy toward the
+/// destination).
 #[inline(always)]
 pub(crate) fn bind_in_range(
     ctx: &SockAddrContext,
     source: SockAddr,
     verdict: &Verdict,
-) -> Result<(), i32> {
+    protocol: Protocol,
+    tuple: TupleKey,
+    sharing: bool,
+) -> Result<Bound, i32> {
     let lo = u32::from(verdict.org_lo);
-    let size = u32::from(verdict.org_hi).wrapping_sub(lo).wrapping_add(1);
-    let cursor = match RULEBPF_CURSOR.get_ptr_mut(verdict.rule) {
+    let size = verdict.range_size();
+    let start = match RULEBPF_CURSOR.get_ptr_mut(verdict.rule) {
         Some(ptr) => {
             // Read, then advance with an atomic add whose result is unused: the
             // only atomic BPF cpu v1 (bpf-linker's default) has. Two racing
@@ -99,20 +175,30 @@ pub(crate) fn bind_in_range(
             // SAFETY: an 8-byte aligned u64 in a map value, shared by all CPUs.
             unsafe {
                 let start = core::ptr::read_volatile(ptr);
-                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, 1);
+                atomic_add(ptr, 1);
                 start
             }
         }
         None => 0,
     };
+    // A kernel that refuses the option (before 6.0) still gets the tuples
+    // recorded: harmless, the socket just does not share its port.
+    if sharing {
+        share(ctx.sock_addr, protocol, true);
+    }
     let mut search = Search {
         ctx: ctx.sock_addr,
+        tuple,
+        key: verdict.key,
         addr: source,
         lo,
         size,
         // checked_rem: no division-by-zero panic path for the verifier to see.
-        start: cursor.checked_rem(u64::from(size)).unwrap_or(0) as u32,
+        start: start.checked_rem(u64::from(size)).unwrap_or(0) as u32,
+        sharing: u32::from(sharing),
+        protocol: protocol as u32,
         result: -EADDRINUSE,
+        index: 0,
     };
     // bpf_loop (5.17+) lets one connect try every port of a 65535-port range
     // without the verifier walking each iteration.
@@ -125,10 +211,48 @@ pub(crate) fn bind_in_range(
         )
     };
     match search.result {
-        0 => Ok(()),
+        0 => {
+            // What this search skipped, the next one need not try again.
+            // (Looked up again: one pointer kept across the search would
+            // double what the verifier walks.)
+            if let Some(ptr) = RULEBPF_CURSOR.get_ptr_mut(verdict.rule) {
+                // SAFETY: as above.
+                unsafe { atomic_add(ptr, u64::from(search.index)) };
+            }
+            Ok(Bound {
+                tuple: search.tuple,
+                tracked: search.sharing == 1,
+            })
+        }
         r if r == -EADDRINUSE => Err(EADDRNOTAVAIL),
         r => Err(-r),
     }
+}
+
+/// Sets (or clears) the option that lets the socket share its port:
+/// `SO_REUSEADDR` for TCP, `SO_REUSEPORT` for UDP (see the module doc).
+/// False when the kernel refuses it (before 6.0), counted.
+#[inline(always)]
+fn share(ctx: *mut bpf_sock_addr, protocol: Protocol, on: bool) -> bool {
+    let option = match protocol {
+        Protocol::Tcp => SO_REUSEADDR,
+        Protocol::Udp => SO_REUSEPORT,
+    };
+    let mut value: i32 = on.into();
+    // SAFETY: the hook's context; `value` lives across the call.
+    let ret = unsafe {
+        bpf_setsockopt(
+            ctx.cast(),
+            SOL_SOCKET,
+            option,
+            (&raw mut value).cast(),
+            size_of::<i32>() as i32,
+        )
+    };
+    if ret != 0 && on {
+        count(Counter::SharingUnavailable);
+    }
+    ret == 0
 }
 
 /// One candidate port; returns 1 to stop the loop, 0 to try the next.
@@ -139,17 +263,45 @@ unsafe extern "C" fn try_candidate(index: u64, search: *mut c_void) -> c_long {
     if offset >= search.size {
         offset -= search.size;
     }
-    search.addr.port_be = ((search.lo + offset) as u16).to_be();
+    let port = (search.lo + offset) as u16;
+    search.addr.port_be = port.to_be();
+    search.tuple.origin_port = port;
+    if search.sharing == 1 {
+        match RULEBPF_TUPLES.insert(&search.tuple, &search.key, BPF_NOEXIST.into()) {
+            Ok(()) => {}
+            // Busy toward this destination.
+            Err(e) if e == -EEXIST => {
+                count(Counter::BusyToDestination);
+                return 0;
+            }
+            // No room to record the socket: it is bound without sharing,
+            // so that no other socket of the instance takes its port.
+            Err(_) => {
+                count(Counter::TuplesFull);
+                let protocol = if search.protocol == Protocol::Udp as u32 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                share(search.ctx, protocol, false);
+                search.sharing = 0;
+            }
+        }
+    }
     let ret = unsafe {
         bpf_bind(
             search.ctx,
             (&raw mut search.addr).cast::<sockaddr>(),
             size_of::<SockAddr>() as i32,
         )
-    };
-    if ret as i32 == -EADDRINUSE {
+    } as i32;
+    if ret != 0 && search.sharing == 1 {
+        let _ = RULEBPF_TUPLES.remove(&search.tuple);
+    }
+    if ret == -EADDRINUSE {
         return 0;
     }
-    search.result = ret as i32;
+    search.result = ret;
+    search.index = index as u32;
     1
 }

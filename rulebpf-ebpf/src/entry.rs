@@ -1,6 +1,10 @@
-//! The stable entry programs of an instance: `cgroup/connect4` and
-//! `cgroup/connect6` programs that do nothing but tail-call the rule set in
-//! force (slot `JUMP_SLOT` of their jump map).
+//! The stable programs of an instance: the entry programs, `cgroup/connect4`
+//! and `cgroup/connect6`, that do nothing but tail-call the rule set in
+//! force (slot `JUMP_SLOT` of their jump map), and the bookkeeping programs
+//! that keep the instance maps (`shared.rs`) true whatever rule set is in
+//! force: `cgroup/bind4`, `cgroup/bind6`, `cgroup/sock_release` and
+//! `sockops` (for TCP: the end of a connection, which comes after its
+//! socket's release when this side closes first).
 //!
 //! They are loaded once per instance, pinned, and attached to cgroups — by
 //! rulebpf's links, by systemd's `BPFProgram=` at every start of a unit, by
@@ -14,13 +18,34 @@
 //! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/core.c#L2040
 #![no_std]
 #![no_main]
+// atomic_xadd (shared.rs): the bpfel target exposes no Atomic*::fetch_add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod runtime;
+mod shared;
+
+use core::ptr;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, map},
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock_addr,
+    },
+    helpers::generated::bpf_sk_storage_get,
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::ProgramArray,
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
-use rulebpf_common::JUMP_SLOT;
+use rulebpf_common::{
+    Counter, JUMP_SLOT, PortUse, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_FOLLOWED, SOCK_KERNEL_CHOSE,
+    SOCK_OURS, SOCK_PORT, SOCK_TUPLE, SockState,
+};
+
+use crate::shared::{
+    IPPROTO_TCP, IPPROTO_UDP, RULEBPF_OCCUPANCY, RULEBPF_PORT_USE, RULEBPF_SOCKS, RULEBPF_TUPLES,
+    SOCK_DGRAM, SOCK_STREAM, atomic_add, count,
+};
 
 /// The connect4 program of the rule set in force.
 #[map]
@@ -46,12 +71,181 @@ pub fn rulebpf_entry6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
+/// `TCP_CLOSE` of `enum tcp_state` (include/net/tcp_states.h).
+const TCP_CLOSE: u32 = 7;
+
+/// bind() proceeds (bind hooks: 1 = allow).
+const BIND_ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(bind4)]
+pub fn rulebpf_bind4(ctx: SockAddrContext) -> i32 {
+    note_bind(&ctx);
+    BIND_ALLOW
 }
 
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+#[cgroup_sock_addr(bind6)]
+pub fn rulebpf_bind6(ctx: SockAddrContext) -> i32 {
+    note_bind(&ctx);
+    BIND_ALLOW
+}
+
+/// Writes down who chose the port of a TCP or UDP socket the application
+/// binds: the application (`bind(addr, P)`) or the kernel (`bind(addr, 0)`,
+/// the port is picked right after this hook, before the destination is
+/// known). The connect hooks count such sockets per rule. The hook's own
+/// `bpf_bind()` does not come here: it calls `__inet_bind()` directly.
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/af_inet.c (inet_bind)
+#[inline(always)]
+fn note_bind(ctx: &SockAddrContext) {
+    // SAFETY: the kernel hands sock_addr programs a valid `bpf_sock_addr`.
+    let sa: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
+    let tcp_or_udp = matches!(
+        (sa.type_, sa.protocol),
+        (SOCK_STREAM, IPPROTO_TCP) | (SOCK_DGRAM, IPPROTO_UDP)
+    );
+    if !tcp_or_udp {
+        return;
+    }
+    let chosen = if sa.user_port == 0 {
+        SOCK_KERNEL_CHOSE
+    } else {
+        SOCK_APP_CHOSE
+    };
+    let state = RULEBPF_SOCKS.get_or_insert_ptr_mut(ctx, None);
+    if !state.is_null() {
+        // SAFETY: socket-local storage of this socket, valid while it lives.
+        unsafe {
+            (*state).flags = ((*state).flags & !(SOCK_APP_CHOSE | SOCK_KERNEL_CHOSE)) | chosen;
+        }
+    }
+}
+
+/// Undoes what the connect hooks recorded for a socket the hook bound (or
+/// kept with its tuple): its entry in `RULEBPF_TUPLES` (the port is no
+/// longer busy toward that destination) and its place in its rule's
+/// `in_use`. Runs once per socket, at its last close, in `inet_release()`:
+/// before a TCP socket enters TIME_WAIT, which the kernel itself resolves
+/// at the next connect() with that 4-tuple (reused when the connection had
+/// TCP timestamps). Only the socket-local storage is read: `src_port` is
+/// not readable here, and after a failed connect() the destination reads 0.
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/af_inet.c (inet_release)
+#[cgroup_sock(sock_release)]
+pub fn rulebpf_release(ctx: SockContext) -> i32 {
+    // SAFETY: bpf_sk_storage_get takes the program's context (the socket)
+    // in sock_release programs; no value to create.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            (&raw const RULEBPF_SOCKS).cast_mut().cast(),
+            ctx.sock.cast(),
+            ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockState>();
+    if state.is_null() {
+        return 1;
+    }
+    // SAFETY: this socket's storage; no other program runs on a socket
+    // being released.
+    let state = unsafe { &mut *state };
+    // A TCP connection outlives its socket's release when it is not closed
+    // yet (this side closes first: FIN_WAIT until the peer's FIN; the peer
+    // closed first: LAST_ACK until our FIN is acknowledged): its 4-tuple
+    // is busy until then, and the sock_ops program gives the tuple back
+    // when the connection is closed. Otherwise it goes now.
+    // SAFETY: a read of the context's `state` field.
+    let open = unsafe { (*ctx.sock).state } != TCP_CLOSE;
+    let followed = state.flags & SOCK_FOLLOWED != 0;
+    if state.flags & SOCK_TUPLE != 0 && !(followed && open) {
+        let _ = RULEBPF_TUPLES.remove(&state.tuple);
+        state.flags &= !SOCK_TUPLE;
+    }
+    if state.flags & SOCK_COUNTED != 0 {
+        release_occupancy(state);
+    }
+    if state.flags & SOCK_OURS != 0 {
+        count(Counter::Released);
+    }
+    1
+}
+
+/// TCP connections of sockets with a tuple: at the active open, asks the
+/// kernel to report the socket's state changes (`BPF_SOCK_OPS_STATE_CB`);
+/// at `TCP_CLOSE` (the full socket is gone: closed, reset, or turned into a
+/// TIME_WAIT socket, which the kernel itself resolves at the next connect()
+/// with that 4-tuple) gives the tuple back. Every other callback returns at
+/// once.
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp.c (tcp_set_state)
+#[sock_ops]
+pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return 1;
+    }
+    // SAFETY: `sk` of a sock_ops context (a full socket for these ops).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: the socket's storage, if any; none is created.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            (&raw const RULEBPF_SOCKS).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockState>();
+    if state.is_null() {
+        return 1;
+    }
+    // SAFETY: this socket's storage, valid while the socket lives.
+    let state = unsafe { &mut *state };
+    if state.flags & SOCK_TUPLE == 0 {
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+        if ctx.set_cb_flags(flags as i32).is_ok() {
+            state.flags |= SOCK_FOLLOWED;
+        }
+    } else if ctx.arg(1) == TCP_CLOSE {
+        let _ = RULEBPF_TUPLES.remove(&state.tuple);
+        state.flags &= !SOCK_TUPLE;
+    }
+    1
+}
+
+/// Gives back a released socket's place in its rule's occupancy: one socket
+/// less, and one port less when it was the port's last socket (the delete
+/// that succeeds decides, as the insert did in the connect hook).
+#[inline(always)]
+fn release_occupancy(state: &SockState) {
+    let Some(occupancy) = RULEBPF_OCCUPANCY.get_ptr_mut(&state.rule_key) else {
+        return;
+    };
+    // SAFETY: aligned u64s in map values shared by all CPUs; adding
+    // 2^64 - 1 wraps to a subtraction.
+    unsafe { atomic_add(&raw mut (*occupancy).sockets, u64::MAX) };
+    if state.flags & SOCK_PORT == 0 {
+        return;
+    }
+    let use_key = PortUse {
+        rule_key: state.rule_key,
+        port: state.tuple.origin_port,
+        pad: [0; 3],
+    };
+    let Some(sockets) = RULEBPF_PORT_USE.get_ptr_mut(&use_key) else {
+        return;
+    };
+    // SAFETY: as above.
+    let last = unsafe {
+        atomic_add(sockets, u64::MAX);
+        core::ptr::read_volatile(sockets) == 0
+    };
+    if last && RULEBPF_PORT_USE.remove(&use_key).is_ok() {
+        // SAFETY: as above.
+        unsafe { atomic_add(&raw mut (*occupancy).in_use, u64::MAX) };
+    }
+}

@@ -1,11 +1,20 @@
-//! The `cgroup/connect4` and `cgroup/connect6` hooks: pick the origin port of
-//! every new TCP connection and connected UDP socket made from the cgroup,
-//! from rules the loader compiled into maps (layouts: `rulebpf-common`).
+//! The `cgroup/connect4` and `cgroup/connect6` hooks of a rule set: pick the
+//! origin port of every new TCP connection and connected UDP socket made
+//! from the cgroup, from rules the loader compiled into maps (layouts:
+//! `rulebpf-common`). The instance's entry programs tail-call them.
 //!
 //! Per connect the cost is fixed: one array read for the automaton's root,
 //! one step per destination octet (4 for IPv4, 16 for IPv6), one LPM lookup on
 //! `{table, port}`, then — only for a rule with an origin range — `bpf_bind()`
-//! on ports of the range until one is free.
+//! on ports of the range until one is free (`bind.rs`). With port sharing
+//! (the default) a port carries one socket per destination, as the kernel's
+//! own connect() allocator does; the instance maps (`shared.rs`) record
+//! which ports are busy toward which destination (`track.rs`).
+//!
+//! A socket the application bound itself keeps its port; it is still
+//! matched against the rules and counted, by who chose the port (the
+//! application, or the kernel for `bind(addr, 0)`), and `--app-bound
+//! refuse` fails its connect() when the port is outside the rule's range.
 #![no_std]
 #![no_main]
 // atomic_xadd: the bpfel target exposes no Atomic*::fetch_add (see bind.rs).
@@ -13,6 +22,9 @@
 #![feature(core_intrinsics)]
 
 mod bind;
+mod runtime;
+mod shared;
+mod track;
 
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
@@ -20,13 +32,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::SockAddrContext,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::{debug, info, warn};
 use rulebpf_common::{
-    DFA_DEAD, DfaEdge, Family, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, Protocol, RuleStats,
-    Selector, Verdict,
+    APP_BOUND_REFUSE, DFA_DEAD, DfaEdge, Family, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, Protocol,
+    RuleStats, Selector, TupleKey, Verdict,
 };
 
-use crate::bind::SockAddr;
+use crate::{
+    bind::SockAddr,
+    shared::{IPPROTO_TCP, IPPROTO_UDP, SOCK_DGRAM, SOCK_STREAM},
+};
 
 /// Start state per `Selector` (address family x protocol).
 #[map]
@@ -57,6 +72,15 @@ static RULEBPF_POLICY: u32 = 0;
 #[unsafe(no_mangle)]
 static RULEBPF_SET_RETVAL: u32 = 1;
 
+/// 1: origin ports are shared among destinations (`--port-sharing on`, the
+/// default); 0: one socket per origin port.
+#[unsafe(no_mangle)]
+static RULEBPF_SHARING: u32 = 1;
+
+/// `APP_BOUND_KEEP` or `APP_BOUND_REFUSE`; set by the loader.
+#[unsafe(no_mangle)]
+static RULEBPF_APP_BOUND: u32 = 0;
+
 /// connect() proceeds.
 const ALLOW: i32 = 1;
 /// connect() fails with the errno set by `bpf_set_retval` (else EPERM).
@@ -64,31 +88,38 @@ const REJECT: i32 = 0;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
+const EPERM: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn rulebpf_connect4(ctx: SockAddrContext) -> i32 {
-    match try_connect4(&ctx) {
-        Ok(ret) | Err(ret) => ret,
-    }
+    answer(try_connect4(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn rulebpf_connect6(ctx: SockAddrContext) -> i32 {
-    match try_connect6(&ctx) {
-        Ok(ret) | Err(ret) => ret,
+    answer(try_connect6(&ctx))
+}
+
+/// The program's return value, 1 or 0, as the verifier wants to see it
+/// (a value that came back from a subprogram through memory has no known
+/// range).
+#[inline(always)]
+fn answer(result: Result<i32, i32>) -> i32 {
+    match result {
+        Ok(ALLOW) | Err(ALLOW) => ALLOW,
+        _ => REJECT,
     }
 }
 
-/// The tail both hooks share: log the decision, enforce it, log and answer
-/// an exhausted range. A macro, not a function: aya-log's macros need the
-/// address's concrete type (`[u8; 4]` or `[u8; 16]`).
+/// The tail both hooks share: a socket the application bound is counted
+/// (and kept, or refused); an unbound one is bound to a port of the range.
+/// A macro, not a function: aya-log's macros need the address's concrete
+/// type (`[u8; 4]` or `[u8; 16]`).
 macro_rules! apply {
-    ($ctx:expr, $sk:expr, $verdict:expr, $dest:expr, $port:expr) => {{
-        let (ctx, verdict, dest, port) = ($ctx, $verdict, $dest, $port);
+    ($ctx:expr, $connect:expr, $verdict:expr, $dest:expr, $tuple:expr) => {{
+        let (ctx, connect, verdict, dest): (&SockAddrContext, &Connect, Verdict, _) =
+            ($ctx, $connect, $verdict, $dest);
+        let port = connect.port;
         // Log calls cost one branch unless the loader enabled their level
         // (AYA_LOG_LEVEL is set at load: off for `attach`, --log-level for `run`).
         debug!(
@@ -100,20 +131,56 @@ macro_rules! apply {
             verdict.org_lo,
             verdict.org_hi
         );
-        match enforce(ctx, $sk, &verdict) {
-            Ok(ret) => Ok(ret),
-            Err(errno) => {
+        if connect.src_port != 0 {
+            let kept = app_bound(ctx, connect, &verdict, $tuple);
+            let chosen_by = if kept.app_chose {
+                "the application"
+            } else {
+                "the kernel"
+            };
+            if kept.refused {
                 warn!(
                     ctx,
-                    "connect {:i} port {}: no origin port of {}-{} usable (line {}, errno {})",
+                    "connect {:i} port {}: refused (--app-bound refuse): origin port {}, chosen by {} at bind(), is outside {}-{} of line {}",
                     dest,
                     port,
+                    connect.src_port,
+                    chosen_by,
                     verdict.org_lo,
                     verdict.org_hi,
-                    verdict.line,
-                    errno
+                    verdict.line
                 );
-                Err(exhausted(errno))
+                Err(refuse(EPERM))
+            } else {
+                info!(
+                    ctx,
+                    "connect {:i} port {}: origin port {} kept, chosen by {} at bind() before connect() (line {}, range {}-{})",
+                    dest,
+                    port,
+                    connect.src_port,
+                    chosen_by,
+                    verdict.line,
+                    verdict.org_lo,
+                    verdict.org_hi
+                );
+                Ok(ALLOW)
+            }
+        } else {
+            match enforce(ctx, connect, &verdict, $tuple) {
+                Ok(ret) => Ok(ret),
+                Err(errno) => {
+                    warn!(
+                        ctx,
+                        "connect {:i} port {}: no origin port of {}-{} usable (line {}, errno {})",
+                        dest,
+                        port,
+                        verdict.org_lo,
+                        verdict.org_hi,
+                        verdict.line,
+                        errno
+                    );
+                    Err(exhausted(errno))
+                }
             }
         }
     }};
@@ -123,13 +190,21 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(connect) = handled(ctx, AF_INET) else {
         return Ok(ALLOW);
     };
+    let addr = connect.sa.user_ip4;
+    let tuple = connect.tuple(Family::Ipv4, [addr, 0, 0, 0]);
+    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
+        return ret;
+    }
     // Network order in memory: the native-endian bytes are the octets.
-    let dest = connect.sa.user_ip4.to_ne_bytes();
-    let port = connect.port;
-    let Some(verdict) = decide(Selector::new(Family::Ipv4, connect.protocol), &dest, port) else {
+    let dest = addr.to_ne_bytes();
+    let Some(verdict) = decide(
+        Selector::new(Family::Ipv4, connect.protocol),
+        &dest,
+        connect.port,
+    ) else {
         return Ok(ALLOW);
     };
-    apply!(ctx, connect.sk, verdict, dest, port)
+    apply!(ctx, &connect, verdict, dest, tuple)
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
@@ -137,39 +212,72 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return Ok(ALLOW);
     };
     let words = connect.sa.user_ip6;
+    // A dual-stack socket reaches an IPv4 peer at ::ffff:a.b.c.d; such a
+    // connect() is an IPv4 connection: it follows the IPv4 rules, and its
+    // 4-tuple is an IPv4 one (the kernel hashes it as such).
+    let mapped = words[0] == 0 && words[1] == 0 && words[2] == 0xffff_u32.to_be();
+    let tuple = if mapped {
+        connect.tuple(Family::Ipv4, [words[3], 0, 0, 0])
+    } else {
+        connect.tuple(Family::Ipv6, words)
+    };
+    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
+        return ret;
+    }
     let mut dest = [0u8; 16];
     for (i, word) in words.iter().enumerate() {
         dest[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
     }
-    let port = connect.port;
-    // A dual-stack socket reaches an IPv4 peer at ::ffff:a.b.c.d; such a
-    // connect() is an IPv4 connection and follows the IPv4 rules.
-    let mapped = words[0] == 0 && words[1] == 0 && words[2] == 0xffff_u32.to_be();
     let verdict = if mapped {
         let mut v4 = [0u8; 4];
         v4.copy_from_slice(&dest[12..]);
-        decide(Selector::new(Family::Ipv4, connect.protocol), &v4, port)
+        decide(
+            Selector::new(Family::Ipv4, connect.protocol),
+            &v4,
+            connect.port,
+        )
     } else {
-        decide(Selector::new(Family::Ipv6, connect.protocol), &dest, port)
+        decide(
+            Selector::new(Family::Ipv6, connect.protocol),
+            &dest,
+            connect.port,
+        )
     };
     let Some(verdict) = verdict else {
         return Ok(ALLOW);
     };
-    apply!(ctx, connect.sk, verdict, dest, port)
+    apply!(ctx, &connect, verdict, dest, tuple)
 }
 
 /// A connect() the hooks act on, as [`handled`] found it.
-struct Connect<'a> {
+pub(crate) struct Connect<'a> {
     sa: &'a bpf_sock_addr,
     sk: &'a bpf_sock,
-    protocol: Protocol,
+    pub(crate) protocol: Protocol,
     /// Destination port, host order.
     port: u16,
+    /// The port the socket is bound to already (host order), or 0.
+    pub(crate) src_port: u16,
+}
+
+impl Connect<'_> {
+    /// This connection's key in `RULEBPF_TUPLES`, without its origin port.
+    #[inline(always)]
+    fn tuple(&self, family: Family, dest_addr: [u32; 4]) -> TupleKey {
+        TupleKey {
+            family: family as u8,
+            protocol: self.protocol as u8,
+            origin_port: self.src_port,
+            dest_port: self.port,
+            pad: 0,
+            dest_addr,
+        }
+    }
 }
 
 /// The prologue both hooks share: the connect() when it is one rulebpf acts
 /// on — a destination of the hook's `family` (`AF_INET` for connect4,
-/// `AF_INET6` for connect6), a TCP or UDP socket, no port bound yet.
+/// `AF_INET6` for connect6), a TCP or UDP socket.
 #[inline(always)]
 fn handled(ctx: &SockAddrContext, family: u32) -> Option<Connect<'_>> {
     // SAFETY: the kernel hands sock_addr programs a valid `bpf_sock_addr`.
@@ -177,11 +285,17 @@ fn handled(ctx: &SockAddrContext, family: u32) -> Option<Connect<'_>> {
     if sa.user_family != family {
         return None;
     }
+    // SAFETY: `sk` is always set for sock_addr programs (PTR_TO_SOCKET).
+    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
     Some(Connect {
         sa,
         protocol: protocol(sa)?,
-        sk: unbound_socket(sa)?,
+        sk,
         port: u16::from_be(sa.user_port as u16),
+        // Host order in `bpf_sock`. An address bound without a port
+        // (IP_BIND_ADDRESS_NO_PORT) reads 0: the hook binds a port and keeps
+        // the address.
+        src_port: sk.src_port as u16,
     })
 }
 
@@ -196,27 +310,26 @@ fn protocol(sa: &bpf_sock_addr) -> Option<Protocol> {
     }
 }
 
-/// The connecting socket, unless the application bound a port itself (FTP
-/// active mode binds L-1; a UDP socket that already sent has its port): then
-/// it keeps it.
+/// The rule's counters on this CPU (`None` only on a loader bug: the map is
+/// sized to the rule count; the rule is still enforced, only not counted).
 #[inline(always)]
-fn unbound_socket(sa: &bpf_sock_addr) -> Option<&bpf_sock> {
-    // SAFETY: `sk` is always set for sock_addr programs (PTR_TO_SOCKET).
-    let sk = unsafe { &*sa.__bindgen_anon_1.sk };
-    (sk.src_port == 0).then_some(sk)
+fn rule_stats(verdict: &Verdict) -> Option<&'static mut RuleStats> {
+    // SAFETY: per-CPU slot, this program is the only writer on this CPU.
+    RULEBPF_STATS
+        .get_ptr_mut(verdict.rule)
+        .map(|slot| unsafe { &mut *slot })
 }
 
 /// Counts the match and, for a rule with an origin range, binds the socket.
 /// `Err(errno)`: no port of the range could be bound.
 #[inline(always)]
-fn enforce(ctx: &SockAddrContext, sk: &bpf_sock, verdict: &Verdict) -> Result<i32, i32> {
-    // The loader sizes the map to the rule count, so a missing slot is a
-    // loader bug; the rule is still enforced, only not counted.
-    // SAFETY: per-CPU slot, this program is the only writer on this CPU.
-    let mut stats = RULEBPF_STATS
-        .get_ptr_mut(verdict.rule)
-        .map(|slot| unsafe { &mut *slot });
-    if let Some(stats) = stats.as_mut() {
+fn enforce(
+    ctx: &SockAddrContext,
+    connect: &Connect,
+    verdict: &Verdict,
+    tuple: TupleKey,
+) -> Result<i32, i32> {
+    if let Some(stats) = rule_stats(verdict) {
         stats.matched += 1;
     }
     if verdict.org_lo == 0 {
@@ -225,6 +338,7 @@ fn enforce(ctx: &SockAddrContext, sk: &bpf_sock, verdict: &Verdict) -> Result<i3
     // The bind address has the socket's family (a dual-stack socket going to
     // a v4-mapped peer binds as IPv6) and keeps an address the application
     // bound without a port (IP_BIND_ADDRESS_NO_PORT); "any" otherwise.
+    let sk = connect.sk;
     let source = if sk.family == AF_INET6 {
         // Field by field: the verifier forbids pointer arithmetic on a
         // socket, so a copy of the array as a whole is refused.
@@ -234,14 +348,61 @@ fn enforce(ctx: &SockAddrContext, sk: &bpf_sock, verdict: &Verdict) -> Result<i3
     } else {
         SockAddr::ipv4(sk.src_ip4)
     };
-    let bound = bind::bind_in_range(ctx, source, verdict);
-    if let Some(stats) = stats {
+    // SAFETY: plain read of a load-time constant.
+    let sharing = unsafe { core::ptr::read_volatile(&RULEBPF_SHARING) } == 1;
+    let bound = bind::bind_in_range(ctx, source, verdict, connect.protocol, tuple, sharing);
+    // Looked up again rather than kept across the search: the verifier
+    // would walk the search once for each outcome of the first lookup.
+    if let Some(stats) = rule_stats(verdict) {
         match bound {
-            Ok(()) => stats.bound += 1,
+            Ok(_) => stats.bound += 1,
             Err(_) => stats.exhausted += 1,
         }
     }
-    bound.map(|()| ALLOW)
+    let bound = bound?;
+    track::record_bound(ctx, &bound, verdict.key);
+    Ok(ALLOW)
+}
+
+/// What [`app_bound`] found.
+struct Kept {
+    app_chose: bool,
+    refused: bool,
+}
+
+/// The first connect() of a socket the application bound itself: counted
+/// by who chose its port; refused when `--app-bound refuse` and the port is
+/// outside the rule's range; otherwise kept (and, inside the range, its
+/// 4-tuple recorded so that the hook's own sockets avoid it).
+#[inline(always)]
+fn app_bound(ctx: &SockAddrContext, connect: &Connect, verdict: &Verdict, tuple: TupleKey) -> Kept {
+    let app_chose = track::app_chose(ctx);
+    if let Some(stats) = rule_stats(verdict) {
+        stats.matched += 1;
+        if app_chose {
+            stats.app_chose += 1;
+        } else {
+            stats.kernel_chose += 1;
+        }
+    }
+    let port = connect.src_port;
+    let ranged = verdict.org_lo != 0;
+    let inside = ranged && verdict.org_lo <= port && port <= verdict.org_hi;
+    // SAFETY: plain read of a load-time constant.
+    let refuse = unsafe { core::ptr::read_volatile(&RULEBPF_APP_BOUND) } == APP_BOUND_REFUSE;
+    if ranged && !inside && refuse {
+        return Kept {
+            app_chose,
+            refused: true,
+        };
+    }
+    // SAFETY: plain read of a load-time constant.
+    let sharing = unsafe { core::ptr::read_volatile(&RULEBPF_SHARING) } == 1;
+    track::keep(ctx, &tuple, verdict.key, inside && sharing);
+    Kept {
+        app_chose,
+        refused: false,
+    }
 }
 
 /// The hook's answer when no port of the range was free: per the policy,
@@ -252,8 +413,14 @@ fn exhausted(errno: i32) -> i32 {
     if unsafe { core::ptr::read_volatile(&RULEBPF_POLICY) } == POLICY_FALLBACK {
         return ALLOW;
     }
-    // bpf_set_retval exists since 5.18; without it connect() gets EPERM.
-    // https://github.com/torvalds/linux/blob/v6.1/kernel/bpf/cgroup.c#L2130
+    refuse(errno)
+}
+
+/// Fails connect() with `errno` (with EPERM on kernels without
+/// `bpf_set_retval`, before 5.18).
+/// https://github.com/torvalds/linux/blob/v6.1/kernel/bpf/cgroup.c#L2130
+#[inline(always)]
+pub(crate) fn refuse(errno: i32) -> i32 {
     // SAFETY: plain read of a load-time constant.
     if unsafe { core::ptr::read_volatile(&RULEBPF_SET_RETVAL) } == 1 {
         unsafe { aya_ebpf::helpers::generated::bpf_set_retval(-errno) };
@@ -287,14 +454,3 @@ fn decide<const N: usize>(selector: Selector, dest: &[u8; N], port: u16) -> Opti
     let key = Key::new(PORT_KEY_BITS, PortKey::new(state, port));
     RULEBPF_PORTS.get(&key).copied()
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-// bpf_bind and bpf_set_retval are GPL-only helpers.
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -5,7 +5,9 @@
 //! written completely before its programs are loaded: the maps of the object
 //! in force are never edited, which is what makes the swap in
 //! [`crate::instance`] atomic. This module loads, fills and pins an object;
-//! it knows nothing of cgroups, links or instances.
+//! it knows nothing of cgroups, links or instances — only where the
+//! instance maps are pinned, which every rule set of an instance shares
+//! (`rulebpf_common::shared_map_names`, see [`crate::entry`]).
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
@@ -18,14 +20,18 @@ use aya::{
     pin::PinError,
     programs::{CgroupSockAddr, ProgramError, ProgramFd},
 };
-use rulebpf_common::{DfaEdge, PortKey, RuleStats, Verdict, global_names, map_names};
-use rulebpf_rules::compile::Compiled;
+use rulebpf_common::{
+    DfaEdge, PortKey, RuleStats, Verdict, global_names, map_names, shared_map_names,
+};
+use rulebpf_rules::{compile::Compiled, ruleset::RuleSet};
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    entry::{self, EntryError},
     features::Support,
     hook::{Hook, PerHook},
     securedir::SecureDir,
+    stats,
 };
 
 /// The name of a rule set's program pin in its directory.
@@ -56,6 +62,56 @@ impl Policy {
     }
 }
 
+/// Whether an origin port carries one socket per destination (the kernel's
+/// own connect() allocator does so) or one socket in all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharing {
+    /// `SO_REUSEADDR` (TCP) / `SO_REUSEPORT` (UDP) and the instance's tuple
+    /// table: a port is busy only toward the destinations it is connected to.
+    #[default]
+    On,
+    /// One socket per origin port, as `bind()` before `connect()` in the
+    /// application.
+    Off,
+}
+
+/// What happens to a socket the application bound itself, outside the
+/// matching rule's range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AppBound {
+    /// It keeps its port (counted, logged at info).
+    #[default]
+    Keep,
+    /// connect() fails with EPERM (logged at warn, naming the rule).
+    Refuse,
+}
+
+/// The port options of `attach` and `run`.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct PortArgs {
+    /// on: an origin port carries one connection per destination, as the
+    /// kernel's own connect() allocator does; off: one socket per port (a
+    /// range of N ports carries N connections, TIME_WAIT included).
+    #[arg(long, value_enum, default_value_t = Sharing::On)]
+    pub port_sharing: Sharing,
+    /// A socket the application bound itself (bind() before connect())
+    /// outside the matching rule's range: keep its port (counted, logged at
+    /// info), or refuse its connect() with EPERM (logged, naming the rule).
+    #[arg(long, value_enum, default_value_t = AppBound::Keep)]
+    pub app_bound: AppBound,
+    /// Add the rules' origin ranges to net.ipv4.ip_local_reserved_ports, so
+    /// that no process gets them as ephemeral ports; detach takes back
+    /// exactly the ports it added.
+    #[arg(long)]
+    pub reserve_ports: bool,
+    /// Live shared sockets a new instance can track at once (its tuple
+    /// table); beyond that, sockets are bound without sharing (counted).
+    #[arg(long, default_value_t = rulebpf_common::TUPLE_CAPACITY)]
+    pub tuple_capacity: u32,
+}
+
 /// How to load a rule set's object.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadOptions {
@@ -63,6 +119,8 @@ pub struct LoadOptions {
     /// Most verbose kernel log level compiled in (`Off` for `attach`, where no
     /// one reads the log: each log call then costs one branch).
     pub kernel_log: log::LevelFilter,
+    pub sharing: Sharing,
+    pub app_bound: AppBound,
 }
 
 /// What the kernel says about a loaded program.
@@ -122,6 +180,8 @@ pub enum ObjectError {
         #[source]
         source: ProgramError,
     },
+    #[error(transparent)]
+    Instance(Box<EntryError>),
 }
 
 /// A loaded rule-set object: maps filled, both programs verified, nothing
@@ -131,9 +191,15 @@ pub struct RuleSetObject {
 }
 
 impl RuleSetObject {
-    /// Loads the object with maps sized for `compiled` and filled with it, and
-    /// both programs verified by the kernel.
-    pub fn load(compiled: &Compiled, options: LoadOptions) -> Result<Self, ObjectError> {
+    /// Loads the object with maps sized for `set` and filled with it, and
+    /// both programs verified by the kernel. The instance maps are the ones
+    /// pinned in `instance` (its directory).
+    pub fn load(
+        set: &RuleSet,
+        options: LoadOptions,
+        instance: &SecureDir,
+    ) -> Result<Self, ObjectError> {
+        let compiled = &set.compiled;
         let support = Support::get();
         if let Some(missing) = support.missing_required() {
             return Err(ObjectError::KernelLacks(missing));
@@ -144,9 +210,22 @@ impl RuleSetObject {
         let size = |n: usize| u32::try_from(n.max(1)).unwrap_or(u32::MAX);
         let set_retval = u32::from(support.set_retval());
         let policy = options.policy.as_global();
+        // Where the kernel cannot set SO_REUSEADDR from the hook (before
+        // 6.0) every connect would try and fail: the sockets are bound
+        // without sharing from the start (the degradation says so).
+        let sharing = u32::from(options.sharing == Sharing::On && support.sharing() != Some(false));
+        let app_bound = match options.app_bound {
+            AppBound::Keep => rulebpf_common::APP_BOUND_KEEP,
+            AppBound::Refuse => rulebpf_common::APP_BOUND_REFUSE,
+        };
+        let tuples = entry::tuple_capacity_of(instance)
+            .map_err(|e| ObjectError::Instance(Box::new(e)))?
+            .unwrap_or(entry::DEFAULT_TUPLE_CAPACITY);
         // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
         let log_level = options.kernel_log as usize as u8;
         let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(entry::map_pin_dir(instance))
+            .map_max_entries(shared_map_names::TUPLES, tuples)
             .map_max_entries(map_names::DFA_EDGES, size(compiled.edges.len()))
             .map_max_entries(map_names::DFA_DEFAULT, size(compiled.defaults.len()))
             .map_max_entries(map_names::PORTS, size(compiled.ports.len()))
@@ -154,11 +233,14 @@ impl RuleSetObject {
             .map_max_entries(map_names::CURSOR, size(compiled.rule_count as usize))
             .override_global(global_names::POLICY, &policy, true)
             .override_global(global_names::SET_RETVAL, &set_retval, true)
+            .override_global(global_names::SHARING, &sharing, true)
+            .override_global(global_names::APP_BOUND, &app_bound, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)
             .map_err(ObjectError::CreateMaps)?;
         let mut object = Self { ebpf };
-        object.fill(compiled)?;
+        let texts: Vec<&str> = set.rules.iter().map(|r| r.text.as_str()).collect();
+        object.fill(compiled, &stats::rule_keys(&texts))?;
         for hook in Hook::ALL {
             object.program(hook)?.load().map_err(|e| match e {
                 ProgramError::LoadError {
@@ -205,13 +287,14 @@ impl RuleSetObject {
             })
     }
 
-    /// Pins every map and both programs in `dir` and returns what the
-    /// kernel says about the programs.
+    /// Pins every map of the rule set and both programs in `dir` and
+    /// returns what the kernel says about the programs.
     pub fn pin(&mut self, dir: &SecureDir) -> Result<PerHook<ProgramInfo>, ObjectError> {
         for (name, map) in self.ebpf.maps() {
             // `.rodata`/`.bss` globals are frozen into the programs; only the
-            // named maps are read back later (stats) or kept alive.
-            if !name.starts_with('.') {
+            // named maps are read back later (stats) or kept alive. The
+            // instance maps are pinned in the instance's directory already.
+            if !name.starts_with('.') && !shared_map_names::ALL.contains(&name) {
                 let path = dir.fd_path(name);
                 map.pin(&path)
                     .map_err(|source| ObjectError::Pin { path, source })?;
@@ -234,12 +317,18 @@ impl RuleSetObject {
         })
     }
 
-    /// Kernel memory charged for the object's maps (`memlock` in fdinfo).
+    /// Kernel memory charged for the rule set's own maps (`memlock` in
+    /// fdinfo; the instance maps are the instance's).
     pub fn map_memlock_bytes(&self) -> u64 {
-        self.ebpf.maps().map(|(_, map)| memlock_bytes(map)).sum()
+        self.ebpf
+            .maps()
+            .filter(|(name, _)| !shared_map_names::ALL.contains(name))
+            .map(|(_, map)| memlock_bytes(map))
+            .sum()
     }
 
-    fn fill(&mut self, compiled: &Compiled) -> Result<(), ObjectError> {
+    /// `keys`: the stable key of each rule, by rule index.
+    fn fill(&mut self, compiled: &Compiled, keys: &[u64]) -> Result<(), ObjectError> {
         let fill = |map| move |source| ObjectError::Fill { map, source };
         let mut roots: Array<_, u32> = self.typed_map(map_names::ROOTS)?;
         for (selector, root) in compiled.roots.iter().enumerate() {
@@ -261,8 +350,12 @@ impl RuleSetObject {
         }
         let mut ports: LpmTrie<_, PortKey, Verdict> = self.typed_map(map_names::PORTS)?;
         for ((len, key), verdict) in &compiled.ports {
+            let verdict = Verdict {
+                key: keys.get(verdict.rule as usize).copied().unwrap_or(0),
+                ..*verdict
+            };
             ports
-                .insert(&Key::new(*len, *key), verdict, 0)
+                .insert(&Key::new(*len, *key), &verdict, 0)
                 .map_err(fill(map_names::PORTS))?;
         }
         Ok(())

@@ -3,15 +3,24 @@
 //! the pinned map, carries them over to a new rule set (rules whose text did
 //! not change keep counting from where they were), seeds them into a new
 //! object, and gives `stats`, `status` and the metrics one typed row.
+//!
+//! A rule's identity across rule sets is its text and which occurrence of
+//! that text it is (the n-th `* * : 42000-43000` of the file): the same
+//! identity carries counters over, and, as a 64-bit [`rule_keys`], keys the
+//! instance's occupancy map (`RULEBPF_OCCUPANCY`, ports in use and their
+//! high-water mark), which the hook and the socket releases update under
+//! that key whatever rule set is in force.
 
 use std::{collections::HashMap, path::Path};
 
-use aya::maps::{MapData, MapError, PerCpuArray, PerCpuValues};
-use rulebpf_common::RuleStats;
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use rulebpf_common::{Counter, Occupancy, RuleStats};
+use rulebpf_rules::{rule::Origin, ruleset::RuleSet};
 use serde::Serialize;
 
 use crate::{
     object::{ObjectError, RuleSetObject},
+    securedir::SecureDir,
     state::RuleInfo,
 };
 
@@ -27,6 +36,23 @@ pub struct RuleRow {
     pub bound: u64,
     /// connect() calls for which no port of the range could be bound.
     pub exhausted: u64,
+    /// Sockets the application had bound to a port it chose.
+    pub app_chose: u64,
+    /// Sockets bound before connect() to a port the kernel chose
+    /// (`bind(addr, 0)`, or a UDP socket that sent before connecting).
+    pub kernel_chose: u64,
+    /// Sockets bound under the rule and still open.
+    pub in_use: u64,
+    /// The most `in_use` has been since the instance was created.
+    pub high_water: u64,
+    /// Live sockets the hook bound under the rule (with port sharing, up
+    /// to one per port and destination).
+    pub sockets: u64,
+    /// Ports in the rule's origin range (0: the OS chooses).
+    pub ports: u32,
+    /// The rule's identity across rule sets ([`rule_keys`]).
+    #[serde(skip)]
+    pub key: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,22 +74,35 @@ pub enum StatsError {
 /// Per-rule totals (summed over CPUs) from the pinned stats map at `path`
 /// (`shown` in messages), for the first `rule_count` rules.
 pub fn read(path: &Path, shown: &Path, rule_count: usize) -> Result<Vec<RuleStats>, StatsError> {
-    let error = |source| StatsError::Read {
-        path: shown.display().to_string(),
-        source,
-    };
-    let map = MapData::from_pin(path).map_err(error)?;
-    let stats: PerCpuArray<_, RuleStats> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).map_err(error)?;
+    let error = read_error(shown);
+    let stats: PerCpuArray<_, RuleStats> = open_per_cpu(path, shown)?;
     let count = u32::try_from(rule_count)
         .unwrap_or(u32::MAX)
         .min(stats.len());
     (0..count)
         .map(|i| {
-            let per_cpu = stats.get(&i, 0).map_err(error)?;
+            let per_cpu = stats.get(&i, 0).map_err(&error)?;
             Ok(per_cpu.iter().fold(RuleStats::default(), add))
         })
         .collect()
+}
+
+/// How a failed read of the map at `shown` is reported.
+fn read_error(shown: &Path) -> impl Fn(MapError) -> StatsError + '_ {
+    move |source| StatsError::Read {
+        path: shown.display().to_string(),
+        source,
+    }
+}
+
+/// The pinned per-CPU array at `path` (`shown` in messages).
+fn open_per_cpu<V: aya::Pod>(
+    path: &Path,
+    shown: &Path,
+) -> Result<PerCpuArray<MapData, V>, StatsError> {
+    let error = read_error(shown);
+    let map = MapData::from_pin(path).map_err(&error)?;
+    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).map_err(error)
 }
 
 fn add(sum: RuleStats, s: &RuleStats) -> RuleStats {
@@ -71,20 +110,178 @@ fn add(sum: RuleStats, s: &RuleStats) -> RuleStats {
         matched: sum.matched + s.matched,
         bound: sum.bound + s.bound,
         exhausted: sum.exhausted + s.exhausted,
+        app_chose: sum.app_chose + s.app_chose,
+        kernel_chose: sum.kernel_chose + s.kernel_chose,
     }
 }
 
-/// The rows of a rule set: its rules beside their totals.
-pub fn rows(rules: &[RuleInfo], totals: &[RuleStats]) -> Vec<RuleRow> {
+/// The rows of a rule set: its rules beside their totals and their
+/// occupancy (by rule key; absent: nothing bound yet).
+pub fn rows(
+    rules: &[RuleInfo],
+    totals: &[RuleStats],
+    occupancy: &HashMap<u64, Occupancy>,
+) -> Vec<RuleRow> {
     rules
         .iter()
         .zip(totals)
-        .map(|(rule, s)| RuleRow {
+        .map(|(rule, s)| {
+            let o = occupancy.get(&rule.key).copied().unwrap_or_default();
+            RuleRow {
+                line: rule.line,
+                text: rule.text.clone(),
+                matched: s.matched,
+                bound: s.bound,
+                exhausted: s.exhausted,
+                app_chose: s.app_chose,
+                kernel_chose: s.kernel_chose,
+                in_use: below_zero_as_zero(o.in_use),
+                high_water: o.high_water,
+                sockets: below_zero_as_zero(o.sockets),
+                ports: rule.ports,
+                key: rule.key,
+            }
+        })
+        .collect()
+}
+
+/// A count the kernel lowers with wrapping adds, read as 0 when it wrapped
+/// below zero (a release the hook did not count for): never billions.
+fn below_zero_as_zero(count: u64) -> u64 {
+    if count > u64::from(u32::MAX) {
+        0
+    } else {
+        count
+    }
+}
+
+/// One rule's occupancy, for `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OccupancyRow {
+    pub line: u32,
+    pub text: String,
+    pub in_use: u64,
+    pub high_water: u64,
+    pub sockets: u64,
+    pub ports: u32,
+}
+
+/// The rules of `rules` that bound a socket, busiest first.
+pub fn occupied(rules: &[RuleInfo], occupancy: &HashMap<u64, Occupancy>) -> Vec<OccupancyRow> {
+    let mut rows: Vec<OccupancyRow> = rules
+        .iter()
+        .filter_map(|rule| {
+            let o = occupancy.get(&rule.key)?;
+            Some(OccupancyRow {
+                line: rule.line,
+                text: rule.text.clone(),
+                in_use: below_zero_as_zero(o.in_use),
+                high_water: o.high_water,
+                sockets: below_zero_as_zero(o.sockets),
+                ports: rule.ports,
+            })
+        })
+        .collect();
+    rows.sort_by_key(|r| {
+        (
+            std::cmp::Reverse(r.in_use),
+            std::cmp::Reverse(r.high_water),
+            r.line,
+        )
+    });
+    rows
+}
+
+/// The stable key of each rule: a 64-bit FNV-1a hash of its text and of
+/// which occurrence of that text it is (0 for the first). The same rule
+/// keeps its key in every rule set, so sockets bound under one set are
+/// released against the same occupancy under the next.
+pub fn rule_keys(texts: &[&str]) -> Vec<u64> {
+    let mut seen: HashMap<&str, u64> = HashMap::new();
+    texts
+        .iter()
+        .map(|text| {
+            let occurrence = seen.entry(text).or_default();
+            let key = fnv1a(text.as_bytes(), *occurrence);
+            *occurrence += 1;
+            key
+        })
+        .collect()
+}
+
+fn fnv1a(text: &[u8], occurrence: u64) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    text.iter()
+        .chain(&[0xff])
+        .chain(&occurrence.to_le_bytes())
+        .fold(OFFSET, |hash, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        })
+}
+
+/// What a rule set's record keeps of each rule: line, text, key, range size.
+pub fn rule_infos(set: &RuleSet) -> Vec<RuleInfo> {
+    let texts: Vec<&str> = set.rules.iter().map(|r| r.text.as_str()).collect();
+    set.rules
+        .iter()
+        .zip(rule_keys(&texts))
+        .map(|(rule, key)| RuleInfo {
             line: rule.line,
             text: rule.text.clone(),
-            matched: s.matched,
-            bound: s.bound,
-            exhausted: s.exhausted,
+            key,
+            ports: match rule.origin {
+                Origin::Os => 0,
+                Origin::Range(r) => u32::from(r.hi) - u32::from(r.lo) + 1,
+            },
+        })
+        .collect()
+}
+
+/// The instance's occupancy map at `path` (`shown` in messages): every
+/// rule that bound a socket, by key.
+pub fn read_occupancy(path: &Path, shown: &Path) -> Result<HashMap<u64, Occupancy>, StatsError> {
+    let error = read_error(shown);
+    let map = MapData::from_pin(path).map_err(&error)?;
+    let map: BpfHashMap<_, u64, Occupancy> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(map)).map_err(error)?;
+    // An entry deleted during the walk ends it early: the rest reads as 0.
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// Forgets the occupancy of rules not among `rules` that hold no socket
+/// (their high-water mark goes with them), in the instance pinned in
+/// `instance`. Best effort: a leftover entry only costs a slot.
+pub fn prune_occupancy(instance: &SecureDir, rules: &[RuleInfo]) {
+    let name = rulebpf_common::shared_map_names::OCCUPANCY;
+    let Ok(map) = MapData::from_pin(instance.fd_path(name)) else {
+        return;
+    };
+    let Ok(mut map) = BpfHashMap::<_, u64, Occupancy>::try_from(aya::maps::Map::HashMap(map))
+    else {
+        return;
+    };
+    let keep: std::collections::HashSet<u64> = rules.iter().map(|r| r.key).collect();
+    let stale: Vec<u64> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(key, o)| !keep.contains(key) && o.in_use == 0)
+        .map(|(key, _)| key)
+        .collect();
+    for key in stale {
+        let _ = map.remove(&key);
+    }
+}
+
+/// The instance counters at `path` (`shown` in messages), summed over CPUs.
+pub fn read_counters(path: &Path, shown: &Path) -> Result<Vec<(Counter, u64)>, StatsError> {
+    let error = read_error(shown);
+    let counters: PerCpuArray<_, u64> = open_per_cpu(path, shown)?;
+    Counter::ALL
+        .iter()
+        .map(|&c| {
+            let per_cpu = counters.get(&(c as u32), 0).map_err(&error)?;
+            Ok((c, per_cpu.iter().sum()))
         })
         .collect()
 }
@@ -132,6 +329,8 @@ mod tests {
         RuleInfo {
             line,
             text: text.into(),
+            key: 0,
+            ports: 0,
         }
     }
 
@@ -150,5 +349,22 @@ mod tests {
         // "b" moved to index 0; the two "a" keep their counters in order;
         // the third "a" and "new" start at zero.
         assert_eq!(seeds, [(0, counted(2)), (2, counted(1)), (3, counted(3))]);
+    }
+
+    #[test]
+    fn a_rule_keeps_its_key_by_text_and_occurrence() {
+        let before = rule_keys(&["a", "b", "a"]);
+        let after = rule_keys(&["b", "new", "a", "a", "a"]);
+        // Same identities as carry_over: "b", then the 1st and 2nd "a".
+        assert_eq!(after[0], before[1]);
+        assert_eq!(after[2], before[0]);
+        assert_eq!(after[3], before[2]);
+        let mut all = after.clone();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 5, "distinct rules, distinct keys");
+        // Stable across builds and versions: a fixed function, not std's hasher.
+        assert_eq!(rule_keys(&["a"]), [fnv1a(b"a", 0)]);
+        assert_eq!(fnv1a(b"", 0), 0x2032_dd64_3620_252e);
     }
 }

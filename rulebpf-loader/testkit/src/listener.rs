@@ -11,6 +11,10 @@
 //! * Bulk TCP ([`Mode::Bulk`]): as TCP, but before closing read an 8-byte
 //!   big-endian length and then that many bytes. The length prefix is what
 //!   lets the server (not the client) close first after a transfer too.
+//! * Client closes ([`Mode::ClientCloses`]): as TCP, but read until the
+//!   client closes, then close: the **client closes first**, and TIME_WAIT
+//!   lands on the client's origin port (what a gateway that ends its own
+//!   connections sees; the capacity tests and bench use it).
 //! * UDP ([`Mode::Udp`]): record the sender port of each datagram.
 //!
 //! Each listener serves its socket on a thread of its own for the rest of the
@@ -39,6 +43,8 @@ pub enum Mode {
     Tcp,
     /// TCP: read an 8-byte big-endian length, then that many bytes, then close.
     Bulk,
+    /// TCP: read until the client closes, then close (the client closes first).
+    ClientCloses,
     /// UDP: nothing more (datagrams are read and dropped).
     Udp,
 }
@@ -155,8 +161,12 @@ fn serve_tcp(listener: &TcpListener, mode: Mode, seen: &Seen) {
         if let Ok(peer) = stream.peer_addr() {
             seen.record(peer.port());
         }
-        if mode == Mode::Bulk {
-            drain_announced(stream);
+        match mode {
+            Mode::Bulk => drain_announced(stream),
+            Mode::ClientCloses => {
+                let _ = io::copy(&mut &stream, &mut io::sink());
+            }
+            Mode::Tcp | Mode::Udp => {}
         }
         // The stream drops here: the server closes first.
     }
@@ -253,6 +263,23 @@ mod tests {
         stream.write_all(&payload).unwrap();
         // The server closes once it has read all of it, not before.
         assert_eq!(stream.read(&mut [0u8; 1]).unwrap(), 0);
+        assert_eq!(listener.take(1), [origin]);
+    }
+
+    #[test]
+    fn client_closes_waits_for_the_clients_close() {
+        let listener = Listener::bind((LOOPBACK, 0).into(), Mode::ClientCloses).unwrap();
+        let mut stream = TcpStream::connect(listener.addr).unwrap();
+        let origin = stream.local_addr().unwrap().port();
+        stream.write_all(b"still open").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        // The server has not closed: the read times out.
+        assert!(stream.read(&mut [0u8; 1]).is_err());
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        stream.set_read_timeout(None).unwrap();
+        assert_eq!(stream.read(&mut [0u8; 1]).unwrap(), 0, "then it closes");
         assert_eq!(listener.take(1), [origin]);
     }
 

@@ -20,7 +20,7 @@
 //! | [`RESERVED`] | 21600-22099 | nobody yet: room for more kernel tests |
 //! | [`SERVICE_TESTS`] | 22100-22999 | `rulebpf-loader/tests/kernel/service.rs` |
 //! | [`FAMILY_TESTS`] | 23000-23499 | `rulebpf-loader/tests/kernel/families.rs` |
-//! | (unassigned) | 23500-23999 | nobody |
+//! | [`SHARING_TESTS`] | 23500-23999 | `rulebpf-loader/tests/kernel/sharing.rs` |
 //! | [`BENCH`] | 24000-31999 | `cargo xtask bench`: its rule and its nft SNAT range |
 //!
 //! A new user takes a free range, adds a slot here and to [`ALL`], and the
@@ -79,11 +79,14 @@ pub const RESERVED: PortSlot = PortSlot::new("reserved for kernel tests", 22000,
 pub const SERVICE_TESTS: PortSlot = PortSlot::new("service tests", 22100, 22999);
 /// `rulebpf-loader/tests/kernel/families.rs` (IPv6, UDP, prefixes, lists).
 pub const FAMILY_TESTS: PortSlot = PortSlot::new("family tests", 23000, 23499);
+/// `rulebpf-loader/tests/kernel/sharing.rs` (shared origin ports, occupancy,
+/// application-bound sockets, reserved ports).
+pub const SHARING_TESTS: PortSlot = PortSlot::new("sharing tests", 23500, 23999);
 /// `cargo xtask bench`: the measured rule's origin range and the nft SNAT range.
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 9] = [
+pub const ALL: [PortSlot; 10] = [
     DEMO,
     KERNEL_TESTS,
     CONTAINER_TESTS,
@@ -92,6 +95,7 @@ pub const ALL: [PortSlot; 9] = [
     RESERVED,
     SERVICE_TESTS,
     FAMILY_TESTS,
+    SHARING_TESTS,
     BENCH,
 ];
 

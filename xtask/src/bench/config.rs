@@ -78,13 +78,29 @@ impl Rig {
     /// `rulebpf attach --json`: what it reports (compile time, map memory,
     /// verifier instructions).
     pub fn attach(&self, file: &Path) -> anyhow::Result<Value> {
-        self.rulebpf.json(&[
-            "attach",
-            "--json",
-            "--cgroup",
-            arg(&self.cgroup)?,
-            arg(file)?,
-        ])
+        self.attach_with(file, &[])
+    }
+
+    /// [`Self::attach`] with more `attach` arguments.
+    pub fn attach_with(&self, file: &Path, extra: &[&str]) -> anyhow::Result<Value> {
+        let mut args = vec!["attach", "--json", "--cgroup", arg(&self.cgroup)?];
+        args.extend_from_slice(extra);
+        args.push(arg(file)?);
+        self.rulebpf.json(&args)
+    }
+
+    /// Writes a rule file `name` with `text` among the generated ones.
+    pub fn write_file(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+        fs::create_dir_all(&self.rules_dir)?;
+        let path = self.rules_dir.join(name);
+        fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// `rulebpf stats --json` for the bench cgroup.
+    pub fn stats(&self) -> anyhow::Result<Value> {
+        self.rulebpf
+            .json(&["stats", "--json", "--cgroup", arg(&self.cgroup)?])
     }
 
     pub fn detach(&self) {

@@ -10,13 +10,19 @@
 //!   [`nft`]). The report gives medians over rounds and ratios.
 //! * Before timing, each configuration proves it works: the server must see
 //!   origin ports in the configured range (ephemeral ports for "no hook").
+//! * Then what a range carries and what a busy range costs ([`capacity`]):
+//!   a 100-port range, the client closing first, 50 destinations and 1, for
+//!   no hook, rulebpf with and without port sharing, and nft SNAT, each in a
+//!   fresh network namespace; the connect cost with 90 % of a 1,000-port
+//!   range held; the IPv6 connect rate against no hook.
 //!
 //! | module | its one job |
 //! |---|---|
-//! | this one | the run: attach cost per rule count, then the rounds |
+//! | this one | the run: attach cost per rule count, the rounds, then capacity and costs |
+//! | [`capacity`] | the capacity scenario, the busy range, the IPv6 row (network namespaces) |
 //! | [`config`] | the configurations, switching each on and off, the rule files |
 //! | [`nft`] | the nft SNAT peer: its ruleset and why it is set up that way |
-//! | [`server`] | the loopback server: a port-recording listener per destination port |
+//! | [`server`] | the loopback server: a port-recording listener per destination port (and `bench-server`, in a namespace) |
 //! | [`client`] | the client process inside the bench cgroup, and running it |
 //! | [`report`] | medians and ratios, written as BENCHMARKS.json, .md and .svg |
 //!
@@ -26,11 +32,12 @@
 //! range, so "no hook" is told apart by the port alone, and apart from the
 //! ranges of the demo and the kernel tests, which CI runs just before.
 
+mod capacity;
 pub mod client;
 mod config;
 mod nft;
 mod report;
-mod server;
+pub mod server;
 
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path, time::Instant};
 
@@ -62,6 +69,11 @@ pub struct Size {
     pub rounds: usize,
     pub connects: u32,
     pub bulk_bytes: u64,
+    /// Each capacity run ([`capacity`]).
+    pub capacity_seconds: f64,
+    /// Rounds and connects per round of the busy-range and IPv6 rows.
+    pub cost_rounds: usize,
+    pub cost_connects: u32,
 }
 
 impl Size {
@@ -69,11 +81,17 @@ impl Size {
         rounds: 7,
         connects: 4000,
         bulk_bytes: 2 << 30,
+        capacity_seconds: 3.0,
+        cost_rounds: 7,
+        cost_connects: 3000,
     };
     pub const SMOKE: Self = Self {
         rounds: 2,
         connects: 300,
         bulk_bytes: 64 << 20,
+        capacity_seconds: 0.5,
+        cost_rounds: 1,
+        cost_connects: 200,
     };
 
     pub const fn pick(smoke: bool) -> Self {
@@ -129,7 +147,9 @@ impl Bench {
         let configs = Config::all();
         let attach = self.attach_costs()?;
         let measured = self.rounds(size, &configs)?;
-        Ok(Report::new(size, &configs, &measured, attach))
+        let capacity = capacity::capacity(&self.rig, &self.client, size.capacity_seconds)?;
+        let costs = capacity::costs(&self.rig, &self.client, size)?;
+        Ok(Report::new(size, &configs, &measured, attach).with(capacity, costs))
     }
 
     /// Attach cost and footprint per rule count; writes the rule files the
@@ -145,7 +165,9 @@ impl Bench {
                 "rules": n,
                 "attach_seconds": seconds,
                 "map_memlock_bytes": state["map_memlock_bytes"],
-                "verified_insns": state["verified_insns"],
+                // What the verifier walked, per hook (the rule set's programs).
+                "verified_insns": state["programs"]["connect4"]["verified_insns"],
+                "verified_insns_connect6": state["programs"]["connect6"]["verified_insns"],
                 "compile_seconds": state["summary"]["compile_seconds"],
             }));
             self.rig.detach();
@@ -227,3 +249,10 @@ impl Bench {
 /// The bench's origin range must never be where the OS picks ports: "no
 /// hook" is proved by the ports falling outside it.
 const _: () = assert!(!ORIGIN.overlaps(&OS_EPHEMERAL));
+/// The capacity and cost ranges are the bench's too.
+const _: () = {
+    const fn inside(r: PortSlot) -> bool {
+        ORIGIN.lo <= r.lo && r.hi <= ORIGIN.hi
+    }
+    assert!(inside(capacity::RANGE) && inside(capacity::WIDE) && inside(capacity::V6));
+};

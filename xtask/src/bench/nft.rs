@@ -58,6 +58,8 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
+use rulebpf_testkit::PortSlot;
+
 use super::{BULK_PORT, CGROUP, FIRST_PORT, ORIGIN, SERVER_IP};
 
 /// The nft table the bench adds and deletes.
@@ -70,6 +72,16 @@ pub const LOAD: &str = "mount -t cgroup2 none /sys/fs/cgroup && nft -f -";
 /// The ruleset: mark the bench cgroup's packets in `output`, translate the
 /// marked ones to the bench's origin range in `postrouting`.
 pub fn ruleset() -> String {
+    ruleset_for(
+        &SERVER_IP.to_string(),
+        &format!("{FIRST_PORT}-{BULK_PORT}"),
+        ORIGIN,
+    )
+}
+
+/// [`ruleset`] for other destinations (`daddr`, `dports` in nft's syntax)
+/// and another origin range (the capacity scenario's).
+pub fn ruleset_for(daddr: &str, dports: &str, origin: PortSlot) -> String {
     format!(
         "table ip {TABLE} {{
   chain out {{
@@ -78,7 +90,7 @@ pub fn ruleset() -> String {
   }}
   chain post {{
     type nat hook postrouting priority srcnat; policy accept;
-    meta mark 0x4242 ip daddr {SERVER_IP} tcp dport {FIRST_PORT}-{BULK_PORT} snat to 127.0.0.1:{ORIGIN}
+    meta mark 0x4242 ip daddr {daddr} tcp dport {dports} snat to 127.0.0.1:{origin}
   }}
 }}
 "
@@ -87,7 +99,23 @@ pub fn ruleset() -> String {
 
 /// Loads [`ruleset`] (see the module doc for the mount namespace).
 pub fn add() -> anyhow::Result<()> {
-    let mut child = Command::new("unshare")
+    load(Command::new("unshare"), &ruleset())
+}
+
+/// Loads `ruleset` in network namespace `netns` (`nsenter --net`, which
+/// leaves the mount namespace alone; then as [`add`]).
+pub fn add_in(netns: &str, ruleset: &str) -> anyhow::Result<()> {
+    let mut command = Command::new("nsenter");
+    command
+        .arg(format!("--net=/run/netns/{netns}"))
+        .arg("unshare");
+    load(command, ruleset)
+}
+
+/// Runs `unshare` (as `command` starts it) `-m sh -c LOAD` with `ruleset`
+/// on stdin.
+fn load(mut command: Command, ruleset: &str) -> anyhow::Result<()> {
+    let mut child = command
         .args(["-m", "sh", "-c", LOAD])
         .stdin(Stdio::piped())
         .spawn()
@@ -96,7 +124,7 @@ pub fn add() -> anyhow::Result<()> {
         .stdin
         .take()
         .expect("stdin is piped")
-        .write_all(ruleset().as_bytes())?;
+        .write_all(ruleset.as_bytes())?;
     ensure!(
         child.wait()?.success(),
         "loading the nft SNAT ruleset failed"

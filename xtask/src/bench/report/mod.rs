@@ -63,6 +63,14 @@ impl Report {
         }
     }
 
+    /// With the capacity scenario and the busy-range and IPv6 rows.
+    pub fn with(mut self, capacity: Value, costs: Value) -> Self {
+        self.json["capacity"] = capacity;
+        self.json["busy_range"] = costs["busy_range"].clone();
+        self.json["ipv6"] = costs["ipv6"].clone();
+        self
+    }
+
     /// Writes BENCHMARKS.{json,svg,md} into `out_dir`.
     pub fn write(&self, out_dir: &Path, echo: Echo) -> anyhow::Result<()> {
         fs::write(
@@ -80,7 +88,7 @@ impl Report {
     }
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(super) fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
