@@ -9,12 +9,17 @@ set -euo pipefail
 
 TOOLCHAIN=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../rust-toolchain.toml")
 BPF_LINKER_VERSION=0.13.0
+# `cargo xtask deb`; keep in step with CARGO_DEB_VERSION in xtask/src/deb.rs.
+CARGO_DEB_VERSION=3.8.0
 LLVM_MAJOR=22
+# `cargo xtask ci` runs the rules' libFuzzer target with `cargo fuzz`.
+CARGO_FUZZ_VERSION=0.13.2
 # qemu-system-x86, busybox-static, cpio: `cargo xtask vm-test` (other kernels in qemu).
+# mmdebstrap, zstd: `cargo xtask systemd-test` (a Debian 12 guest under systemd).
 # podman, crun, runc: the kernel suite's container tests (the OCI hook under
 # both runtimes; the image is built locally from busybox-static, no registry).
 APT_PACKAGES=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev
-              iproute2 nftables qemu-system-x86 busybox-static cpio
+              iproute2 nftables qemu-system-x86 busybox-static cpio mmdebstrap zstd
               podman crun runc)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -59,6 +64,20 @@ else
         "LLVM_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}" \
         rustup run "$TOOLCHAIN" cargo install --locked bpf-linker \
         --version "$BPF_LINKER_VERSION" --no-default-features --features llvm-${LLVM_MAJOR}
+fi
+
+if cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+    step "cargo-deb $CARGO_DEB_VERSION present"
+else
+    step "cargo install cargo-deb $CARGO_DEB_VERSION (for cargo xtask deb)"
+    rustup run "$TOOLCHAIN" cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
+fi
+
+if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+    step "cargo-fuzz $CARGO_FUZZ_VERSION present"
+else
+    step "cargo install cargo-fuzz $CARGO_FUZZ_VERSION (the rules' fuzzer in cargo xtask ci)"
+    rustup run "$TOOLCHAIN" cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
 # bpffs is where `rulebpf attach` pins; cgroup v2 must exist somewhere.

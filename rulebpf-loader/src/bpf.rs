@@ -27,6 +27,10 @@ const BPF_LINK_GET_NEXT_ID: libc::c_long = 31;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 const BPF_CGROUP_INET6_CONNECT: u32 = 11;
+pub const BPF_CGROUP_INET4_BIND: u32 = 8;
+pub const BPF_CGROUP_INET6_BIND: u32 = 9;
+pub const BPF_CGROUP_INET_SOCK_RELEASE: u32 = 34;
+pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 
 /// The kernel's attach type of a hook.
@@ -60,6 +64,11 @@ unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long
 /// Ids of the programs attached directly to the cgroup `cgroup` for `hook`
 /// (not inherited ones), in the order they run.
 pub fn attached_programs(cgroup: BorrowedFd<'_>, hook: Hook) -> io::Result<Vec<u32>> {
+    attached_programs_by_type(cgroup, attach_type(hook))
+}
+
+/// [`attached_programs`] for any cgroup attach type (the kernel's number).
+pub fn attached_programs_by_type(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
     #[repr(C)]
     struct Query {
         target_fd: u32,
@@ -74,7 +83,7 @@ pub fn attached_programs(cgroup: BorrowedFd<'_>, hook: Hook) -> io::Result<Vec<u
     let mut ids = vec![0u32; 64];
     let mut attr = Query {
         target_fd: cgroup.as_raw_fd() as u32,
-        attach_type: attach_type(hook),
+        attach_type,
         query_flags: 0,
         attach_flags: 0,
         prog_ids: ids.as_mut_ptr() as u64,
@@ -155,11 +164,18 @@ pub struct CgroupLink {
     pub link_id: u32,
     pub program_id: u32,
     pub cgroup_id: u64,
-    pub hook: Hook,
+    /// The kernel's attach type (see [`attach_type`]).
+    pub attach_type: u32,
 }
 
 /// Every live cgroup link of a connect hook, whoever made it.
 pub fn connect_links() -> io::Result<Vec<CgroupLink>> {
+    let connect = [BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT];
+    cgroup_links(&connect)
+}
+
+/// Every live cgroup link of the attach types `types`, whoever made it.
+pub fn cgroup_links(types: &[u32]) -> io::Result<Vec<CgroupLink>> {
     // The start of `struct bpf_link_info` with its `cgroup` member.
     #[repr(C)]
     #[derive(Default)]
@@ -200,16 +216,14 @@ pub fn connect_links() -> io::Result<Vec<CgroupLink>> {
         if info_by_fd(fd.as_fd(), &mut info).is_err() || info.type_ != BPF_LINK_TYPE_CGROUP {
             continue;
         }
-        let hook = match info.attach_type {
-            BPF_CGROUP_INET4_CONNECT => Hook::Connect4,
-            BPF_CGROUP_INET6_CONNECT => Hook::Connect6,
-            _ => continue,
-        };
+        if !types.contains(&info.attach_type) {
+            continue;
+        }
         out.push(CgroupLink {
             link_id: info.id,
             program_id: info.prog_id,
             cgroup_id: info.cgroup_id,
-            hook,
+            attach_type: info.attach_type,
         });
     }
 }
@@ -228,9 +242,54 @@ pub fn detach_link(link_id: u32) -> io::Result<()> {
     unsafe { sys_bpf(BPF_LINK_DETACH, &mut attr) }.map(drop)
 }
 
+/// Attaches program `program` to `cgroup` without a link
+/// (`BPF_PROG_ATTACH` with `BPF_F_ALLOW_MULTI`, as systemd's `BPFProgram=`
+/// does): it stays attached until the cgroup goes, whoever holds the fd.
+pub fn attach_program(
+    cgroup: BorrowedFd<'_>,
+    hook: Hook,
+    program: BorrowedFd<'_>,
+) -> io::Result<()> {
+    attach_program_by_type(cgroup, attach_type(hook), program)
+}
+
+/// [`attach_program`] for any cgroup attach type (the kernel's number).
+pub fn attach_program_by_type(
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+    program: BorrowedFd<'_>,
+) -> io::Result<()> {
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
+    #[repr(C)]
+    struct Attach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+    }
+    let mut attr = Attach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: BPF_F_ALLOW_MULTI,
+    };
+    // SAFETY: `Attach` is the BPF_PROG_ATTACH layout.
+    unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.map(drop)
+}
+
 /// Detaches program `program_id` from `cgroup` where it was attached without
 /// a link (`BPF_PROG_ATTACH`, as systemd's `BPFProgram=` does).
 pub fn detach_program(cgroup: BorrowedFd<'_>, hook: Hook, program_id: u32) -> io::Result<()> {
+    detach_program_by_type(cgroup, attach_type(hook), program_id)
+}
+
+/// [`detach_program`] for any cgroup attach type (the kernel's number).
+pub fn detach_program_by_type(
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+    program_id: u32,
+) -> io::Result<()> {
     #[repr(C)]
     struct Detach {
         target_fd: u32,
@@ -242,7 +301,7 @@ pub fn detach_program(cgroup: BorrowedFd<'_>, hook: Hook, program_id: u32) -> io
     let mut attr = Detach {
         target_fd: cgroup.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
-        attach_type: attach_type(hook),
+        attach_type,
         attach_flags: 0,
     };
     // SAFETY: `Detach` is the BPF_PROG_DETACH layout.

@@ -47,14 +47,15 @@ use crate::{
     bpf,
     cgroup::{Cgroup, CgroupError},
     entry::{self, EntryError, Jumps},
+    ephemeral,
     hook::{Hook, PerHook},
     legacy,
     name::{InstanceName, NameError},
     object::{self, LoadOptions, ObjectError, ProgramInfo, RuleSetObject},
     securedir::{SecureDir, SecureDirError},
     state::{
-        self, AttachedBy, Attachment, INSTANCE_FILE, InstanceRecord, Reload, RuleInfo,
-        RuleSetRecord, ServiceRecord, StateError, unix_now,
+        self, AttachedBy, Attachment, INSTANCE_FILE, InstanceRecord, Reload, RuleSetRecord,
+        ServiceRecord, StateError, unix_now,
     },
     stats::{self, RuleRow, StatsError},
 };
@@ -251,6 +252,12 @@ impl Instance {
     /// Opens instance `name`, creating it (directories and entry programs)
     /// when it does not exist yet.
     pub fn create(name: &InstanceName) -> Result<Self, InstanceError> {
+        Self::create_with(name, entry::DEFAULT_TUPLE_CAPACITY)
+    }
+
+    /// [`Self::create`], a new instance's tuple table sized for
+    /// `tuple_capacity` live shared sockets (an existing one keeps its size).
+    pub fn create_with(name: &InstanceName, tuple_capacity: u32) -> Result<Self, InstanceError> {
         let tops = Tops::create()?;
         let pins = tops.pins.subdir(name.as_str(), true)?.expect("created");
         let records = tops.records.subdir(name.as_str(), true)?.expect("created");
@@ -261,11 +268,19 @@ impl Instance {
         };
         let _lock = instance.lock()?;
         if !entry::exists(&instance.pins) {
-            let programs = entry::create(&instance.pins)?;
+            // New, or made before some of the entry object existed: what
+            // is pinned stays, what is missing is added.
+            let programs = entry::create(&instance.pins, tuple_capacity)?;
+            let old = instance.record()?;
             let record = InstanceRecord {
-                entry: programs,
-                created_at: unix_now(),
-                ..instance.record()?
+                entry: programs.hooks,
+                trackers: programs.trackers,
+                created_at: if old.created_at == 0 {
+                    unix_now()
+                } else {
+                    old.created_at
+                },
+                ..old
             };
             instance.write_record(&record)?;
         }
@@ -393,6 +408,32 @@ impl Instance {
         self.write_record(&record)
     }
 
+    /// `--reserve-ports`: makes `net.ipv4.ip_local_reserved_ports` hold the
+    /// origin ranges of `set` (`reserve`), or none of the ports this
+    /// instance added before (not `reserve`), and records what it added.
+    /// Returns the ranges this instance holds reserved now.
+    pub fn reserve_ports(
+        &self,
+        set: &RuleSet,
+        reserve: bool,
+    ) -> Result<Vec<(u16, u16)>, InstanceError> {
+        let _lock = self.lock()?;
+        let mut record = self.record()?;
+        let wanted = if reserve {
+            ephemeral::wanted(set)
+        } else {
+            vec![]
+        };
+        if wanted.is_empty() && record.reserved_ports.is_empty() {
+            return Ok(vec![]);
+        }
+        record.reserved_ports = ephemeral::reconcile(&wanted, &record.reserved_ports).map_err(
+            InstanceError::kernel(format!("changing {}", ephemeral::RESERVED_PORTS)),
+        )?;
+        self.write_record(&record)?;
+        Ok(record.reserved_ports)
+    }
+
     /// Changes the service's bookkeeping; the rules in force are not touched.
     pub fn update_service(
         &self,
@@ -514,7 +555,7 @@ impl Instance {
         let in_force = self.reconcile(&mut jumps)?;
         let generation = self.next_generation()?;
 
-        let mut object = RuleSetObject::load(&set.compiled, options)?;
+        let mut object = RuleSetObject::load(set, options, &self.pins)?;
         if let Some(old) = &in_force.set {
             self.carry_stats(old, set, &mut object)?;
         }
@@ -534,6 +575,8 @@ impl Instance {
         staged.keep = true;
         drop(staged);
         self.remove_sets_except(Some(generation))?;
+        // Occupancy of rules that are gone and hold no socket: forgotten.
+        stats::prune_occupancy(&self.pins, &record.rules);
 
         let now = unix_now();
         let mut instance = self.record()?;
@@ -608,8 +651,36 @@ impl Instance {
             .set
             .ok_or_else(|| InstanceError::NoRules(self.name.clone()))?;
         let totals = self.read_stats(&set)?;
-        let rows = stats::rows(&set.rules, &totals);
+        let occupancy = self.occupancy()?;
+        let rows = stats::rows(&set.rules, &totals, &occupancy);
         Ok((set, rows))
+    }
+
+    /// Every rule's occupancy (ports in use, high-water mark), by rule key
+    /// (empty for an instance made before occupancy was kept).
+    pub fn occupancy(
+        &self,
+    ) -> Result<std::collections::HashMap<u64, rulebpf_common::Occupancy>, InstanceError> {
+        let name = rulebpf_common::shared_map_names::OCCUPANCY;
+        if !self.pins.contains(name) {
+            return Ok(Default::default());
+        }
+        Ok(stats::read_occupancy(
+            &self.pins.fd_path(name),
+            &self.pins.display(name),
+        )?)
+    }
+
+    /// The instance counters (empty for an instance made before them).
+    pub fn counters(&self) -> Result<Vec<(rulebpf_common::Counter, u64)>, InstanceError> {
+        let name = rulebpf_common::shared_map_names::COUNTERS;
+        if !self.pins.contains(name) {
+            return Ok(vec![]);
+        }
+        Ok(stats::read_counters(
+            &self.pins.fd_path(name),
+            &self.pins.display(name),
+        )?)
     }
 
     /// Attaches the instance's entry programs to `cgroup` (idempotent).
@@ -639,8 +710,14 @@ impl Instance {
             }
             missing.push(hook);
         }
+        // The bookkeeping programs too: also where systemd's BPFProgram=
+        // attached the entry programs (it cannot attach sock_release).
+        let trackers =
+            entry::missing_trackers(&dir, &record.trackers).map_err(InstanceError::kernel(
+                format!("querying the programs of {}", cgroup.path.display()),
+            ))?;
         let recorded = record.attachments.iter().any(|a| a.cgroup_id == cgroup.id);
-        if missing.is_empty() && recorded {
+        if missing.is_empty() && trackers.is_empty() && recorded {
             return Ok(false);
         }
         // Recorded first, so that status never shows rules in force on a
@@ -656,7 +733,18 @@ impl Instance {
             by,
         });
         self.write_record(&record)?;
-        if let Err(e) = self.attach_links(&dir, cgroup, &missing) {
+        // The release bookkeeping first, so that every socket the hooks bind
+        // is released against the instance maps.
+        let link_dir = self
+            .pins
+            .subdir(&attachment_dir(cgroup.id), true)?
+            .expect("created");
+        let how = entry::Attach::Linked(&link_dir);
+        let attached = entry::attach_trackers(&self.pins, &dir, &cgroup.path, &trackers, how)
+            .map_err(InstanceError::from)
+            .and_then(|()| self.attach_links(&dir, cgroup, &missing));
+        if let Err(e) = attached {
+            entry::unpin_trackers(&link_dir, &trackers);
             let _ = self.write_record(&before);
             return Err(e);
         }
@@ -666,6 +754,50 @@ impl Instance {
             legacy::remove(&tops.pins, Some(&tops.records), cgroup.id)?;
         }
         Ok(true)
+    }
+
+    /// Attaches the entry programs to `cgroup` without links, unless they
+    /// are attached already (systemd's `BPFProgram=` may have done it): for
+    /// `rulebpf systemd-attach`, run by a unit's `ExecStartPre=` in its new
+    /// cgroup. The attachment lives as long as the cgroup, so it is not
+    /// recorded. The same no-stacking check as [`Instance::attach`].
+    pub fn attach_for_unit(&self, cgroup: &Cgroup) -> Result<usize, InstanceError> {
+        let _lock = self.lock()?;
+        let record = self.record()?;
+        let dir = File::open(&cgroup.path)
+            .map_err(|e| InstanceError::kernel(format!("opening {}", cgroup.path.display()))(e))?;
+        let mut attached = 0;
+        // The bookkeeping programs first (systemd's BPFProgram= cannot
+        // attach sock_release), without links as the entry programs below.
+        let trackers =
+            entry::missing_trackers(&dir, &record.trackers).map_err(InstanceError::kernel(
+                format!("querying the programs of {}", cgroup.path.display()),
+            ))?;
+        let how = entry::Attach::Unlinked;
+        entry::attach_trackers(&self.pins, &dir, &cgroup.path, &trackers, how)?;
+        attached += trackers.len();
+        for hook in Hook::ALL {
+            let ours = record.entry.get(hook).id;
+            let present = ours_on(&dir, hook, &cgroup.path)?;
+            if present.contains(&ours) {
+                continue;
+            }
+            if let Some(&other) = present.first() {
+                return Err(InstanceError::Stacked {
+                    cgroup: cgroup.path.clone(),
+                    hook: hook.name(),
+                    program: other,
+                    owner: owner_of(other),
+                });
+            }
+            let program = entry::program(&self.pins, hook)?;
+            let fd = program_fd(&program, hook)?;
+            bpf::attach_program(dir.as_fd(), hook, fd.as_fd()).map_err(InstanceError::kernel(
+                format!("attaching {} to {}", hook.name(), cgroup.path.display()),
+            ))?;
+            attached += 1;
+        }
+        Ok(attached)
     }
 
     /// Attaches the entry programs of `hooks` to the cgroup open as `dir`
@@ -768,12 +900,27 @@ impl Instance {
             let _lock = self.lock()?;
             self.record()?
         };
+        // The reserved ports it added go first: a failure leaves the
+        // instance (and its record of them) for the next attempt.
+        if !record.reserved_ports.is_empty() {
+            ephemeral::reconcile(&[], &record.reserved_ports).map_err(InstanceError::kernel(
+                format!("changing {}", ephemeral::RESERVED_PORTS),
+            ))?;
+        }
         let tops = Tops::create()?;
         tops.pins.remove_tree(self.name.as_str())?;
         tops.records.remove_tree(self.name.as_str())?;
         // A link someone else still holds open outlives its pin: the kernel
         // is asked what is left of this instance on its cgroups.
-        let entry = [record.entry.connect4.id, record.entry.connect6.id];
+        let t = &record.trackers;
+        let entry = [
+            record.entry.connect4.id,
+            record.entry.connect6.id,
+            t.bind4.id,
+            t.bind6.id,
+            t.sock_release.id,
+            t.sock_ops.id,
+        ];
         for attachment in &record.attachments {
             if let Ok(cgroup) = Cgroup::resolve(&attachment.cgroup)
                 && cgroup.id == attachment.cgroup_id
@@ -863,16 +1010,11 @@ fn rule_set_record(
         rules_file: set.path.clone(),
         policy: options.policy,
         programs,
+        sharing: options.sharing,
+        app_bound: options.app_bound,
         map_memlock_bytes: object.map_memlock_bytes(),
         loaded_at: unix_now(),
-        rules: set
-            .rules
-            .iter()
-            .map(|r| RuleInfo {
-                line: r.line,
-                text: r.text.clone(),
-            })
-            .collect(),
+        rules: stats::rule_infos(set),
         unresolved: set.name_failures.iter().map(|f| f.name.clone()).collect(),
     }
 }
@@ -954,9 +1096,11 @@ pub fn clear_cgroup(cgroup: &Cgroup, only: Option<&[u32]>) -> Result<usize, Inst
             .into_iter()
             .filter(wanted)
         {
-            let link = links
-                .iter()
-                .find(|l| l.cgroup_id == cgroup.id && l.hook == hook && l.program_id == program);
+            let link = links.iter().find(|l| {
+                l.cgroup_id == cgroup.id
+                    && l.attach_type == bpf::attach_type(hook)
+                    && l.program_id == program
+            });
             let result = match link {
                 Some(link) => bpf::detach_link(link.link_id),
                 None => bpf::detach_program(dir.as_fd(), hook, program),
@@ -982,6 +1126,13 @@ pub fn clear_cgroup(cgroup: &Cgroup, only: Option<&[u32]>) -> Result<usize, Inst
             programs: left,
         });
     }
+    // The bookkeeping programs last: sockets released until now were still
+    // given back.
+    removed +=
+        entry::clear_trackers(&dir, cgroup.id, only).map_err(InstanceError::kernel(format!(
+            "detaching the bookkeeping programs from {}",
+            cgroup.path.display()
+        )))?;
     Ok(removed)
 }
 
@@ -1001,12 +1152,18 @@ pub fn collect_orphan_records() -> Result<Vec<String>, InstanceError> {
     };
     let mut removed = Vec::new();
     for (name, _) in tops.records.entries()? {
-        if !tops.pins.contains(&name) {
+        // Dot files are no instances (`.kernel`: what the kernel offers).
+        if !tops.pins.contains(&name) && !name.starts_with('.') {
             tops.records.remove_tree(&name)?;
             removed.push(name);
         }
     }
     Ok(removed)
+}
+
+/// The records' top directory (`/run/rulebpf`), created when missing.
+pub fn records_dir() -> Result<SecureDir, InstanceError> {
+    Ok(SecureDir::open_top(&dir_from_env(RUN_DIR_ENV, RUN_DIR))?)
 }
 
 /// Removes the previous layout's instances whose cgroup is gone, and

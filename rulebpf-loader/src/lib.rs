@@ -11,7 +11,8 @@
 //! bpf        the few bpf(2) commands aya does not expose (what a cgroup holds)
 //! securedir  root's directories, walked without following links
 //! state      what is recorded in /run/rulebpf
-//! stats      per-rule counters: read, carried over across a swap
+//! stats      per-rule counters: read, carried over across a swap; occupancy
+//! ephemeral  origin ranges beside the kernel's ephemeral ports (--reserve-ports)
 //! legacy     instances of the previous layout (cg-<id>), replaced without a gap
 //! follow     the cgroup paths `run` follows across restarts
 //! watch      the rule file `run` reloads, also through symlinks (ConfigMaps)
@@ -21,6 +22,7 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod entry;
+pub mod ephemeral;
 pub mod features;
 pub mod follow;
 pub mod hook;
@@ -36,6 +38,8 @@ pub mod securedir;
 pub mod service;
 pub mod state;
 pub mod stats;
+pub mod systemd;
+pub mod watch;
 
 /// An error and its causes on one line, `a: b: c` (for logs and records;
 /// the CLI prints its errors the same way).

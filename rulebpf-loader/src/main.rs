@@ -11,18 +11,24 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rulebpf_common::Protocol;
 use rulebpf_loader::{
     cgroup::{Cgroup, CgroupError},
+    ephemeral,
     features::Support,
     instance::{self, Instance, InstanceError},
     name::{InstanceName, NameError},
-    object::{LoadOptions, Policy},
+    object::{LoadOptions, Policy, PortArgs, Sharing},
     oci::{self, HookAction, OciError},
     probe::{self, EnterError},
     report::{self, StatusRow},
     service::{self, ServiceError},
     state::AttachedBy,
-    with_causes,
+    systemd, with_causes,
 };
-use rulebpf_rules::ruleset::{RuleFileError, RuleSet};
+use rulebpf_rules::{
+    LoadLimits,
+    compile::Budget,
+    resolve::Names,
+    ruleset::{RuleFileError, RuleSet},
+};
 
 /// The rule syntax, shown by `--help` and `check --help`.
 const RULE_SYNTAX: &str = "\
@@ -46,7 +52,6 @@ PROTOCOL: tcp (default), udp or tcp+udp. `!` negates the destination.";
 #[command(
     name = "rulebpf",
     version,
-    about,
     long_about = None,
     after_long_help = format!("{RULE_SYNTAX}\n\nExit status: 0 success, 1 runtime failure, 2 bad input or usage."),
 )]
@@ -104,6 +109,8 @@ enum Command {
     Check {
         #[arg(help = RULES_HELP)]
         rules: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -112,6 +119,8 @@ enum Command {
     Explain {
         #[arg(help = RULES_HELP)]
         rules: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
         /// Destination as IPv4:PORT or [IPv6]:PORT, e.g. 10.1.2.3:21,
         /// [2001:db8::10]:443, [::ffff:10.1.2.3]:21.
         destination: SocketAddr,
@@ -135,11 +144,15 @@ enum Command {
         /// When no origin port of a rule's range is free.
         #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
         policy: PolicyArg,
+        #[command(flatten)]
+        ports: PortArgs,
         /// Change an instance that `rulebpf run` manages (it will notice).
         #[arg(long)]
         force: bool,
         #[arg(help = RULES_HELP)]
         rules: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
     },
@@ -158,6 +171,8 @@ enum Command {
         /// When no origin port of a rule's range is free.
         #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
         policy: PolicyArg,
+        #[command(flatten)]
+        ports: PortArgs,
         /// Re-resolve DNS names this often (`30s`, `5m`, `1h`).
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         dns_refresh: std::time::Duration,
@@ -172,6 +187,8 @@ enum Command {
         detach_on_exit: bool,
         #[arg(help = RULES_HELP)]
         rules: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Remove rules: from one cgroup (every rulebpf hook on it, whichever
     /// instance; also for a cgroup that no longer exists), or a whole
@@ -242,6 +259,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Give a systemd service the rules of instance NAME at every start:
+    /// writes <DIR>/<UNIT>.d/50-rulebpf-<NAME>.conf (BPFProgram= for the
+    /// instance's pinned entry programs, an ExecStartPre= that attaches them
+    /// in the service's new cgroup and refuses the start when it cannot,
+    /// Wants=/After=rulebpf@NAME.service). Then run `systemctl daemon-reload`
+    /// and `systemctl restart UNIT`. UNIT is a .service (a template
+    /// foo@.service covers all its instances). Writing again replaces the
+    /// file; delete it to undo.
+    SystemdDropin {
+        /// The rules instance (rulebpf@NAME.service, /etc/rulebpf/NAME.ini).
+        #[arg(long)]
+        name: String,
+        /// The service, e.g. gateway.service.
+        unit: String,
+        /// Where unit drop-ins go.
+        #[arg(long, default_value = systemd::SYSTEM_UNIT_DIR)]
+        dir: PathBuf,
+    },
+    /// Attach instance NAME's entry programs to this process's own cgroup
+    /// (run by a unit's ExecStartPre=, see systemd-dropin).
+    #[command(hide = true)]
+    SystemdAttach {
+        #[arg(long)]
+        name: String,
+    },
     /// OCI runtime hook, run by podman or CRI-O from the hooks.d entries in
     /// contrib/oci/ for containers annotated `io.rulebpf.instance=NAME`:
     /// createRuntime attaches instance NAME to the container's cgroup before
@@ -251,6 +293,47 @@ enum Command {
         /// createRuntime or poststop.
         stage: oci::Stage,
     },
+}
+
+/// How large a rules file and its compiled maps may be.
+#[derive(Clone, Copy, Debug, clap::Args)]
+struct LimitArgs {
+    /// Refuse a rules file larger than this (bytes, or with K, M, G: 128M).
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    max_file_size: u64,
+    /// Refuse rules whose lookup maps would need more kernel memory than
+    /// this (bytes, or with K, M, G).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    max_kernel_memory: u64,
+}
+
+impl From<LimitArgs> for LoadLimits {
+    fn from(args: LimitArgs) -> Self {
+        let defaults = LoadLimits::default();
+        LoadLimits {
+            max_file_bytes: args.max_file_size,
+            compile: Budget {
+                max_kernel_bytes: args.max_kernel_memory,
+                ..defaults.compile
+            },
+        }
+    }
+}
+
+/// `4096`, `64K`, `128M`, `1G` (binary multiples) -> bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}`: a size is a number, with K, M or G after it"))?;
+    value
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 /// Everything a command can fail with; [`exit_code`] sorts it.
@@ -280,6 +363,12 @@ enum CliError {
     Name(#[from] NameError),
     #[error(transparent)]
     Oci(#[from] OciError),
+    #[error(transparent)]
+    Unit(#[from] systemd::UnitError),
+    #[error(transparent)]
+    Dropin(#[from] systemd::DropinError),
+    #[error("reading /proc/self/cgroup")]
+    OwnCgroup(#[source] io::Error),
     #[error("{0}")]
     Usage(&'static str),
     #[error("starting the service's runtime")]
@@ -315,7 +404,8 @@ fn exit_code(error: &CliError) -> u8 {
         | CliError::Service(ServiceError::Rules(_))
         | CliError::Name(_)
         | CliError::Instance(InstanceError::Name(_))
-        | CliError::Usage(_) => true,
+        | CliError::Usage(_)
+        | CliError::Unit(_) => true,
         CliError::Oci(e) => e.is_bad_input(),
         CliError::Cgroup(e)
         | CliError::Instance(InstanceError::Cgroup(e))
@@ -363,25 +453,33 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Check { rules, json } => {
-            let set = load(&rules)?;
+        Command::Check {
+            rules,
+            limits,
+            json,
+        } => {
+            let set = load(&rules, &limits)?;
+            warn_ports(&set, Sharing::On, false);
             report::print(&report::Summary::of(&set), json)?;
         }
         Command::Explain {
             rules,
+            limits,
             destination,
             protocol,
             json,
         } => {
-            let set = load(&rules)?;
+            let set = load(&rules, &limits)?;
             report::print(&explain(&set, destination, protocol.into())?, json)?;
         }
         Command::Attach {
             name,
             cgroup,
             policy,
+            ports,
             force,
             rules,
+            limits,
             json,
         } => {
             let name = instance_name(name.as_deref(), &cgroup)?;
@@ -389,13 +487,16 @@ fn run(command: Command) -> Result<(), CliError> {
                 .iter()
                 .map(|c| Cgroup::resolve(c))
                 .collect::<Result<Vec<_>, _>>()?;
-            let set = load(&rules)?;
+            let set = load(&rules, &limits)?;
             let options = LoadOptions {
                 policy: policy.into(),
                 kernel_log: log::LevelFilter::Off,
+                sharing: ports.port_sharing,
+                app_bound: ports.app_bound,
             };
+            warn_ports(&set, ports.port_sharing, ports.reserve_ports);
             let existed = Instance::open(&name)?.is_some();
-            let instance = Instance::create(&name)?;
+            let instance = Instance::create_with(&name, ports.tuple_capacity)?;
             instance.check_unmanaged(force)?;
             let applied = match instance.apply(&set, options) {
                 Ok(applied) => applied,
@@ -413,6 +514,7 @@ fn run(command: Command) -> Result<(), CliError> {
                     attached.push(cgroup.path.clone());
                 }
             }
+            instance.reserve_ports(&set, ports.reserve_ports)?;
             let entry = instance.record()?.entry;
             let report = report::AttachReport::of(name, entry, &set, &applied, attached);
             report::print(&report, json)?;
@@ -421,11 +523,13 @@ fn run(command: Command) -> Result<(), CliError> {
             name,
             cgroup,
             policy,
+            ports,
             dns_refresh,
             log_level,
             metrics_listen,
             detach_on_exit,
             rules,
+            limits,
         } => {
             // Our own lines and the hook's (target `rulebpf`) at --log-level;
             // libraries (aya's loader chatter) at warn.
@@ -445,7 +549,12 @@ fn run(command: Command) -> Result<(), CliError> {
                 load: LoadOptions {
                     policy: policy.into(),
                     kernel_log: log_level,
+                    sharing: ports.port_sharing,
+                    app_bound: ports.app_bound,
                 },
+                reserve_ports: ports.reserve_ports,
+                tuple_capacity: ports.tuple_capacity,
+                limits: limits.into(),
                 dns_refresh,
                 metrics_listen,
                 detach_on_exit,
@@ -511,6 +620,24 @@ fn run(command: Command) -> Result<(), CliError> {
             report::print(&report::StatusReport(rows), json)?;
         }
         Command::OciHook { stage } => oci_hook(stage)?,
+        Command::SystemdDropin { name, unit, dir } => {
+            let name = InstanceName::new(&name)?;
+            let service = systemd::ServiceName::new(&unit)?;
+            let path = systemd::write_dropin(&dir, &name, &service)?;
+            let mut out = io::stdout().lock();
+            writeln!(out, "wrote {}", path.display())?;
+            writeln!(
+                out,
+                "next: systemctl enable --now rulebpf@{name} (rules in /etc/rulebpf/{name}.ini), \
+                 systemctl daemon-reload, systemctl restart {unit}"
+            )?;
+        }
+        Command::SystemdAttach { name } => {
+            let name = InstanceName::new(&name)?;
+            let instance = Instance::open(&name)?.ok_or(InstanceError::NoInstance(name))?;
+            let cgroup = Cgroup::resolve(&own_cgroup()?)?;
+            instance.attach_for_unit(&cgroup)?;
+        }
         Command::Kernel { json } => {
             report::print(&report::KernelReport::of(Support::get()), json)?;
         }
@@ -536,11 +663,10 @@ fn run(command: Command) -> Result<(), CliError> {
             let mut out = Vec::new();
             for instance in instances {
                 match instance.stats() {
-                    Ok((set, rows)) => out.push(report::InstanceStats::of(
-                        instance.name().clone(),
-                        &set,
-                        rows,
-                    )),
+                    Ok((set, rows)) => out.push(
+                        report::InstanceStats::of(instance.name().clone(), &set, rows)
+                            .with_counters(instance.counters().unwrap_or_default()),
+                    ),
                     Err(InstanceError::NoRules(_)) if name.is_none() => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -553,13 +679,22 @@ fn run(command: Command) -> Result<(), CliError> {
 
 /// Reads, parses, resolves and compiles a rule file, and warns on stderr
 /// about names that did not resolve.
-fn load(path: &Path) -> Result<RuleSet, CliError> {
-    let set = RuleSet::load(path)?;
+fn load(path: &Path, limits: &LimitArgs) -> Result<RuleSet, CliError> {
+    let set = RuleSet::load_within(path, &Names::new(), &(*limits).into())?;
     let mut stderr = io::stderr().lock();
     for warning in report::name_warnings(&set) {
         let _ = writeln!(stderr, "{warning}");
     }
     Ok(set)
+}
+
+/// Warns on stderr about origin ranges the kernel may hand out as ephemeral
+/// ports, and TCP timestamps off with sharing (see `ephemeral`).
+fn warn_ports(set: &RuleSet, sharing: Sharing, reserving: bool) {
+    let mut stderr = io::stderr().lock();
+    for warning in ephemeral::warnings(set, sharing == Sharing::On, reserving) {
+        let _ = writeln!(stderr, "warning: {warning}");
+    }
 }
 
 /// The deciding rule for `destination`, computed twice: as the hook does and
@@ -757,6 +892,14 @@ fn status_row(instance: &Instance) -> StatusRow {
             standing: instance.standing(a),
         })
         .collect();
+    let occupancy = match (&in_force.set, instance.occupancy()) {
+        (Some(set), Ok(occupancy)) => rulebpf_loader::stats::occupied(&set.rules, &occupancy),
+        (_, Err(e)) => {
+            errors.push(with_causes(&e));
+            vec![]
+        }
+        (None, _) => vec![],
+    };
     StatusRow {
         name: instance.name().clone(),
         entry: record.entry,
@@ -765,6 +908,7 @@ fn status_row(instance: &Instance) -> StatusRow {
         attachments,
         managed_by,
         service: record.service,
+        occupancy,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     }
 }
@@ -783,7 +927,7 @@ fn oci_hook(stage: oci::Stage) -> Result<(), CliError> {
             let cgroup = Cgroup::resolve(&cgroup)?;
             opened.attach(
                 &cgroup,
-                AttachedBy::Container { id: container },
+                rulebpf_loader::state::AttachedBy::Container { id: container },
             )?;
         }
         HookAction::Detach {
@@ -792,7 +936,7 @@ fn oci_hook(stage: oci::Stage) -> Result<(), CliError> {
         } => {
             // The instance may have been removed meanwhile: nothing to undo.
             if let Some(opened) = Instance::open(&instance)? {
-                let by = AttachedBy::Container { id: container };
+                let by = rulebpf_loader::state::AttachedBy::Container { id: container };
                 for attachment in opened.record()?.attachments {
                     if attachment.by == by {
                         opened.detach_id(attachment.cgroup_id)?;
@@ -803,4 +947,16 @@ fn oci_hook(stage: oci::Stage) -> Result<(), CliError> {
         HookAction::Nothing(_) => {}
     }
     Ok(())
+}
+
+/// This process's cgroup v2 directory, from /proc/self/cgroup (`0::/path`).
+fn own_cgroup() -> Result<PathBuf, CliError> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").map_err(CliError::OwnCgroup)?;
+    let relative = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| CliError::OwnCgroup(io::Error::other("no cgroup v2 line (0::)")))?;
+    Ok(Cgroup::path_of(Path::new(
+        relative.trim_start_matches('/'),
+    ))?)
 }

@@ -20,10 +20,10 @@ use crate::{
     hook::PerHook,
     instance::{Applied, Standing},
     name::InstanceName,
-    object::{Policy, ProgramInfo},
+    object::{AppBound, Policy, ProgramInfo, Sharing},
     probe::Outcome,
     state::{Attachment, RuleSetRecord, ServiceRecord},
-    stats::RuleRow,
+    stats::{OccupancyRow, RuleRow},
 };
 
 /// Prints `report` as text, or as pretty JSON.
@@ -82,6 +82,9 @@ pub struct Summary {
     pub port_tables: u32,
     pub port_prefixes: usize,
     pub compile_seconds: f64,
+    /// Kernel memory the rule set's maps will take (estimated from the
+    /// compiled sizes; `status` shows what the kernel charged).
+    pub kernel_memory_bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,6 +123,10 @@ impl Summary {
             port_tables: c.tables,
             port_prefixes: c.ports.len(),
             compile_seconds: set.compile_time.as_secs_f64(),
+            // Per-CPU counters count once per possible CPU.
+            kernel_memory_bytes: c
+                .kernel_memory(aya::util::nr_cpus().map_or(1, |n| n.get()))
+                .total(),
         }
     }
 }
@@ -141,6 +148,11 @@ impl fmt::Display for Summary {
             count(self.automaton_edges, "edge"),
             count(self.port_tables as usize, "port table"),
             count(self.port_prefixes, "prefix"),
+        )?;
+        writeln!(
+            f,
+            "kernel memory: about {} for its maps",
+            rulebpf_rules::compile::size(self.kernel_memory_bytes)
         )?;
         if self.udp_rules > 0 {
             let verb = if self.udp_rules == 1 {
@@ -345,6 +357,20 @@ fn policy_name(policy: Policy) -> &'static str {
     }
 }
 
+fn sharing_name(sharing: Sharing) -> &'static str {
+    match sharing {
+        Sharing::On => "on",
+        Sharing::Off => "off",
+    }
+}
+
+fn app_bound_name(app_bound: AppBound) -> &'static str {
+    match app_bound {
+        AppBound::Keep => "keep",
+        AppBound::Refuse => "refuse",
+    }
+}
+
 /// `programs: connect4 id 12 (531 instructions verified), ...; maps: N KiB`.
 fn programs_line(programs: &PerHook<ProgramInfo>, memlock: u64) -> String {
     let one = |name: &str, p: &ProgramInfo| {
@@ -412,6 +438,9 @@ pub struct StatusRow {
     /// The pid of the `rulebpf run` that manages the instance.
     pub managed_by: Option<u32>,
     pub service: ServiceRecord,
+    /// Rules that bound a socket: ports in use and their high-water mark,
+    /// busiest first.
+    pub occupancy: Vec<OccupancyRow>,
     /// What could not be read, if anything.
     pub error: Option<String>,
 }
@@ -459,11 +488,14 @@ impl StatusRow {
             Some(r) => {
                 writeln!(
                     f,
-                    "  rules: {} ({}), rule set {}, policy {}, loaded {}",
+                    "  rules: {} ({}), rule set {}, policy {}, port sharing {}, app-bound {}, \
+                     loaded {}",
                     r.rules_file.display(),
                     count(r.rules.len(), "rule"),
                     r.generation,
                     policy_name(r.policy),
+                    sharing_name(r.sharing),
+                    app_bound_name(r.app_bound),
                     time(r.loaded_at)
                 )?;
                 if !r.unresolved.is_empty() {
@@ -496,6 +528,19 @@ impl StatusRow {
                 standing_text(row.standing),
                 row.attachment.cgroup_id,
                 row.attachment.cgroup.display()
+            )?;
+        }
+        // The ten busiest rules; `stats` has them all.
+        for o in self.occupancy.iter().take(10) {
+            writeln!(
+                f,
+                "  line {}: {} of {} ports in use (at most {}), {}, `{}`",
+                o.line,
+                o.in_use,
+                o.ports,
+                o.high_water,
+                count(o.sockets as usize, "socket"),
+                o.text
             )?;
         }
         let s = &self.service;
@@ -535,6 +580,8 @@ pub struct InstanceStats {
     pub rules_file: PathBuf,
     pub generation: u64,
     pub rules: Vec<RuleRow>,
+    /// The instance counters (tuple table full, sharing unavailable, ...).
+    pub counters: std::collections::BTreeMap<&'static str, u64>,
 }
 
 impl InstanceStats {
@@ -544,7 +591,14 @@ impl InstanceStats {
             rules_file: set.rules_file.clone(),
             generation: set.generation,
             rules,
+            counters: Default::default(),
         }
+    }
+
+    /// With the instance counters (`Instance::counters`).
+    pub fn with_counters(mut self, counters: Vec<(rulebpf_common::Counter, u64)>) -> Self {
+        self.counters = counters.into_iter().map(|(c, n)| (c.name(), n)).collect();
+        self
     }
 }
 
@@ -561,17 +615,37 @@ impl fmt::Display for StatsReport {
                 instance.rules_file.display(),
                 instance.generation
             )?;
+            // APP/KERNEL: sockets the application had bound before
+            // connect(), by who chose the port; IN USE/PEAK: ports of the
+            // range with a live socket now, and at most.
             writeln!(
                 f,
-                "  {:>6} {:>12} {:>12} {:>10}  RULE",
-                "LINE", "MATCHED", "BOUND", "EXHAUSTED"
+                "  {:>6} {:>12} {:>12} {:>10} {:>8} {:>8} {:>7} {:>7}  RULE",
+                "LINE", "MATCHED", "BOUND", "EXHAUSTED", "APP", "KERNEL", "IN USE", "PEAK"
             )?;
             for rule in &instance.rules {
                 writeln!(
                     f,
-                    "  {:>6} {:>12} {:>12} {:>10}  {}",
-                    rule.line, rule.matched, rule.bound, rule.exhausted, rule.text
+                    "  {:>6} {:>12} {:>12} {:>10} {:>8} {:>8} {:>7} {:>7}  {}",
+                    rule.line,
+                    rule.matched,
+                    rule.bound,
+                    rule.exhausted,
+                    rule.app_chose,
+                    rule.kernel_chose,
+                    rule.in_use,
+                    rule.high_water,
+                    rule.text
                 )?;
+            }
+            let noted: Vec<String> = instance
+                .counters
+                .iter()
+                .filter(|&(_, &n)| n > 0)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            if !noted.is_empty() {
+                writeln!(f, "  instance: {}", noted.join(", "))?;
             }
         }
         Ok(())

@@ -23,17 +23,12 @@
 //! * **Exit**: SIGTERM/SIGINT leave the rules in force (`--detach-on-exit`
 //!   removes the instance). After `kill -9` they stay in force too.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use aya_log::EbpfLogger;
 use log::{error, info, warn};
-use notify::Watcher as _;
 use rulebpf_rules::{
+    LoadLimits,
     resolve::{self, Names},
     rule::Rule,
     ruleset::{RuleFileError, RuleSet},
@@ -68,6 +63,13 @@ pub struct Options {
     pub dns_refresh: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub detach_on_exit: bool,
+    /// `--reserve-ports`: the rules' origin ranges reserved from the
+    /// ephemeral ports after every reload.
+    pub reserve_ports: bool,
+    /// The tuple table of a new instance (`--tuple-capacity`).
+    pub tuple_capacity: u32,
+    /// How large a rules file and its compiled maps may be.
+    pub limits: LoadLimits,
 }
 
 /// Why the service could not start, or a change was refused.
@@ -77,12 +79,8 @@ pub enum ServiceError {
     Rules(#[from] RuleFileError),
     #[error(transparent)]
     Instance(#[from] InstanceError),
-    #[error("watching {} for changes", path.display())]
-    Watch {
-        path: PathBuf,
-        #[source]
-        source: notify::Error,
-    },
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
     #[error("the metrics listener on {addr}")]
     Metrics {
         addr: SocketAddr,
@@ -113,6 +111,15 @@ struct Service {
     /// The connect4 program this service put in force.
     in_force: Option<u32>,
     metrics: Arc<Metrics>,
+    /// Rules with an origin range in force, by key, and the keys of those
+    /// already warned about (`run` warns once per rule at 90 % occupancy).
+    occupancy: Occupancy,
+}
+
+#[derive(Default)]
+struct Occupancy {
+    ranged: std::collections::HashMap<u64, crate::state::RuleInfo>,
+    warned: std::collections::HashSet<u64>,
 }
 
 pub async fn run(options: Options) -> Result<(), ServiceError> {
@@ -124,7 +131,10 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     let mut terminate = handler("SIGTERM", SignalKind::terminate())?;
     let mut interrupt = handler("SIGINT", SignalKind::interrupt())?;
 
-    let instance = Arc::new(Instance::create(&options.name)?);
+    let instance = Arc::new(Instance::create_with(
+        &options.name,
+        options.tuple_capacity,
+    )?);
     let _owner = instance.take_ownership()?;
     let adopting = instance.in_force()?.set.is_some();
     info!(
@@ -139,6 +149,7 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
         names: Names::new(),
         in_force: None,
         metrics: Arc::new(Metrics::default()),
+        occupancy: Occupancy::default(),
         options,
     };
     let first = reload_task(&service, "start").await;
@@ -153,7 +164,7 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     }
 
     let (file_tx, mut file_changed) = mpsc::channel::<()>(8);
-    let _watcher = watch(&service.options.rules_path, file_tx)?;
+    let _watcher = crate::watch::watch(&service.options.rules_path, file_tx)?;
     let (cgroup_tx, mut cgroup_changed) = mpsc::channel::<()>(8);
     let mut followed = Followed::new(service.options.cgroups.clone(), cgroup_tx);
     service.follow(&mut followed);
@@ -203,6 +214,7 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
             Some(()) = cgroup_changed.recv() => service.follow(&mut followed),
             _ = check_tick.tick() => {
                 service.follow(&mut followed);
+                service.check_occupancy();
                 if let Err(e) = service.check_owner() {
                     break Err(e);
                 }
@@ -258,10 +270,11 @@ fn spawn_reload(service: &Service, why: &'static str) -> JoinHandle<Reloaded> {
     let path = service.options.rules_path.clone();
     let names = service.names.clone();
     let load = service.options.load;
+    let limits = service.options.limits;
     tokio::task::spawn_blocking(move || Reloaded {
         why,
         result: (|| {
-            let set = RuleSet::load_keeping(&path, &names)?;
+            let set = RuleSet::load_within(&path, &names, &limits)?;
             let applied = instance.apply(&set, load)?;
             Ok(Some((set, applied)))
         })(),
@@ -288,6 +301,7 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
     let rules = service.rules.clone();
     let last = service.names.clone();
     let load = service.options.load;
+    let limits = service.options.limits;
     let metrics = Arc::clone(&service.metrics);
     tokio::task::spawn_blocking(move || {
         let wanted = resolve::names_in(&rules);
@@ -313,7 +327,7 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
                     info!("DNS refresh: {name} now resolves to {addrs:?}");
                 }
             }
-            RuleSet::from_parts(&path, rules, answers.names, answers.unresolved)
+            RuleSet::from_parts_within(&path, rules, answers.names, answers.unresolved, &limits)
                 .map_err(ServiceError::from)
                 .and_then(|set| {
                     let applied = instance.apply(&set, load)?;
@@ -353,6 +367,21 @@ impl Service {
                     r.programs.connect6.id,
                 );
                 self.in_force = Some(r.programs.connect4.id);
+                let sharing = self.options.load.sharing == crate::object::Sharing::On;
+                let reserve = self.options.reserve_ports;
+                for warning in crate::ephemeral::warnings(&set, sharing, reserve) {
+                    warn!("{warning}");
+                }
+                match self.instance.reserve_ports(&set, reserve) {
+                    Ok(ranges) if reserve => info!("reserved from the ephemeral ports: {ranges:?}"),
+                    Ok(_) => {}
+                    Err(e) => warn!("--reserve-ports: {}", crate::with_causes(&e)),
+                }
+                self.occupancy.ranged = crate::stats::rule_infos(&set)
+                    .into_iter()
+                    .filter(|r| r.ports > 0)
+                    .map(|r| (r.key, r))
+                    .collect();
                 self.rules = set.rules;
                 self.names = set.names;
                 Ok(())
@@ -383,6 +412,25 @@ impl Service {
         if reattached > 0 {
             self.metrics.reattached(reattached);
             let _ = self.instance.update_service(|s| s.reattaches += reattached);
+        }
+    }
+
+    /// Warns once per rule when its ports in use pass 90 % of its range.
+    fn check_occupancy(&mut self) {
+        let Ok(occupancy) = self.instance.occupancy() else {
+            return;
+        };
+        for (key, o) in occupancy {
+            let Some(rule) = self.occupancy.ranged.get(&key) else {
+                continue;
+            };
+            if o.in_use * 10 >= u64::from(rule.ports) * 9 && self.occupancy.warned.insert(key) {
+                warn!(
+                    "line {} (`{}`): {} of its {} origin ports in use (high-water {}); \
+                     connects to a destination all of them serve fail with EADDRNOTAVAIL",
+                    rule.line, rule.text, o.in_use, rule.ports, o.high_water
+                );
+            }
         }
     }
 
@@ -468,34 +516,4 @@ fn notify_systemd(state: &str) {
     if let Err(e) = sent {
         warn!("telling systemd {state}: {e}");
     }
-}
-
-/// Watches the directory of `path` and signals changes to that file.
-fn watch(
-    path: &Path,
-    changed: mpsc::Sender<()>,
-) -> Result<notify::RecommendedWatcher, ServiceError> {
-    let error = |source| ServiceError::Watch {
-        path: path.to_path_buf(),
-        source,
-    };
-    let path = std::path::absolute(path).map_err(|e| error(e.into()))?;
-    // A file that exists has a name and a directory (the service read it).
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Err(error(notify::Error::path_not_found()));
-    };
-    let (dir, name) = (dir.to_path_buf(), name.to_owned());
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(event) = event
-            && !event.kind.is_access()
-            && event.paths.iter().any(|p| p.file_name() == Some(&name))
-        {
-            let _ = changed.try_send(());
-        }
-    })
-    .map_err(error)?;
-    watcher
-        .watch(&dir, notify::RecursiveMode::NonRecursive)
-        .map_err(error)?;
-    Ok(watcher)
 }

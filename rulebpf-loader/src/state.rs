@@ -22,8 +22,9 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::{
+    entry::PerTracker,
     hook::PerHook,
-    object::{Policy, ProgramInfo},
+    object::{AppBound, Policy, ProgramInfo, Sharing},
     securedir::{SecureDir, SecureDirError},
 };
 
@@ -37,6 +38,13 @@ pub struct InstanceRecord {
     /// Cgroups rulebpf attached the instance to, in attach order.
     pub attachments: Vec<Attachment>,
     pub service: ServiceRecord,
+    /// The bookkeeping programs (attached beside the entry programs).
+    #[serde(default)]
+    pub trackers: PerTracker<ProgramInfo>,
+    /// Port ranges this instance added to `net.ipv4.ip_local_reserved_ports`
+    /// (`--reserve-ports`), and only those: what detach takes back.
+    #[serde(default)]
+    pub reserved_ports: Vec<(u16, u16)>,
 }
 
 /// One cgroup the instance's entry programs are attached to by rulebpf (a
@@ -72,6 +80,13 @@ pub struct RuleSetRecord {
     pub policy: Policy,
     /// The set's programs; the jump slots hold these ids while it is in force.
     pub programs: PerHook<ProgramInfo>,
+    /// Origin ports shared among destinations, or one socket per port.
+    #[serde(default)]
+    pub sharing: Sharing,
+    /// What happens to sockets the application bound outside their rule's
+    /// range.
+    #[serde(default)]
+    pub app_bound: AppBound,
     /// Kernel memory charged for the set's maps (`memlock` in fdinfo).
     pub map_memlock_bytes: u64,
     /// Seconds since the Unix epoch.
@@ -87,6 +102,12 @@ pub struct RuleSetRecord {
 pub struct RuleInfo {
     pub line: u32,
     pub text: String,
+    /// Its key in the instance's occupancy map (`stats::rule_keys`).
+    #[serde(default)]
+    pub key: u64,
+    /// Ports in its origin range (0: the OS chooses).
+    #[serde(default)]
+    pub ports: u32,
 }
 
 /// What `rulebpf run` (or the last `attach`) records beside the rules.

@@ -5,6 +5,11 @@
 //! * `bench` — connects/s and bulk throughput with no hook, rulebpf (1 to
 //!   100,000 rules) and nftables SNAT, interleaved; attach time and memory.
 //! * `vm-test` — the kernel integration suite on Linux 6.1 and 6.12 in qemu.
+//! * `deb` — the Debian package (cargo-deb): binary, `rulebpf@.service`,
+//!   examples, OCI hooks.
+//! * `systemd-test` — that package on Debian 12 under systemd, in qemu: the
+//!   `rulebpf systemd-dropin` drop-in gives a service its rules at every
+//!   restart.
 //! * `ci` — the whole CI sequence (fmt, clippy, tests, bench smoke, vm-test)
 //!   that `scripts/test.sh` runs.
 //!
@@ -14,6 +19,7 @@
 
 mod bench;
 mod ci;
+mod deb;
 mod demo;
 mod libtest;
 mod rulebpf;
@@ -51,12 +57,21 @@ enum Command {
         /// Only tests whose name contains this (as for cargo test).
         filter: Option<String>,
     },
+    /// Build the Debian package (target/debian/rulebpf_*.deb) with cargo-deb.
+    Deb,
+    /// Install the package on Debian 12 in qemu and restart a service with
+    /// the rulebpf drop-in N times: every first connect must get the rule's
+    /// origin port (needs mmdebstrap, qemu-system-x86, zstd, cpio).
+    SystemdTest(vm::systemd::Options),
     /// The CI sequence (scripts/test.sh runs it after installing what is
     /// missing): fmt, clippy, cargo test, bench smoke, vm-test, totals.
     Ci(ci::Options),
     /// The bench's client (runs inside the bench cgroup).
     #[command(hide = true)]
     BenchClient(bench::client::Args),
+    /// The bench's server in another network namespace (capacity scenario).
+    #[command(hide = true)]
+    BenchServer(bench::server::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,8 +86,11 @@ fn main() -> anyhow::Result<()> {
             let series = vm::Series::parse(&kernel)?;
             vm::run(&series, filter.as_deref(), vm::Console::All)?.verdict()
         }
+        Command::Deb => deb::run(),
+        Command::SystemdTest(options) => vm::systemd::verdict(vm::systemd::run(&options)?),
         Command::Ci(options) => ci::run(&options),
         Command::BenchClient(args) => bench::client::run(&args),
+        Command::BenchServer(args) => bench::server::run(&args),
     }
 }
 

@@ -271,7 +271,8 @@ fn swap_is_atomic_under_a_connect_storm() {
     let from_b = seen.len() - from_a;
     eprintln!("swap storm: 5000 connects, {swaps} swaps, {from_a} from set A, {from_b} from set B");
     assert!(
-        swaps >= 4 && from_a > 0 && from_b > 0,
+        // Both sets decided connects of the storm: the swaps fell inside it.
+        swaps >= 2 && from_a > 0 && from_b > 0,
         "swaps did not overlap the storm"
     );
 }

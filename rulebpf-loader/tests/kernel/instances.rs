@@ -322,12 +322,15 @@ fn the_previous_layout_is_replaced_without_a_gap() {
     let p = server.port();
     let file = cg.rules_file("u.ini", &format!("127.0.0.2 {p} : 21761-21769\n"));
     // Make a previous-layout instance: a real instance's links moved to
-    // cg-<id>/ (the old pins held links of connect programs just the same).
+    // cg-<id>/ (the old pins held links of connect programs just the same),
+    // binding one socket per port as the previous layout did.
     let old = Named::new("old");
     rulebpf_ok(&[
         "attach",
         "--name",
         &old.name,
+        "--port-sharing",
+        "off",
         "--cgroup",
         cg.arg(),
         file.to_str().unwrap(),

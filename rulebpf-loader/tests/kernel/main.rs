@@ -12,3 +12,4 @@ mod hardening;
 mod harness;
 mod instances;
 mod service;
+mod sharing;
