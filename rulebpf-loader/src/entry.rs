@@ -42,7 +42,7 @@ use aya::{
         CgroupSockAttachType, ProgramError, ProgramFd, SockOps, links::FdLink,
     },
 };
-use rulebpf_common::{JUMP_SLOT, TUPLE_CAPACITY, jump_names, shared_map_names};
+use rulebpf_common::{JUMP_SLOT, jump_names, shared_map_names};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -326,9 +326,6 @@ pub fn tuple_capacity_of(dir: &SecureDir) -> Result<Option<u32>, EntryError> {
     Ok(Some(map.info().map_err(error)?.max_entries()))
 }
 
-/// The default capacity of a new instance's tuple table.
-pub const DEFAULT_TUPLE_CAPACITY: u32 = TUPLE_CAPACITY;
-
 /// Whether `dir` holds a complete entry object.
 pub fn exists(dir: &SecureDir) -> bool {
     let hooks = Hook::ALL
@@ -529,13 +526,16 @@ pub fn clear_trackers(
                     && l.attach_type == tracker.attach_type()
                     && l.program_id == program
             });
-            match link {
-                Some(link) => bpf::detach_link(link.link_id)?,
-                None => {
-                    bpf::detach_program_by_type(cgroup.as_fd(), tracker.attach_type(), program)?
-                }
+            let detached = match link {
+                Some(link) => bpf::detach_link(link.link_id),
+                None => bpf::detach_program_by_type(cgroup.as_fd(), tracker.attach_type(), program),
+            };
+            match detached {
+                Ok(()) => removed += 1,
+                // Its link was released meanwhile (a pin just removed).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
             }
-            removed += 1;
         }
     }
     Ok(removed)

@@ -252,7 +252,7 @@ impl Instance {
     /// Opens instance `name`, creating it (directories and entry programs)
     /// when it does not exist yet.
     pub fn create(name: &InstanceName) -> Result<Self, InstanceError> {
-        Self::create_with(name, entry::DEFAULT_TUPLE_CAPACITY)
+        Self::create_with(name, rulebpf_common::TUPLE_CAPACITY)
     }
 
     /// [`Self::create`], a new instance's tuple table sized for
@@ -1105,21 +1105,40 @@ pub fn clear_cgroup(cgroup: &Cgroup, only: Option<&[u32]>) -> Result<usize, Inst
                 Some(link) => bpf::detach_link(link.link_id),
                 None => bpf::detach_program(dir.as_fd(), hook, program),
             };
-            result.map_err(InstanceError::kernel(format!(
-                "detaching program {program} from {}",
-                cgroup.path.display()
-            )))?;
-            removed += 1;
+            match result {
+                Ok(()) => removed += 1,
+                // Its link was released between the query and now (a pin
+                // just removed): gone already, which the check below sees.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(InstanceError::kernel(format!(
+                        "detaching program {program} from {}",
+                        cgroup.path.display()
+                    ))(e));
+                }
+            }
         }
     }
-    let left: Vec<u32> = Hook::ALL
-        .iter()
-        .map(|&hook| ours_on(&dir, hook, &cgroup.path))
-        .collect::<Result<Vec<_>, _>>()?
-        .concat()
-        .into_iter()
-        .filter(wanted)
-        .collect();
+    let ours_left = || -> Result<Vec<u32>, InstanceError> {
+        Ok(Hook::ALL
+            .iter()
+            .map(|&hook| ours_on(&dir, hook, &cgroup.path))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat()
+            .into_iter()
+            .filter(wanted)
+            .collect())
+    };
+    // A released link leaves its cgroup a moment later: asked again for
+    // up to 100 ms.
+    let mut left = ours_left()?;
+    for _ in 0..20 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        left = ours_left()?;
+    }
     if !left.is_empty() {
         return Err(InstanceError::LeftBehind {
             cgroup: cgroup.path.clone(),

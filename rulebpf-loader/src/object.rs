@@ -220,7 +220,7 @@ impl RuleSetObject {
         };
         let tuples = entry::tuple_capacity_of(instance)
             .map_err(|e| ObjectError::Instance(Box::new(e)))?
-            .unwrap_or(entry::DEFAULT_TUPLE_CAPACITY);
+            .unwrap_or(rulebpf_common::TUPLE_CAPACITY);
         // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
         let log_level = options.kernel_log as usize as u8;
         let ebpf = EbpfLoader::new()
