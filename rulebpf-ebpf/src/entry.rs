@@ -16,6 +16,17 @@
 //! An empty slot (no rule set loaded yet) lets the connect() proceed as if
 //! rulebpf were not there: the tail call falls through.
 //! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/core.c#L2040
+//!
+//! The tail call's key is read at run time ([`jump_key`]), never a
+//! constant: with a constant key the verifier records a poke descriptor and
+//! the x86 JIT emits a *direct* jump into the slot's program, which every
+//! slot update re-patches in kernel text with `text_poke_bp()` (an int3
+//! first, then the jump). A 6.12 guest died on that int3 during a swap under
+//! connect load. With a key the verifier cannot know, the JIT emits the
+//! indirect tail call, which reads the slot at run time: a swap is a plain
+//! pointer store and patches no code.
+//! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/verifier.c (record_func_key, do_misc_fixups)
+//! https://github.com/torvalds/linux/blob/v6.12/arch/x86/net/bpf_jit_comp.c (emit_bpf_tail_call_indirect)
 #![no_std]
 #![no_main]
 // atomic_xadd (shared.rs): the bpfel target exposes no Atomic*::fetch_add.
@@ -57,17 +68,32 @@ static RULEBPF_JUMP6: ProgramArray = ProgramArray::with_max_entries(1, 0);
 /// connect() proceeds.
 const ALLOW: i32 = 1;
 
+/// The jump slot's index, [`JUMP_SLOT`]. Never written, but a mutable global
+/// lives in a writable map (`.bss`) that is not frozen, so the verifier
+/// treats what it reads as unknown and the tail call stays indirect (see
+/// the module documentation). A `static` without `mut` would be `.rodata`,
+/// frozen, and known to the verifier again.
+#[unsafe(no_mangle)]
+static mut RULEBPF_JUMP_KEY: u32 = JUMP_SLOT;
+
+/// The key of the tail call, read at run time.
+#[inline(always)]
+fn jump_key() -> u32 {
+    // SAFETY: an aligned read of a u32 global.
+    unsafe { ptr::read_volatile(&raw const RULEBPF_JUMP_KEY) }
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn rulebpf_entry4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the map and the context are valid; on success this does not return.
-    unsafe { RULEBPF_JUMP4.tail_call(&ctx, JUMP_SLOT) };
+    unsafe { RULEBPF_JUMP4.tail_call(&ctx, jump_key()) };
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn rulebpf_entry6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as above.
-    unsafe { RULEBPF_JUMP6.tail_call(&ctx, JUMP_SLOT) };
+    unsafe { RULEBPF_JUMP6.tail_call(&ctx, jump_key()) };
     ALLOW
 }
 

@@ -589,3 +589,49 @@ impl Jumps {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _};
+
+    use super::OBJECT;
+
+    /// `call bpf_tail_call` (BPF_JMP | BPF_CALL, helper 12).
+    const CALL: u8 = 0x85;
+    const BPF_FUNC_TAIL_CALL: i32 = 12;
+    /// `rD = imm` (BPF_ALU64 | BPF_MOV | BPF_K) and `wD = imm` (BPF_ALU).
+    const MOV_IMM: [u8; 2] = [0xb7, 0xb4];
+
+    /// What last wrote `r3` (the tail call's key) before each
+    /// `bpf_tail_call` of a program section: a constant key makes the
+    /// verifier turn the call into a direct jump that every swap patches in
+    /// kernel text (issue: an int3 oops on 6.12 during a swap).
+    fn key_is_constant(section: &str) -> Vec<bool> {
+        let file = object::File::parse(OBJECT).unwrap();
+        let code = file.section_by_name(section).unwrap().data().unwrap();
+        let insns: Vec<&[u8]> = code.chunks_exact(8).collect();
+        let mut found = Vec::new();
+        for (i, insn) in insns.iter().enumerate() {
+            let imm = i32::from_le_bytes(insn[4..8].try_into().unwrap());
+            if insn[0] != CALL || imm != BPF_FUNC_TAIL_CALL {
+                continue;
+            }
+            let writer = insns[..i]
+                .iter()
+                .rev()
+                .find(|w| w[1] & 0x0f == 3)
+                .expect("r3 is set before the tail call");
+            found.push(MOV_IMM.contains(&writer[0]));
+        }
+        found
+    }
+
+    #[test]
+    fn the_entry_programs_tail_call_with_a_key_read_at_run_time() {
+        for section in ["cgroup/connect4", "cgroup/connect6"] {
+            let calls = key_is_constant(section);
+            assert_eq!(calls.len(), 1, "{section}: one tail call");
+            assert!(!calls[0], "{section}: the tail call's key is a constant");
+        }
+    }
+}

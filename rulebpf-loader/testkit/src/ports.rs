@@ -62,6 +62,8 @@ impl fmt::Display for PortSlot {
     }
 }
 
+/// `rulebpf-loader/tests/kernel/faults.rs` (swaps under load, leaks, half-written files).
+pub const FAULT_TESTS: PortSlot = PortSlot::new("fault tests", 19000, 19999);
 /// `examples/tcpoport.ini`'s rule for the demo's destination (`cargo xtask demo`).
 pub const DEMO: PortSlot = PortSlot::new("demo", 20000, 20099);
 /// `rulebpf-loader/tests/kernel/enforcement.rs` and `cli.rs`.
@@ -86,7 +88,8 @@ pub const SHARING_TESTS: PortSlot = PortSlot::new("sharing tests", 23500, 23999)
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 10] = [
+pub const ALL: [PortSlot; 11] = [
+    FAULT_TESTS,
     DEMO,
     KERNEL_TESTS,
     CONTAINER_TESTS,

@@ -8,6 +8,7 @@ mod cli;
 mod containers;
 mod enforcement;
 mod families;
+mod faults;
 mod hardening;
 mod harness;
 mod instances;
