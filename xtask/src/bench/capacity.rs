@@ -6,7 +6,8 @@
 //!   for a few seconds to 50 destinations in turn, then to 1 destination;
 //!   for no hook (the kernel's own ephemeral ports), rulebpf with port
 //!   sharing, rulebpf without (one socket per port), and nft SNAT to the
-//!   same 100 ports. Every configuration runs in a **fresh network
+//!   same 100 ports, round after round (interleaved, medians). Every run is
+//!   in a **fresh network
 //!   namespace** (`ip netns add`, `lo` up: 127.0.0.0/8 and ::1 are there):
 //!   TIME_WAIT sockets are per namespace, and one run's 90,000 of them would
 //!   otherwise block or flatter the next one; nor can a run pass
@@ -161,79 +162,139 @@ impl Drop for Server {
     }
 }
 
-/// Every (scenario, peer) for `seconds` each; one JSON row each.
-pub fn capacity(rig: &Rig, client: &Client, seconds: f64) -> anyhow::Result<Value> {
+/// What one capacity run measured.
+struct Run {
+    rate: f64,
+    connects: u64,
+    errors: u64,
+    /// Distinct origin ports of the client's sockets, and whether all lay
+    /// in [`RANGE`].
+    ports: u64,
+    in_range: bool,
+}
+
+/// Every (scenario, peer) for `seconds` each, `rounds` times, interleaved
+/// (each run in a fresh network namespace); one JSON row per (scenario,
+/// peer): median rate, failures over all rounds, and for rulebpf the
+/// medians of its per-round ratios to no hook and to nft SNAT.
+pub fn capacity(rig: &Rig, client: &Client, seconds: f64, rounds: usize) -> anyhow::Result<Value> {
     let rules = rig.write_file(
         "capacity.ini",
         &format!("127.0.1.0/24 {CAPACITY_PORT} : {RANGE}\n"),
     )?;
+    let scenarios = [Scenario::Many, Scenario::One];
+    // runs[scenario][peer]: one Run per round.
+    let mut runs: Vec<Vec<Vec<Run>>> = scenarios
+        .iter()
+        .map(|_| Peer::ALL.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for round in 0..rounds {
+        for (s, &scenario) in scenarios.iter().enumerate() {
+            for (p, &peer) in Peer::ALL.iter().enumerate() {
+                let run = capacity_run(rig, client, &rules, scenario, peer, seconds)?;
+                eprintln!(
+                    "capacity round {round} {:<16} {:<28} {:>9.0} connects/s, {} failed",
+                    scenario.name(),
+                    peer.name(),
+                    run.rate,
+                    run.errors
+                );
+                runs[s][p].push(run);
+            }
+        }
+    }
+    let rates = |runs: &[Run]| runs.iter().map(|r| r.rate).collect::<Vec<_>>();
+    let ratio = |a: &[Run], b: &[Run]| {
+        median(
+            &a.iter()
+                .zip(b)
+                .map(|(x, y)| x.rate / y.rate.max(1e-9))
+                .collect::<Vec<_>>(),
+        )
+    };
     let mut rows = Vec::new();
-    for scenario in [Scenario::Many, Scenario::One] {
-        let dests = scenario.dests();
-        for peer in Peer::ALL {
-            let netns = Netns::fresh("capacity")?;
-            let listen: Vec<_> = dests.iter().map(|&ip| (ip, CAPACITY_PORT)).collect();
-            let _server = Server::start(&netns, &listen, true)?;
-            match peer {
-                Peer::NoHook => {}
-                Peer::Sharing => drop(rig.attach_with(&rules, &[])?),
-                Peer::Exclusive => drop(rig.attach_with(&rules, &["--port-sharing", "off"])?),
-                Peer::NftSnat => nft::add_in(
-                    &netns.0,
-                    &nft::ruleset_for("127.0.1.0/24", &CAPACITY_PORT.to_string(), RANGE),
-                )?,
-            }
-            let list: Vec<String> = dests.iter().map(IpAddr::to_string).collect();
-            let report = client.in_netns(&netns.0).report(&[
-                "--port",
-                &CAPACITY_PORT.to_string(),
-                "--capacity",
-                &seconds.to_string(),
-                "--dests",
-                &list.join(","),
-            ]);
-            if matches!(peer, Peer::Sharing | Peer::Exclusive) {
-                rig.detach();
-            }
-            let report = report.with_context(|| format!("{} {}", scenario.name(), peer.name()))?;
-            let connects = report["connects"].as_u64().unwrap_or(0);
-            let errors: u64 = report["errnos"]
-                .as_object()
-                .map_or(0, |e| e.values().filter_map(Value::as_u64).sum());
-            let rate = connects as f64 / report["seconds"].as_f64().unwrap_or(1.0);
-            eprintln!(
-                "capacity {:<16} {:<28} {rate:>9.0} connects/s, {errors} failed",
-                scenario.name(),
-                peer.name()
-            );
+    for (s, scenario) in scenarios.iter().enumerate() {
+        let of = |peer: Peer| &runs[s][Peer::ALL.iter().position(|&p| p == peer).unwrap()];
+        for (p, &peer) in Peer::ALL.iter().enumerate() {
+            let these = &runs[s][p];
             // Only rulebpf's sockets have their origin port: NAT rewrites
             // packets, not the client's socket.
             let rulebpf = matches!(peer, Peer::Sharing | Peer::Exclusive);
-            let in_range = report["ports_lo"]
-                .as_u64()
-                .is_some_and(|lo| lo >= RANGE.lo.into())
-                && report["ports_hi"]
-                    .as_u64()
-                    .is_some_and(|hi| hi <= RANGE.hi.into());
             rows.push(json!({
                 "scenario": scenario.name(),
                 "config": peer.name(),
-                "seconds": report["seconds"],
-                "connects": connects,
-                "connects_per_sec": rate,
-                "errors": errors,
-                "errnos": report["errnos"],
-                "origin_ports": if rulebpf { report["origin_ports"].clone() } else { Value::Null },
-                "origin_ports_in_range": rulebpf.then_some(in_range),
+                "connects_per_sec": median(&rates(these)),
+                "connects_per_sec_rounds": rates(these),
+                "connects": these.iter().map(|r| r.connects).sum::<u64>(),
+                "errors": these.iter().map(|r| r.errors).sum::<u64>(),
+                "origin_ports": rulebpf.then(|| these.iter().map(|r| r.ports).min()),
+                "origin_ports_in_range": rulebpf.then(|| these.iter().all(|r| r.in_range)),
+                "ratio_to_no_hook": rulebpf.then(|| ratio(these, of(Peer::NoHook))),
+                "ratio_to_nft": rulebpf.then(|| ratio(these, of(Peer::NftSnat))),
             }));
         }
     }
     Ok(json!({
         "seconds": seconds,
+        "rounds": rounds,
         "range": RANGE.to_string(),
         "range_ports": RANGE.hi - RANGE.lo + 1,
         "rows": rows,
     }))
+}
+
+/// One capacity run: a fresh network namespace with the scenario's
+/// servers, `peer` switched on, the client for `seconds`.
+fn capacity_run(
+    rig: &Rig,
+    client: &Client,
+    rules: &std::path::Path,
+    scenario: Scenario,
+    peer: Peer,
+    seconds: f64,
+) -> anyhow::Result<Run> {
+    let dests = scenario.dests();
+    let netns = Netns::fresh("capacity")?;
+    let listen: Vec<_> = dests.iter().map(|&ip| (ip, CAPACITY_PORT)).collect();
+    let _server = Server::start(&netns, &listen, true)?;
+    match peer {
+        Peer::NoHook => {}
+        Peer::Sharing => drop(rig.attach_with(rules, &[])?),
+        Peer::Exclusive => drop(rig.attach_with(rules, &["--port-sharing", "off"])?),
+        Peer::NftSnat => nft::add_in(
+            &netns.0,
+            &nft::ruleset_for("127.0.1.0/24", &CAPACITY_PORT.to_string(), RANGE),
+        )?,
+    }
+    let list: Vec<String> = dests.iter().map(IpAddr::to_string).collect();
+    let report = client.in_netns(&netns.0).report(&[
+        "--port",
+        &CAPACITY_PORT.to_string(),
+        "--capacity",
+        &seconds.to_string(),
+        "--dests",
+        &list.join(","),
+    ]);
+    if matches!(peer, Peer::Sharing | Peer::Exclusive) {
+        rig.detach();
+    }
+    let report = report.with_context(|| format!("{} {}", scenario.name(), peer.name()))?;
+    let connects = report["connects"].as_u64().unwrap_or(0);
+    let in_range = report["ports_lo"]
+        .as_u64()
+        .is_some_and(|lo| lo >= RANGE.lo.into())
+        && report["ports_hi"]
+            .as_u64()
+            .is_some_and(|hi| hi <= RANGE.hi.into());
+    Ok(Run {
+        rate: connects as f64 / report["seconds"].as_f64().unwrap_or(1.0),
+        connects,
+        errors: report["errnos"]
+            .as_object()
+            .map_or(0, |e| e.values().filter_map(Value::as_u64).sum()),
+        ports: report["origin_ports"].as_u64().unwrap_or(0),
+        in_range,
+    })
 }
 
 /// The busy range (held connections against none) and the IPv6 row

@@ -69,8 +69,9 @@ pub struct Size {
     pub rounds: usize,
     pub connects: u32,
     pub bulk_bytes: u64,
-    /// Each capacity run ([`capacity`]).
+    /// Each capacity run ([`capacity`]), and how many rounds of them.
     pub capacity_seconds: f64,
+    pub capacity_rounds: usize,
     /// Rounds and connects per round of the busy-range and IPv6 rows.
     pub cost_rounds: usize,
     pub cost_connects: u32,
@@ -82,6 +83,7 @@ impl Size {
         connects: 4000,
         bulk_bytes: 2 << 30,
         capacity_seconds: 3.0,
+        capacity_rounds: 3,
         cost_rounds: 7,
         cost_connects: 3000,
     };
@@ -90,6 +92,7 @@ impl Size {
         connects: 300,
         bulk_bytes: 64 << 20,
         capacity_seconds: 0.5,
+        capacity_rounds: 1,
         cost_rounds: 1,
         cost_connects: 200,
     };
@@ -147,7 +150,12 @@ impl Bench {
         let configs = Config::all();
         let attach = self.attach_costs()?;
         let measured = self.rounds(size, &configs)?;
-        let capacity = capacity::capacity(&self.rig, &self.client, size.capacity_seconds)?;
+        let capacity = capacity::capacity(
+            &self.rig,
+            &self.client,
+            size.capacity_seconds,
+            size.capacity_rounds,
+        )?;
         let costs = capacity::costs(&self.rig, &self.client, size)?;
         Ok(Report::new(size, &configs, &measured, attach).with(capacity, costs))
     }
