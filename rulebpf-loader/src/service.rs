@@ -9,9 +9,10 @@
 //! * **Follows its paths** ([`crate::follow`]): a cgroup that goes and comes
 //!   back (a restarted unit) is attached again within milliseconds.
 //! * **Live reload**: the rule file is watched (inotify on its directory, so
-//!   editors that write a new file and rename it are seen too); SIGHUP forces
-//!   a reload. An invalid file is logged with every `file:line:col` error and
-//!   changes nothing.
+//!   editors that write a new file and rename it are seen too), and only a
+//!   whole file is read: one written in place is waited for until its writer
+//!   closes it ([`crate::watch`]); SIGHUP forces a reload. An invalid file is
+//!   logged with every `file:line:col` error and changes nothing.
 //! * **DNS refresh**: every name is re-resolved once per refresh interval; a
 //!   changed answer swaps in the recompiled rules; a failed lookup keeps the
 //!   last good answer.
@@ -206,8 +207,8 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
             _ = interrupt.recv() => { info!("SIGINT"); break Ok(()); }
             _ = hangup.recv() => pending = Some("SIGHUP"),
             Some(()) = file_changed.recv() => {
-                // Editors write in several steps: let them finish.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // The watcher reports a file closed by its writer and
+                // settled (watch::SETTLE): reload at once.
                 while file_changed.try_recv().is_ok() {}
                 pending = Some("file changed");
             }

@@ -22,6 +22,18 @@
 //! inotify(7) reports events per directory entry; the watcher runs the
 //! resolution on a thread of its own, because notify's callback runs on
 //! the inotify thread, which a `watch()` call from it would deadlock.
+//!
+//! Only whole files are reported. A file written in place (`> rules.ini`,
+//! configuration management, a template step) is truncated and written in
+//! pieces, and a read in between sees a valid but shorter rule list: a
+//! reload then would put part of the rules in force. So a write to the file
+//! (`IN_MODIFY`, `IN_CREATE`) holds the report back until its writer closes
+//! it (`IN_CLOSE_WRITE`: the last close of the open file, so a shell
+//! redirection counts as one writer however many commands write through
+//! it) or the file is replaced (a rename: a new inode, whole), and then
+//! until the file has stayed unchanged for [`SETTLE`]. A writer that keeps
+//! the file open is waited for as long as it does (SIGHUP reloads the file
+//! as it is).
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -31,14 +43,22 @@ use std::{
     path::{Component, Path, PathBuf},
     sync::mpsc as std_mpsc,
     thread,
+    time::Duration,
 };
 
 use log::{debug, warn};
-use notify::Watcher as _;
+use notify::{
+    EventKind, Watcher as _,
+    event::{AccessKind, AccessMode, ModifyKind},
+};
 use tokio::sync::mpsc;
 
 /// Symlinks followed at most, as the kernel's path walk (`MAXSYMLINKS`).
 const MAX_SYMLINKS: usize = 40;
+
+/// How long a changed file must stay unchanged (and closed by its writer)
+/// before it is reported.
+pub const SETTLE: Duration = Duration::from_millis(200);
 
 /// Why a rule file cannot be watched.
 #[derive(Debug, thiserror::Error)]
@@ -125,17 +145,61 @@ struct State {
 
 impl State {
     fn run(mut self, inbox: &std_mpsc::Receiver<Message>, changed: &mpsc::Sender<()>) {
-        while let Ok(Message::Event(event)) = inbox.recv() {
-            match event {
-                Ok(event) if event.kind.is_access() => continue,
+        // A change not reported yet, and the file (device, inode) a writer
+        // still has open.
+        let mut unreported = false;
+        let mut writing: Option<(u64, u64)> = None;
+        loop {
+            let message = if unreported {
+                inbox.recv_timeout(SETTLE)
+            } else {
+                inbox
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+            };
+            let event = match message {
+                Ok(Message::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                Ok(Message::Event(event)) => event,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    // SETTLE without an event: report the file if it is
+                    // closed and still what was last seen.
+                    if writing.is_none() && !self.refresh() {
+                        unreported = false;
+                        // Full: a reload is pending already, and it reads
+                        // the file as it is then.
+                        let _ = changed.try_send(());
+                    }
+                    continue;
+                }
+            };
+            match &event {
+                // Opens and reads (ours too) change nothing.
+                Ok(e) if e.kind.is_access() && !is_close_write(&e.kind) => continue,
                 Ok(_) => {}
                 // An overflowed queue loses events: look anyway.
                 Err(e) => debug!("watching {}: {e}", self.path.display()),
             }
             if self.refresh() {
-                // Full: a reload is pending already, and it reads the file
-                // as it is then.
-                let _ = changed.try_send(());
+                unreported = true;
+            }
+            let file = self.last.as_ref().and_then(|r| r.file.as_ref());
+            let identity = file.map(FileState::identity);
+            match event.as_ref().map(|e| Write::of(e, file)) {
+                Ok(Write::Started) => {
+                    if writing.is_none() {
+                        debug!(
+                            "{} is being written; waiting for its writer to close it",
+                            self.path.display()
+                        );
+                    }
+                    writing = identity;
+                }
+                Ok(Write::Closed) => writing = None,
+                _ => {}
+            }
+            if writing.is_some() && identity != writing {
+                // Renamed over or removed: the open file is not ours any more.
+                writing = None;
             }
         }
     }
@@ -164,6 +228,42 @@ impl State {
     }
 }
 
+/// What an event says of a write to the file the path resolves to.
+#[derive(Debug, PartialEq, Eq)]
+enum Write {
+    /// Written, truncated or created: a writer has it open.
+    Started,
+    /// Its writer closed it.
+    Closed,
+    /// Anything else, or another file.
+    Other,
+}
+
+fn is_close_write(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
+impl Write {
+    fn of(event: &notify::Event, file: Option<&FileState>) -> Self {
+        let Some(file) = file else {
+            return Self::Other;
+        };
+        if !event.paths.contains(&file.path) {
+            return Self::Other;
+        }
+        match event.kind {
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                Self::Started
+            }
+            ref kind if is_close_write(kind) => Self::Closed,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// What a path resolved to, and what decided it.
 #[derive(Debug, PartialEq, Eq)]
 struct Resolution {
@@ -179,11 +279,20 @@ struct Resolution {
 /// Which file, and which version of it.
 #[derive(Debug, PartialEq, Eq)]
 struct FileState {
+    /// Where it was reached (the last symlink resolved).
+    path: PathBuf,
     dev: u64,
     ino: u64,
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
+}
+
+impl FileState {
+    /// The file itself, whatever its contents: (device, inode).
+    fn identity(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
 }
 
 /// Resolves `path` (absolute) one component at a time, as the kernel's
@@ -226,6 +335,7 @@ fn resolve(path: &Path) -> Resolution {
             }
             Ok(metadata) if is_last && !is_link => {
                 resolution.file = Some(FileState {
+                    path: entry,
                     dev: metadata.dev(),
                     ino: metadata.ino(),
                     size: metadata.size(),
@@ -308,6 +418,36 @@ mod tests {
         fs::write(dir.path().join(".r.ini.swp"), "1.2.3.4 * : 6\n").unwrap();
         fs::rename(dir.path().join(".r.ini.swp"), &file).unwrap();
         assert!(changed(&mut rx).await);
+    }
+
+    /// Issue 17, item 2: `run` put a half-written file in force.
+    #[tokio::test]
+    async fn a_file_written_in_place_is_reported_once_its_writer_closes_it() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("r.ini");
+        fs::write(&file, "1.2.3.4 * : 5\n").unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let _watcher = watch(&file, tx).unwrap();
+
+        // Truncated and written in two pieces, the writer open in between.
+        let mut writer = fs::File::create(&file).unwrap();
+        writer.write_all(b"1.2.3.4 * : 6\n").unwrap();
+        let early = tokio::time::timeout(SETTLE * 4, rx.recv()).await;
+        assert!(early.is_err(), "reported while its writer had it open");
+        writer.write_all(b"1.2.3.5 * : 7\n").unwrap();
+        drop(writer);
+        assert!(changed(&mut rx).await, "the close");
+
+        // A file created in place (it did not exist): the same.
+        fs::remove_file(&file).unwrap();
+        let _ = tokio::time::timeout(SETTLE * 3, rx.recv()).await;
+        let mut writer = fs::File::create(&file).unwrap();
+        writer.write_all(b"1.2.3.4 * : 8\n").unwrap();
+        let early = tokio::time::timeout(SETTLE * 4, rx.recv()).await;
+        assert!(early.is_err(), "reported while its creator had it open");
+        drop(writer);
+        assert!(changed(&mut rx).await, "the close of the new file");
     }
 
     #[test]

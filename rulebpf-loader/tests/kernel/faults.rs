@@ -87,7 +87,11 @@ fn swaps_under_a_connect_storm_never_crash_nor_leak_a_connect() {
         let swapper = s.spawn(|| {
             let mut n = 0u64;
             while storming.load(Ordering::Relaxed) || n < SWAPS {
-                let (p4, p6) = if n.is_multiple_of(2) { (&a4, &a6) } else { (&b4, &b6) };
+                let (p4, p6) = if n.is_multiple_of(2) {
+                    (&a4, &a6)
+                } else {
+                    (&b4, &b6)
+                };
                 jump4.set(0, p4.fd().unwrap(), 0).unwrap();
                 jump6.set(0, p6.fd().unwrap(), 0).unwrap();
                 n += 1;
@@ -130,4 +134,95 @@ fn swaps_under_a_connect_storm_never_crash_nor_leak_a_connect() {
         "{}",
         named.status()
     );
+}
+
+/// `lines` rules toward addresses nobody connects to, then the rule of the
+/// test's destination: a file cut short lacks the last one.
+fn long_rules(lines: u32, last: &str) -> String {
+    let mut text: String = (0..lines)
+        .map(|i| format!("10.{}.{}.1 {} : 0\n", i / 250, i % 250, 1 + i % 1000))
+        .collect();
+    text.push_str(last);
+    text
+}
+
+/// Issue 17, item 2: `run` read a rules file while it was being written in
+/// place and put the part written so far in force (its destination's rule,
+/// the last line, missing: connects left from OS ports). Here the file is
+/// written in place twice while a process in the cgroup connects every few
+/// milliseconds: once in two pieces with a pause between them, once
+/// truncated and left empty for a while. Every connect gets a port of one
+/// of the whole files, and exactly two reloads happen.
+#[test]
+fn run_applies_only_whole_files() {
+    use std::io::Write as _;
+    let cg = TestCgroup::new("whole");
+    let server = Listener::on([127, 0, 0, 2]);
+    let rule = |lo: u16| format!("127.0.0.2 {} : {lo}-{}\n", server.port(), lo + 9);
+    let file = cg.rules_file("whole.ini", &long_rules(2000, &rule(19100)));
+    let service = RunningService::start(&cg, &file, &[]);
+    let generation = || cg.status()["rule_set"]["generation"].as_u64().unwrap();
+    assert_eq!(generation(), 1);
+
+    let probing = AtomicBool::new(true);
+    let (ports, ()) = thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let mut ports = Vec::new();
+            while probing.load(Ordering::Relaxed) {
+                ports.extend(cg.probe(server.addr, 1, &[]));
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+            ports
+        });
+        let (cg, server) = (&cg, &server);
+        let in_range = |lo: u16| {
+            move || {
+                let got = cg.probe(server.addr, 1, &[]);
+                matches!(got[..], [Probed::Port(p)] if (lo..lo + 10).contains(&p))
+            }
+        };
+        // In place, in two pieces, 0.6 s apart (3 settle times).
+        let text = long_rules(2000, &rule(19110));
+        let (head, tail) = text.split_at(text.len() / 2);
+        let mut writer = std::fs::File::create(&file).unwrap();
+        writer.write_all(head.as_bytes()).unwrap();
+        thread::sleep(std::time::Duration::from_millis(600));
+        writer.write_all(tail.as_bytes()).unwrap();
+        drop(writer);
+        wait_until(
+            "the whole file to apply",
+            std::time::Duration::from_secs(30),
+            in_range(19110),
+        );
+        // Truncated, left empty for 0.6 s, then written.
+        let mut writer = std::fs::File::create(&file).unwrap();
+        thread::sleep(std::time::Duration::from_millis(600));
+        writer
+            .write_all(long_rules(2000, &rule(19120)).as_bytes())
+            .unwrap();
+        drop(writer);
+        wait_until(
+            "the rewritten file to apply",
+            std::time::Duration::from_secs(30),
+            in_range(19120),
+        );
+        probing.store(false, Ordering::Relaxed);
+        (prober.join().unwrap(), ())
+    });
+    let stray: Vec<&Probed> = ports
+        .iter()
+        .filter(|p| !matches!(p, Probed::Port(port) if (19100..19130).contains(port)))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "{} of {} connects: {stray:?}",
+        stray.len(),
+        ports.len()
+    );
+    assert_eq!(generation(), 3, "{}", service.log_text());
+    eprintln!(
+        "{} connects during two in-place writes, all from the rules' ports",
+        ports.len()
+    );
+    server.take(0);
 }
