@@ -184,24 +184,30 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
     let file = cg.rules_file("s.ini", &set_a);
     let _service = RunningService::start(&cg, &file, &[]);
     let generation = cg.status()["rule_set"]["generation"].as_u64().unwrap();
+    // Two processes connect in batches until three edits are in force.
+    let storming = std::sync::atomic::AtomicBool::new(true);
     let results = thread::scope(|s| {
         let storm: Vec<_> = (0..2)
-            .map(|_| s.spawn(|| cg.probe(server.addr, 5000, &[])))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut got = Vec::new();
+                    while storming.load(std::sync::atomic::Ordering::Relaxed) {
+                        got.extend(cg.probe(server.addr, 500, &[]));
+                    }
+                    got
+                })
+            })
             .collect();
-        // Edit, wait until that edit is in force, edit back, ... until the
-        // storm is over.
-        let mut edits = 0;
-        while !storm.iter().all(|h| h.is_finished()) {
-            fs::write(&file, if edits % 2 == 0 { &set_b } else { &set_a }).unwrap();
-            edits += 1;
-            let want = generation + edits;
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while cg.status()["rule_set"]["generation"].as_u64() < Some(want)
-                && std::time::Instant::now() < deadline
-            {
-                thread::sleep(Duration::from_millis(5));
-            }
+        // Edit, wait until that edit is in force, edit back, ...
+        for edits in 1..=3 {
+            fs::write(&file, if edits % 2 == 1 { &set_b } else { &set_a }).unwrap();
+            wait_until("the edit to apply", Duration::from_secs(30), || {
+                cg.status()["rule_set"]["generation"].as_u64() >= Some(generation + edits)
+            });
+            // Connects under the new rules before the next edit.
+            thread::sleep(Duration::from_millis(100));
         }
+        storming.store(false, std::sync::atomic::Ordering::Relaxed);
         storm
             .into_iter()
             .flat_map(|h| h.join().unwrap())
@@ -215,7 +221,6 @@ fn reloads_in_a_connect_storm_never_mix_or_fail() {
         "reload storm: {} connects, {reloads} reloads, {a} from the old set, {b} from the new",
         seen.len()
     );
-    assert_eq!(results.len(), 10000);
     assert!(
         results.iter().all(|r| matches!(r, Probed::Port(_))),
         "a connect failed"
