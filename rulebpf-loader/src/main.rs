@@ -234,6 +234,14 @@ enum Command {
         /// its own origin port).
         #[arg(long)]
         hold: bool,
+        /// With --hold: keep the connections open until standard input
+        /// ends, so that a script decides when they close.
+        #[arg(long, requires = "hold")]
+        hold_until_eof: bool,
+        /// Close each TCP connection at once, this side first (it keeps the
+        /// TIME_WAIT), instead of waiting up to 2 s for the peer to close.
+        #[arg(long)]
+        close_first: bool,
         /// Bind this origin port before connect(), as an application that
         /// chooses its own port does (rulebpf must leave it alone).
         #[arg(long)]
@@ -587,6 +595,8 @@ fn run(command: Command) -> Result<(), CliError> {
             dual_stack,
             count,
             hold,
+            hold_until_eof,
+            close_first,
             bind_port,
             json,
         } => {
@@ -598,6 +608,8 @@ fn run(command: Command) -> Result<(), CliError> {
                 dual_stack,
                 count,
                 hold,
+                hold_until_eof,
+                close_first,
                 bind_port,
             });
             let report = report::ProbeReport {

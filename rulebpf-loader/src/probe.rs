@@ -35,6 +35,10 @@ pub struct Probe {
     /// Keep every connection open until all are made (they then need
     /// distinct origin ports: this is how range capacity is tested).
     pub hold: bool,
+    /// With `hold`: close them only when standard input ends.
+    pub hold_until_eof: bool,
+    /// TCP: close at once, this side first, instead of waiting for the peer.
+    pub close_first: bool,
     /// Bind this port before connect(), as an application that picks its own
     /// origin port does (FTP active mode binds L-1).
     pub bind_port: Option<u16>,
@@ -93,6 +97,9 @@ pub fn run(probe: &Probe) -> Vec<Outcome> {
             }),
         }
     }
+    if probe.hold_until_eof {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    }
     open.into_iter().for_each(|s| finish(probe, s));
     outcomes
 }
@@ -135,9 +142,10 @@ fn connect(probe: &Probe) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
-/// Ends a connection: TCP waits for the peer to close first; UDP just closes.
+/// Ends a connection: TCP waits for the peer to close first (unless
+/// `close_first`); UDP just closes.
 fn finish(probe: &Probe, socket: Socket) {
-    if probe.protocol == Protocol::Tcp {
+    if probe.protocol == Protocol::Tcp && !probe.close_first {
         close_after_peer(socket.into());
     }
 }
