@@ -97,7 +97,12 @@ pub mod shared_map_names {
     pub const PORT_USE: &str = "RULEBPF_PORT_USE";
     /// Per-CPU `u64` counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "RULEBPF_COUNTERS";
-    pub const ALL: [&str; 5] = [TUPLES, SOCKS, OCCUPANCY, PORT_USE, COUNTERS];
+    /// [`super::TupleKey`] -> the local address (`[u32; 4]`, network order,
+    /// IPv4 in the first word) of the TCP connection holding that tuple:
+    /// what a connect that finds the tuple busy needs to ask the kernel
+    /// whether the connection still exists.
+    pub const SOURCES: &str = "RULEBPF_SOURCES";
+    pub const ALL: [&str; 6] = [TUPLES, SOCKS, OCCUPANCY, PORT_USE, COUNTERS, SOURCES];
 }
 
 /// Entries of `RULEBPF_TUPLES` unless the instance is created with another
@@ -118,6 +123,9 @@ pub mod global_names {
     pub const SHARING: &str = "RULEBPF_SHARING";
     /// `u32`: [`super::APP_BOUND_KEEP`] or [`super::APP_BOUND_REFUSE`].
     pub const APP_BOUND: &str = "RULEBPF_APP_BOUND";
+    /// `u32`: the byte offset of `tw_substate` in the kernel's `struct
+    /// tcp_timewait_sock` (from its BTF), 0 when unknown.
+    pub const TW_SUBSTATE: &str = "RULEBPF_TW_SUBSTATE";
 }
 
 /// A socket the application bound outside the rule's range keeps its port.
@@ -336,7 +344,10 @@ pub struct SockState {
     pub rule_key: u64,
     /// `SOCK_*` flags.
     pub flags: u32,
-    pub pad: u32,
+    /// TCP: `rcv_nxt` when this side sent its FIN (valid with
+    /// [`SOCK_FIN_SENT`]); unchanged at the close, the peer never sent its
+    /// own FIN.
+    pub fin_rcv_nxt: u32,
 }
 
 /// The hook bound this socket to an origin port.
@@ -359,6 +370,9 @@ pub const SOCK_PORT: u32 = 1 << 6;
 /// tuple goes when the connection is closed (the full socket gone), not
 /// when the application closes it.
 pub const SOCK_FOLLOWED: u32 = 1 << 7;
+/// This side of a followed TCP connection sent its FIN
+/// (`SockState::fin_rcv_nxt` is set).
+pub const SOCK_FIN_SENT: u32 = 1 << 8;
 
 /// Value of `RULEBPF_OCCUPANCY`: what a rule's range holds now.
 #[repr(C)]
@@ -405,10 +419,14 @@ pub enum Counter {
     /// A reconnect of a socket the hook bound, to a destination that
     /// socket's port is already busy toward: refused with EADDRNOTAVAIL.
     RekeyRefused = 6,
+    /// A busy tuple whose TCP connection no longer existed (its close went
+    /// unseen, or a FIN_WAIT2 it was kept for ended), given to a new
+    /// connect.
+    Reclaimed = 7,
 }
 
 impl Counter {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::TuplesFull,
         Self::OccupancyFull,
         Self::SharingUnavailable,
@@ -416,6 +434,7 @@ impl Counter {
         Self::Released,
         Self::StorageFailed,
         Self::RekeyRefused,
+        Self::Reclaimed,
     ];
 
     /// snake_case, as `stats --json` and the metrics name it.
@@ -428,11 +447,13 @@ impl Counter {
             Self::Released => "released",
             Self::StorageFailed => "storage_failed",
             Self::RekeyRefused => "rekey_refused",
+            Self::Reclaimed => "reclaimed",
         }
     }
 }
 
-/// Entries of `RULEBPF_COUNTERS` (room for more).
+/// Entries of `RULEBPF_COUNTERS` (full: more would change the pinned map
+/// of existing instances).
 pub const COUNTERS: u32 = 8;
 
 #[cfg(feature = "user")]

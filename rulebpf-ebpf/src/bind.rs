@@ -39,6 +39,13 @@
 //! 3. `bpf_bind()`; `-EADDRINUSE` (a socket that does not share, a listener)
 //!    takes the tuple back: next port.
 //!
+//! A tuple found busy may belong to a connection that is gone: its close
+//! went unseen (the bookkeeping programs were detached while it was
+//! closing) or it was kept for a FIN_WAIT2 timewait socket (see the entry
+//! object's `rulebpf_sockops`). `track::reclaim_if_gone` asks the kernel
+//! for a socket with that 4-tuple (`bpf_skc_lookup_tcp`) and takes the
+//! tuple back when there is none, or only an ordinary TIME_WAIT.
+//!
 //! The released socket's tuple goes at its last close (`sock_release`, in
 //! the entry object), before TIME_WAIT. A TIME_WAIT socket with the same
 //! 4-tuple is then resolved by the kernel at connect(): for a socket bound
@@ -71,6 +78,7 @@ use rulebpf_common::{Counter, Protocol, TupleKey, Verdict};
 use crate::{
     RULEBPF_CURSOR,
     shared::{RULEBPF_TUPLES, atomic_add, count},
+    track,
 };
 
 const AF_INET: u16 = 2;
@@ -269,10 +277,12 @@ unsafe extern "C" fn try_candidate(index: u64, search: *mut c_void) -> c_long {
     if search.sharing == 1 {
         match RULEBPF_TUPLES.insert(&search.tuple, &search.key, BPF_NOEXIST.into()) {
             Ok(()) => {}
-            // Busy toward this destination.
+            // Busy toward this destination, unless its connection is gone.
             Err(e) if e == -EEXIST => {
-                count(Counter::BusyToDestination);
-                return 0;
+                if !track::reclaim_if_gone(search.ctx, &search.tuple, search.key) {
+                    count(Counter::BusyToDestination);
+                    return 0;
+                }
             }
             // No room to record the socket: it is bound without sharing,
             // so that no other socket of the instance takes its port.

@@ -49,13 +49,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use rulebpf_common::{
-    Counter, JUMP_SLOT, PortUse, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_FOLLOWED, SOCK_KERNEL_CHOSE,
-    SOCK_OURS, SOCK_PORT, SOCK_TUPLE, SockState,
+    Counter, Family, JUMP_SLOT, PortUse, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_FIN_SENT,
+    SOCK_FOLLOWED, SOCK_KERNEL_CHOSE, SOCK_OURS, SOCK_PORT, SOCK_TUPLE, SockState,
 };
 
 use crate::shared::{
-    IPPROTO_TCP, IPPROTO_UDP, RULEBPF_OCCUPANCY, RULEBPF_PORT_USE, RULEBPF_SOCKS, RULEBPF_TUPLES,
-    SOCK_DGRAM, SOCK_STREAM, atomic_add, count,
+    IPPROTO_TCP, IPPROTO_UDP, RULEBPF_OCCUPANCY, RULEBPF_PORT_USE, RULEBPF_SOCKS, RULEBPF_SOURCES,
+    SOCK_DGRAM, SOCK_STREAM, atomic_add, count, give_back,
 };
 
 /// The connect4 program of the rule set in force.
@@ -97,7 +97,9 @@ pub fn rulebpf_entry6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// `TCP_CLOSE` of `enum tcp_state` (include/net/tcp_states.h).
+/// `enum tcp_state` (include/net/tcp_states.h).
+const TCP_FIN_WAIT1: u32 = 4;
+const TCP_FIN_WAIT2: u32 = 5;
 const TCP_CLOSE: u32 = 7;
 
 /// bind() proceeds (bind hooks: 1 = allow).
@@ -183,7 +185,7 @@ pub fn rulebpf_release(ctx: SockContext) -> i32 {
     let open = unsafe { (*ctx.sock).state } != TCP_CLOSE;
     let followed = state.flags & SOCK_FOLLOWED != 0;
     if state.flags & SOCK_TUPLE != 0 && !(followed && open) {
-        let _ = RULEBPF_TUPLES.remove(&state.tuple);
+        give_back(&state.tuple);
         state.flags &= !SOCK_TUPLE;
     }
     if state.flags & SOCK_COUNTED != 0 {
@@ -195,13 +197,27 @@ pub fn rulebpf_release(ctx: SockContext) -> i32 {
     1
 }
 
-/// TCP connections of sockets with a tuple: at the active open, asks the
-/// kernel to report the socket's state changes (`BPF_SOCK_OPS_STATE_CB`);
-/// at `TCP_CLOSE` (the full socket is gone: closed, reset, or turned into a
-/// TIME_WAIT socket, which the kernel itself resolves at the next connect()
-/// with that 4-tuple) gives the tuple back. Every other callback returns at
-/// once.
-/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp.c (tcp_set_state)
+/// TCP connections of sockets with a tuple. At the active open (the route
+/// has chosen the local address), asks the kernel to report the socket's
+/// state changes (`BPF_SOCK_OPS_STATE_CB`) and writes the local address
+/// down in `RULEBPF_SOURCES`. When this side sends its FIN, notes
+/// `rcv_nxt`. At `TCP_CLOSE` (the full socket is gone: closed, reset, or
+/// turned into a timewait socket) gives the tuple back, except when the
+/// peer may still hold the connection: our FIN was acknowledged
+/// (FIN_WAIT2) but the peer never sent its own (`rcv_nxt` unchanged since
+/// our FIN; an orphan drops any data after close() with a reset, so only
+/// a FIN moves it). Then the kernel keeps a timewait socket of substate
+/// FIN_WAIT2 (`tcp_time_wait(sk, TCP_FIN_WAIT2, ...)` from `tcp_close()`
+/// or on the ACK of our FIN), which a bound connect() would reuse at once
+/// (`tcp_twsk_unique()` without `twp`), and its SYN would make us reset
+/// the peer's half-closed connection. The tuple stays busy; the next
+/// connect that meets it asks the kernel and takes it back once that
+/// timewait socket is gone (`track::reclaim_if_gone`). A peer's FIN moves
+/// `rcv_nxt`: an ordinary TIME_WAIT, which the kernel resolves at the next
+/// connect() with that 4-tuple, and the tuple is given back now. Every
+/// other callback returns at once.
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp.c (tcp_set_state, tcp_close)
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp_input.c (tcp_rcv_state_process, tcp_data_queue, tcp_fin)
 #[sock_ops]
 pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
@@ -231,13 +247,37 @@ pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
     if state.flags & SOCK_TUPLE == 0 {
         return 1;
     }
+    // SAFETY: a read of the context (a full TCP socket for these ops).
+    let rcv_nxt = unsafe { (*ctx.ops).rcv_nxt };
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
         if ctx.set_cb_flags(flags as i32).is_ok() {
             state.flags |= SOCK_FOLLOWED;
         }
-    } else if ctx.arg(1) == TCP_CLOSE {
-        let _ = RULEBPF_TUPLES.remove(&state.tuple);
+        // An IPv4 tuple may be a dual-stack socket's: its IPv4 address.
+        let source = if state.tuple.family == Family::Ipv4 as u8 {
+            [ctx.local_ip4(), 0, 0, 0]
+        } else {
+            // Field by field: the verifier refuses a context pointer moved
+            // to the array and read from there.
+            // SAFETY: reads of the context's `local_ip6` words.
+            let word = |i: usize| unsafe { ptr::read_volatile(&(*ctx.ops).local_ip6[i]) };
+            [word(0), word(1), word(2), word(3)]
+        };
+        let _ = RULEBPF_SOURCES.insert(&state.tuple, &source, 0);
+        return 1;
+    }
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    if new == TCP_FIN_WAIT1 || new == TCP_FIN_WAIT2 {
+        state.fin_rcv_nxt = rcv_nxt;
+        state.flags |= SOCK_FIN_SENT;
+    } else if new == TCP_CLOSE {
+        let peer_silent = old == TCP_FIN_WAIT2
+            && state.flags & SOCK_FIN_SENT != 0
+            && rcv_nxt == state.fin_rcv_nxt;
+        if !peer_silent {
+            give_back(&state.tuple);
+        }
         state.flags &= !SOCK_TUPLE;
     }
     1

@@ -81,6 +81,13 @@ static RULEBPF_SHARING: u32 = 1;
 #[unsafe(no_mangle)]
 static RULEBPF_APP_BOUND: u32 = 0;
 
+/// Where `tw_substate` lies in the kernel's `struct tcp_timewait_sock`, read
+/// by the loader from the kernel's BTF (0: unknown, and a timewait socket
+/// keeps its tuple busy). A frozen constant, so the verifier checks the
+/// read against the type at that offset (`track::reclaim_if_gone`).
+#[unsafe(no_mangle)]
+static RULEBPF_TW_SUBSTATE: u32 = 0;
+
 /// connect() proceeds.
 const ALLOW: i32 = 1;
 /// connect() fails with the errno set by `bpf_set_retval` (else EPERM).

@@ -14,7 +14,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, PerCpuArray, SkStorage},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use rulebpf_common::{
@@ -35,6 +35,25 @@ pub(crate) const IPPROTO_UDP: u32 = 17;
 #[btf_map(pin_by_name)]
 pub(crate) static RULEBPF_TUPLES: HashMap<TupleKey, u64, { TUPLE_CAPACITY as usize }, NO_PREALLOC> =
     HashMap::new();
+
+/// TCP tuples -> the local address of the connection holding them, written
+/// when the connection starts (`sockops`, `TCP_CONNECT_CB`: the route has
+/// chosen the address) and removed with the tuple. A connect that finds a
+/// tuple busy asks the kernel, with this address, whether the connection
+/// still exists (`track::reclaim_if_gone`). LRU: an entry evicted under
+/// pressure only makes its tuple count as busy until it is given back.
+#[btf_map(pin_by_name)]
+pub(crate) static RULEBPF_SOURCES: LruHashMap<TupleKey, [u32; 4], { TUPLE_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Gives a tuple back: its source first, so that a connect racing with
+/// this never reads the source of a connection that is gone while the
+/// tuple already belongs to a new one.
+#[inline(always)]
+pub(crate) fn give_back(tuple: &TupleKey) {
+    let _ = RULEBPF_SOURCES.remove(tuple);
+    let _ = RULEBPF_TUPLES.remove(tuple);
+}
 
 /// What the release of a socket must undo, and what the bind hooks saw.
 #[btf_map(pin_by_name)]

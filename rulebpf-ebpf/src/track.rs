@@ -18,10 +18,16 @@
 //!   the replies). A `connect(AF_UNSPEC)` runs no hook: the old tuple
 //!   stays until the socket is released.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::SockAddrContext};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, bpf_sock_addr, bpf_sock_tuple},
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_skc_to_tcp_timewait_sock},
+    programs::SockAddrContext,
+};
 use rulebpf_common::{
-    Counter, Occupancy, PortUse, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_KEPT, SOCK_OURS, SOCK_PORT,
-    SOCK_TUPLE, TupleKey,
+    Counter, Family, Occupancy, PortUse, Protocol, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_KEPT,
+    SOCK_OURS, SOCK_PORT, SOCK_TUPLE, TupleKey,
 };
 
 use crate::{
@@ -29,7 +35,8 @@ use crate::{
     bind::Bound,
     refuse,
     shared::{
-        RULEBPF_OCCUPANCY, RULEBPF_PORT_USE, RULEBPF_SOCKS, RULEBPF_TUPLES, atomic_add, count,
+        RULEBPF_OCCUPANCY, RULEBPF_PORT_USE, RULEBPF_SOCKS, RULEBPF_SOURCES, RULEBPF_TUPLES,
+        atomic_add, count, give_back,
     },
 };
 
@@ -186,7 +193,7 @@ pub(crate) fn reconnect(
     }
     match RULEBPF_TUPLES.insert(tuple, &state.rule_key, BPF_NOEXIST.into()) {
         Ok(()) => {
-            let _ = RULEBPF_TUPLES.remove(&state.tuple);
+            give_back(&state.tuple);
             state.tuple = *tuple;
         }
         Err(e) if e == -EEXIST => {
@@ -195,10 +202,111 @@ pub(crate) fn reconnect(
         }
         Err(_) => {
             // Full: the socket goes on untracked rather than wrongly.
-            let _ = RULEBPF_TUPLES.remove(&state.tuple);
+            give_back(&state.tuple);
             state.flags &= !SOCK_TUPLE;
             count(Counter::TuplesFull);
         }
     }
     Some(Ok(ALLOW))
+}
+
+/// `BPF_F_CURRENT_NETNS`: look in the network namespace of the socket that
+/// connects.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// `TCP_TIME_WAIT` of `enum tcp_state`: a timewait socket's substate once
+/// the peer's FIN came.
+const TCP_TIME_WAIT: u8 = 6;
+
+/// Whether `sk` (a socket the lookup found) is a timewait socket whose
+/// peer has closed too (substate `TCP_TIME_WAIT`, not `TCP_FIN_WAIT2`).
+/// `bpf_sock.state` reads `TCP_TIME_WAIT` for both, so the substate is
+/// read at the offset the loader found in the kernel's BTF; unknown, the
+/// answer is no (busy).
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp_minisocks.c (tcp_timewait_state_process)
+#[inline(always)]
+fn timewait_after_peer_fin(sk: *mut c_void) -> bool {
+    // SAFETY: plain read of a load-time constant.
+    let offset = unsafe { core::ptr::read_volatile(&crate::RULEBPF_TW_SUBSTATE) };
+    if offset == 0 {
+        return false;
+    }
+    // SAFETY: `sk` is the referenced socket of the lookup.
+    let tw = unsafe { bpf_skc_to_tcp_timewait_sock(sk) };
+    if tw.is_null() {
+        // A full or request socket: the connection exists.
+        return false;
+    }
+    // SAFETY: a byte inside the timewait socket; the verifier checks the
+    // offset against the kernel's type.
+    let substate = unsafe { *tw.cast::<u8>().add(offset as usize) };
+    substate == TCP_TIME_WAIT
+}
+
+/// A tuple found busy toward this destination may belong to a connection
+/// that no longer exists: its close went unseen (the bookkeeping programs
+/// were detached from its cgroup while it was closing) or it was kept for a
+/// FIN_WAIT2 timewait socket that has ended since (see `rulebpf_sockops`).
+/// For a TCP tuple whose local address is known, asks the kernel for a
+/// socket with that 4-tuple, timewait and request sockets included; when
+/// there is none, or only an ordinary TIME_WAIT, the tuple is taken back
+/// and reserved for `key` (true).
+/// Anything else stays busy: UDP (released at close, never later), a
+/// connection still starting (no address yet), a source evicted from the
+/// LRU map.
+/// https://github.com/torvalds/linux/blob/v6.12/net/core/filter.c (bpf_skc_lookup_tcp, __bpf_skc_lookup)
+#[inline(never)]
+pub(crate) fn reclaim_if_gone(ctx: *mut bpf_sock_addr, tuple: &TupleKey, key: u64) -> bool {
+    if tuple.protocol != Protocol::Tcp as u8 {
+        return false;
+    }
+    let Some(source) = RULEBPF_SOURCES.get_ptr(tuple) else {
+        return false;
+    };
+    // SAFETY: a map value of four u32s.
+    let source = unsafe { *source };
+    if source == [0; 4] {
+        return false;
+    }
+    // The tuple as the peer's packets carry it: from the destination to us.
+    // SAFETY: a plain-data union, zeroed.
+    let mut lookup: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if tuple.family == Family::Ipv4 as u8 {
+        // SAFETY: writes to the union's IPv4 member.
+        unsafe {
+            let v4 = &mut lookup.__bindgen_anon_1.ipv4;
+            v4.saddr = tuple.dest_addr[0];
+            v4.daddr = source[0];
+            v4.sport = tuple.dest_port.to_be();
+            v4.dport = tuple.origin_port.to_be();
+            size_of_val(v4)
+        }
+    } else {
+        // SAFETY: writes to the union's IPv6 member.
+        unsafe {
+            let v6 = &mut lookup.__bindgen_anon_1.ipv6;
+            v6.saddr = tuple.dest_addr;
+            v6.daddr = source;
+            v6.sport = tuple.dest_port.to_be();
+            v6.dport = tuple.origin_port.to_be();
+            size_of_val(v6)
+        }
+    };
+    // SAFETY: the hook's context and a tuple on the stack of `size` bytes.
+    let sk = unsafe { bpf_skc_lookup_tcp(ctx.cast(), &mut lookup, size as u32, CURRENT_NETNS, 0) };
+    if !sk.is_null() {
+        let after_peer_fin = timewait_after_peer_fin(sk.cast());
+        // SAFETY: the reference the lookup took.
+        unsafe { bpf_sk_release(sk.cast()) };
+        if !after_peer_fin {
+            return false;
+        }
+        // An ordinary TIME_WAIT (the peer's FIN came after the tuple was
+        // kept): the kernel resolves it at connect(), as for any other.
+    }
+    give_back(tuple);
+    count(Counter::Reclaimed);
+    RULEBPF_TUPLES
+        .insert(tuple, &key, BPF_NOEXIST.into())
+        .is_ok()
 }

@@ -227,6 +227,7 @@ pub fn create(dir: &SecureDir, tuple_capacity: u32) -> Result<EntryPrograms, Ent
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(map_pin_dir(dir))
         .map_max_entries(shared_map_names::TUPLES, capacity.max(1))
+        .map_max_entries(shared_map_names::SOURCES, capacity.max(1))
         .load(OBJECT)
         .map_err(ObjectError::CreateMaps)?;
     for hook in Hook::ALL {

@@ -20,6 +20,7 @@
 //! report     what each command prints (text or JSON)
 //! ```
 pub mod bpf;
+pub mod btf;
 pub mod cgroup;
 pub mod entry;
 pub mod ephemeral;

@@ -221,11 +221,13 @@ impl RuleSetObject {
         let tuples = entry::tuple_capacity_of(instance)
             .map_err(|e| ObjectError::Instance(Box::new(e)))?
             .unwrap_or(rulebpf_common::TUPLE_CAPACITY);
+        let tw_substate = crate::btf::tw_substate();
         // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
         let log_level = options.kernel_log as usize as u8;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(entry::map_pin_dir(instance))
             .map_max_entries(shared_map_names::TUPLES, tuples)
+            .map_max_entries(shared_map_names::SOURCES, tuples)
             .map_max_entries(map_names::DFA_EDGES, size(compiled.edges.len()))
             .map_max_entries(map_names::DFA_DEFAULT, size(compiled.defaults.len()))
             .map_max_entries(map_names::PORTS, size(compiled.ports.len()))
@@ -235,6 +237,7 @@ impl RuleSetObject {
             .override_global(global_names::SET_RETVAL, &set_retval, true)
             .override_global(global_names::SHARING, &sharing, true)
             .override_global(global_names::APP_BOUND, &app_bound, true)
+            .override_global(global_names::TW_SUBSTATE, &tw_substate, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)
             .map_err(ObjectError::CreateMaps)?;

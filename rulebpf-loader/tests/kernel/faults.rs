@@ -226,3 +226,310 @@ fn run_applies_only_whole_files() {
     );
     server.take(0);
 }
+
+/// A TCP peer that accepts and keeps every connection open, never closing
+/// its side (a server slow to close, or gone quiet).
+struct HoldingPeer {
+    addr: std::net::SocketAddr,
+    held: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl HoldingPeer {
+    fn on(listener: std::net::TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = std::sync::Arc::clone(&held);
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                keep.lock().unwrap().push(stream);
+            }
+        });
+        Self { addr, held }
+    }
+
+    fn wait_for(&self, n: usize) {
+        wait_until(
+            "the peer to accept",
+            std::time::Duration::from_secs(20),
+            || self.held.lock().unwrap().len() >= n,
+        );
+    }
+
+    /// `tcpi_state` of each held connection, in accept order.
+    fn states(&self) -> Vec<u8> {
+        use std::os::fd::AsRawFd as _;
+        let held = self.held.lock().unwrap();
+        held.iter()
+            .map(|s| {
+                // SAFETY: getsockopt(TCP_INFO) into a zeroed tcp_info of its size.
+                let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+                let rc = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_INFO,
+                        (&raw mut info).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!(rc, 0);
+                info.tcpi_state
+            })
+            .collect()
+    }
+}
+
+/// `enum tcp_state`.
+const TCP_FIN_WAIT2: u8 = 5;
+const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE_WAIT: u8 = 8;
+
+/// The state of each IPv4 TCP socket of ours from `local` ports to
+/// `remote_port`, by local port, from /proc/net/tcp: a timewait socket
+/// shows its substate there (FIN_WAIT2, or TIME_WAIT once the peer's FIN
+/// came).
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp_ipv4.c (get_timewait4_sock)
+fn our_states(local: std::ops::RangeInclusive<u16>, remote_port: u16) -> Vec<u8> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap(), 16).unwrap();
+    let mut found: Vec<(u16, u8)> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (l, r) = (port(f[1]), port(f[2]));
+            (local.contains(&l) && r == remote_port)
+                .then(|| (l, u8::from_str_radix(f[3], 16).unwrap()))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, state)| state).collect()
+}
+
+/// Issue 17, item 3: a connection this side closed first while the peer
+/// kept its side open ends here as a timewait socket of substate
+/// FIN_WAIT2, and its 4-tuple was handed out again at once: the new SYN
+/// met the peer's CLOSE_WAIT socket, which our side then reset. Here two
+/// connections over a two-port range are closed by us and held by the
+/// peer; a third connect finds both 4-tuples still held and fails
+/// (EADDRNOTAVAIL, strict policy) instead of resetting the peer, whose
+/// sockets all stay in CLOSE_WAIT.
+#[test]
+fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
+    let cg = TestCgroup::new("finwait2");
+    let peer = HoldingPeer::on(std::net::TcpListener::bind("127.0.0.7:0").unwrap());
+    cg.attach(
+        &format!("127.0.0.7 {} : 19200-19201\n", peer.addr.port()),
+        &[],
+    );
+    let first = cg.probe(peer.addr, 2, &["--close-first"]);
+    let mut ports: Vec<u16> = first.iter().map(|p| p.port()).collect();
+    ports.sort();
+    assert_eq!(ports, [19200, 19201]);
+    peer.wait_for(2);
+    wait_until(
+        "the peer to see both FINs",
+        std::time::Duration::from_secs(10),
+        || peer.states() == [TCP_CLOSE_WAIT, TCP_CLOSE_WAIT],
+    );
+
+    // Once the peer has acknowledged our FIN, the kernel turns each of our
+    // orphaned sockets into a timewait socket of substate FIN_WAIT2.
+    wait_until(
+        "the peer to acknowledge our FINs",
+        std::time::Duration::from_secs(10),
+        || our_states(19200..=19201, peer.addr.port()) == [TCP_FIN_WAIT2, TCP_FIN_WAIT2],
+    );
+    let third = cg.probe(peer.addr, 1, &["--close-first"]);
+    assert_eq!(third, [Probed::Errno(libc::EADDRNOTAVAIL)]);
+    assert_eq!(
+        peer.states(),
+        [TCP_CLOSE_WAIT, TCP_CLOSE_WAIT],
+        "a held connection was reset"
+    );
+
+    // The peer closes: ordinary TIME_WAITs, which the kernel reuses (TCP
+    // timestamps): both ports serve this destination again at once.
+    peer.held.lock().unwrap().clear();
+    wait_until(
+        "our side to see the peer's FINs",
+        std::time::Duration::from_secs(10),
+        || our_states(19200..=19201, peer.addr.port()) == [TCP_TIME_WAIT, TCP_TIME_WAIT],
+    );
+    let again = cg.probe(peer.addr, 2, &["--close-first"]);
+    let mut ports: Vec<u16> = again.iter().map(|p| p.port()).collect();
+    ports.sort();
+    assert_eq!(ports, [19200, 19201]);
+    let counters: serde_json::Value =
+        serde_json::from_str(&rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])).unwrap();
+    assert_eq!(
+        counters[0]["counters"]["reclaimed"].as_u64(),
+        Some(2),
+        "{counters}"
+    );
+}
+
+/// Drops every packet that arrives for the sockets of a cgroup while the
+/// returned link is open: a `cgroup_skb/ingress` program of two
+/// instructions (`r0 = 0; exit`), link-attached. How a lossy or silent
+/// peer looks from this side; closing the link lifts it, even after the
+/// cgroup is removed (the link holds it).
+fn drop_ingress(cgroup: &std::path::Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // include/uapi/linux/bpf.h
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
+    const BPF_CGROUP_INET_INGRESS: u32 = 0;
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::os::fd::OwnedFd {
+        // SAFETY: `attr` has the layout of `cmd`'s part of `union bpf_attr`.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                (attr as *mut T).cast::<libc::c_void>(),
+                std::mem::size_of::<T>() as libc::c_uint,
+            )
+        };
+        assert!(fd >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd the kernel just gave us.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    }
+    // r0 = 0 (drop); exit
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    let program = bpf(
+        BPF_PROG_LOAD,
+        &mut ProgLoad {
+            prog_type: BPF_PROG_TYPE_CGROUP_SKB,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            expected_attach_type: BPF_CGROUP_INET_INGRESS,
+            ..Default::default()
+        },
+    );
+    let dir = std::fs::File::open(cgroup).unwrap();
+    bpf(
+        BPF_LINK_CREATE,
+        &mut LinkCreate {
+            prog_fd: program.as_raw_fd() as u32,
+            target_fd: dir.as_raw_fd() as u32,
+            attach_type: BPF_CGROUP_INET_INGRESS,
+            flags: 0,
+        },
+    )
+}
+
+/// Issue 17, item 1: connections still closing when their cgroup went away
+/// (every `systemctl restart`, every new container) kept their tuples for
+/// good: `run` detached the instance from the removed cgroup at once, so
+/// their close never reached a program, and later connects to that
+/// destination failed with EADDRNOTAVAIL. Here ten connections over a
+/// ten-port range are closed while the peer's ACKs are dropped (our side
+/// stays in FIN_WAIT1), the cgroup is removed and `run` detaches it, then
+/// the drop is lifted and the peer closes too (our side: TIME_WAIT). When
+/// the cgroup is back, ten connects get the ten ports again: each finds its
+/// tuple held by no live connection and takes it back.
+#[test]
+fn tuples_of_connections_closing_when_their_cgroup_goes_come_back() {
+    use std::{io::Write as _, process::Stdio, time::Duration};
+    let cg = TestCgroup::new("closing");
+    let peer = HoldingPeer::on(std::net::TcpListener::bind("127.0.0.8:0").unwrap());
+    let port = peer.addr.port();
+    let file = cg.rules_file("closing.ini", &format!("127.0.0.8 {port} : 19300-19309\n"));
+    let service = RunningService::start(&cg, &file, &[]);
+    let dest = peer.addr.to_string();
+    let mut client = std::process::Command::new(RULEBPF)
+        .args(["probe", "--json", "--cgroup", cg.arg(), "--count", "10"])
+        .args(["--hold", "--hold-until-eof", "--close-first", &dest])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    peer.wait_for(10);
+    let dropping = drop_ingress(&cg.path);
+    drop(client.stdin.take());
+    let out = client.wait_with_output().unwrap();
+    let mut ports: Vec<u16> = parse_probe(&String::from_utf8_lossy(&out.stdout))
+        .iter()
+        .map(|p| p.port())
+        .collect();
+    ports.sort();
+    assert_eq!(ports, (19300..=19309).collect::<Vec<_>>());
+    wait_until("our FINs to go unanswered", Duration::from_secs(10), || {
+        our_states(19300..=19309, port) == [TCP_FIN_WAIT1; 10]
+    });
+
+    std::fs::remove_dir(&cg.path).unwrap();
+    wait_until(
+        "run to drop the gone cgroup",
+        Duration::from_secs(10),
+        || {
+            cg.status()["attachments"]
+                .as_array()
+                .is_none_or(|a| a.iter().all(|a| a["standing"] != "in_force"))
+        },
+    );
+    drop(dropping);
+    wait_until(
+        "the peer to acknowledge our FINs",
+        Duration::from_secs(30),
+        || our_states(19300..=19309, port) == [TCP_FIN_WAIT2; 10],
+    );
+    peer.held.lock().unwrap().clear();
+    wait_until("the peer's FINs", Duration::from_secs(10), || {
+        our_states(19300..=19309, port) == [TCP_TIME_WAIT; 10]
+    });
+
+    std::fs::create_dir(&cg.path).unwrap();
+    wait_until(
+        "run to attach the new cgroup",
+        Duration::from_secs(10),
+        || cg.status()["attachments"][0]["standing"] == "in_force",
+    );
+    let again = cg.probe(peer.addr, 10, &["--hold", "--close-first"]);
+    let mut ports: Vec<u16> = again.iter().map(|p| p.port()).collect();
+    ports.sort();
+    assert_eq!(
+        ports,
+        (19300..=19309).collect::<Vec<_>>(),
+        "{}",
+        service.log_text()
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])).unwrap();
+    assert_eq!(
+        stats[0]["counters"]["reclaimed"].as_u64(),
+        Some(10),
+        "{stats}"
+    );
+    let _ = std::io::stdout().flush();
+}
+
+const TCP_FIN_WAIT1: u8 = 4;
