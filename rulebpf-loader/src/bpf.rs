@@ -19,6 +19,7 @@ use crate::hook::Hook;
 // Commands and attach types from include/uapi/linux/bpf.h.
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -156,6 +157,27 @@ pub fn program_name(id: u32) -> io::Result<String> {
     info_by_fd(fd.as_fd(), &mut info)?;
     let len = info.name.iter().position(|&b| b == 0).unwrap_or(16);
     Ok(String::from_utf8_lossy(&info.name[..len]).into_owned())
+}
+
+/// Pins program `id` at `path` (a path through an open directory: see
+/// `SecureDir::fd_path`). Fails when the program is gone or `path` exists.
+pub fn pin_program_by_id(id: u32, path: &std::path::Path) -> io::Result<()> {
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let fd = fd_by_id(BPF_PROG_GET_FD_BY_ID, id)?;
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut attr = Pin {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    // SAFETY: `Pin` is the BPF_OBJ_PIN layout; `path` outlives the call.
+    unsafe { sys_bpf(BPF_OBJ_PIN, &mut attr) }.map(drop)
 }
 
 /// A cgroup link the kernel holds.

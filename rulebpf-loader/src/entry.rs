@@ -60,7 +60,7 @@ pub fn program_pin(hook: Hook) -> &'static str {
     hook.name()
 }
 
-fn jump_pin(hook: Hook) -> String {
+pub fn jump_pin(hook: Hook) -> String {
     format!("jump-{}", hook.name())
 }
 

@@ -267,6 +267,13 @@ impl Instance {
             records,
         };
         let _lock = instance.lock()?;
+        // A pin removed or replaced by hand would otherwise be replaced by
+        // a fresh, empty copy that the bookkeeping programs never see.
+        let repaired = crate::integrity::repair(&instance.pins, &instance.record()?)
+            .map_err(InstanceError::kernel(format!("repairing instance {name}")))?;
+        for line in repaired {
+            log::warn!("instance {name}: {line}");
+        }
         if !entry::exists(&instance.pins) {
             // New, or made before some of the entry object existed: what
             // is pinned stays, what is missing is added.
@@ -323,6 +330,14 @@ impl Instance {
 
     pub fn name(&self) -> &InstanceName {
         &self.name
+    }
+
+    /// Pins that do not hold what the instance's programs use
+    /// ([`crate::integrity`]); empty when the record cannot be read.
+    pub fn damage(&self) -> Vec<crate::integrity::Damage> {
+        self.record()
+            .map(|record| crate::integrity::check(&self.pins, &record))
+            .unwrap_or_default()
     }
 
     /// The pinned entry program of `hook` (what systemd's BPFProgram= names).

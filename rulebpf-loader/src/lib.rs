@@ -28,6 +28,7 @@ pub mod features;
 pub mod follow;
 pub mod hook;
 pub mod instance;
+pub mod integrity;
 pub mod legacy;
 pub mod metrics;
 pub mod name;

@@ -912,8 +912,10 @@ fn status_row(instance: &Instance) -> StatusRow {
         }
         (None, _) => vec![],
     };
+    let damage = instance.damage();
     StatusRow {
         name: instance.name().clone(),
+        damage,
         entry: record.entry,
         rule_set: in_force.set,
         mixed: in_force.mixed,

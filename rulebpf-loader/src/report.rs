@@ -441,6 +441,9 @@ pub struct StatusRow {
     /// Rules that bound a socket: ports in use and their high-water mark,
     /// busiest first.
     pub occupancy: Vec<OccupancyRow>,
+    /// Pins that do not hold what the instance's programs use (repaired by
+    /// the next `attach` or `run`).
+    pub damage: Vec<crate::integrity::Damage>,
     /// What could not be read, if anything.
     pub error: Option<String>,
 }
@@ -483,6 +486,9 @@ impl StatusRow {
         writeln!(f, "instance {}{managed}", self.name)?;
         if let Some(error) = &self.error {
             writeln!(f, "  error: {error}")?;
+        }
+        for damage in &self.damage {
+            writeln!(f, "  damaged: {damage}; the next attach or run repairs it")?;
         }
         match &self.rule_set {
             Some(r) => {
