@@ -672,18 +672,31 @@ impl Instance {
     }
 
     /// Every rule's occupancy (ports in use, high-water mark), by rule key
-    /// (empty for an instance made before occupancy was kept).
+    /// (empty for an instance made before occupancy was kept); for the
+    /// rules in force, as their ports tell it ([`stats::by_ports`]).
     pub fn occupancy(
         &self,
     ) -> Result<std::collections::HashMap<u64, rulebpf_common::Occupancy>, InstanceError> {
-        let name = rulebpf_common::shared_map_names::OCCUPANCY;
-        if !self.pins.contains(name) {
+        use rulebpf_common::shared_map_names::{OCCUPANCY, PORT_USE, TUPLES};
+        if !self.pins.contains(OCCUPANCY) {
             return Ok(Default::default());
         }
-        Ok(stats::read_occupancy(
-            &self.pins.fd_path(name),
-            &self.pins.display(name),
-        )?)
+        let kernel =
+            stats::read_occupancy(&self.pins.fd_path(OCCUPANCY), &self.pins.display(OCCUPANCY))?;
+        let Some(set) = self.in_force()?.set else {
+            return Ok(kernel);
+        };
+        let port_use = if self.pins.contains(PORT_USE) {
+            stats::read_port_use(&self.pins.fd_path(PORT_USE), &self.pins.display(PORT_USE))?
+        } else {
+            vec![]
+        };
+        let tuples = if self.pins.contains(TUPLES) {
+            stats::read_tuples(&self.pins.fd_path(TUPLES), &self.pins.display(TUPLES))?
+        } else {
+            vec![]
+        };
+        Ok(stats::by_ports(&set.rules, &kernel, &port_use, &tuples))
     }
 
     /// The instance counters (empty for an instance made before them).

@@ -94,6 +94,9 @@ pub enum ServiceError {
     Removed(InstanceName),
 }
 
+/// How many 1 s checks apart the occupancy warning is checked.
+const OCCUPANCY_EVERY: u64 = 2;
+
 /// What a reload produced, back on the service's task (`None`: nothing to
 /// change, as after a DNS refresh with the same answers).
 struct Reloaded {
@@ -174,6 +177,9 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     dns_tick.tick().await; // the first tick is immediate: names were just resolved
     let mut check_tick = tokio::time::interval(Duration::from_secs(1));
     check_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Occupancy walks the tuple table (up to its capacity, 65,536 keys by
+    // default, some tens of milliseconds): every OCCUPANCY_EVERY checks.
+    let mut checks: u64 = 0;
     if let Some(addr) = service.options.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -215,7 +221,10 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
             Some(()) = cgroup_changed.recv() => service.follow(&mut followed),
             _ = check_tick.tick() => {
                 service.follow(&mut followed);
-                service.check_occupancy();
+                if checks.is_multiple_of(OCCUPANCY_EVERY) {
+                    service.check_occupancy();
+                }
+                checks += 1;
                 if let Err(e) = service.check_owner() {
                     break Err(e);
                 }

@@ -108,6 +108,10 @@ pub struct RuleInfo {
     /// Ports in its origin range (0: the OS chooses).
     #[serde(default)]
     pub ports: u32,
+    /// Its origin range, first and last port (`None`: the OS chooses, or a
+    /// record written before ranges were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<(u16, u16)>,
 }
 
 /// What `rulebpf run` (or the last `attach`) records beside the rules.

@@ -14,7 +14,7 @@
 use std::{collections::HashMap, path::Path};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuValues};
-use rulebpf_common::{Counter, Occupancy, RuleStats};
+use rulebpf_common::{Counter, Occupancy, PortUse, RuleStats, TupleKey};
 use rulebpf_rules::{rule::Origin, ruleset::RuleSet};
 use serde::Serialize;
 
@@ -234,6 +234,10 @@ pub fn rule_infos(set: &RuleSet) -> Vec<RuleInfo> {
                 Origin::Os => 0,
                 Origin::Range(r) => u32::from(r.hi) - u32::from(r.lo) + 1,
             },
+            origin: match rule.origin {
+                Origin::Os => None,
+                Origin::Range(r) => Some((r.lo, r.hi)),
+            },
         })
         .collect()
 }
@@ -247,6 +251,67 @@ pub fn read_occupancy(path: &Path, shown: &Path) -> Result<HashMap<u64, Occupanc
         BpfHashMap::try_from(aya::maps::Map::HashMap(map)).map_err(error)?;
     // An entry deleted during the walk ends it early: the rest reads as 0.
     Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// Each rule's occupancy as its ports tell it, whatever rule bound them: a
+/// port of the rule's range counts as in use when a live socket of the
+/// instance holds it (`RULEBPF_PORT_USE`, under any rule key: a rule whose
+/// text changed keeps its live sockets under its old key) or, with port
+/// sharing, as many ports as are busy toward the busiest destination
+/// (`RULEBPF_TUPLES`: a connection closing after its socket's release still
+/// holds its tuple, and a destination is refused when all of its tuples are
+/// busy). The kernel's per-key counts are a floor; the high-water mark
+/// follows.
+pub fn by_ports(
+    rules: &[RuleInfo],
+    kernel: &HashMap<u64, Occupancy>,
+    port_use: &[(PortUse, u64)],
+    tuples: &[TupleKey],
+) -> HashMap<u64, Occupancy> {
+    let mut out = kernel.clone();
+    for rule in rules {
+        let Some((lo, hi)) = rule.origin else {
+            continue;
+        };
+        let range = lo..=hi;
+        let with_socket: std::collections::HashSet<u16> = port_use
+            .iter()
+            .filter(|(key, sockets)| *sockets > 0 && range.contains(&key.port))
+            .map(|(key, _)| key.port)
+            .collect();
+        let mut per_destination: HashMap<(u8, u8, u16, [u32; 4]), u64> = HashMap::new();
+        for t in tuples.iter().filter(|t| range.contains(&t.origin_port)) {
+            *per_destination
+                .entry((t.family, t.protocol, t.dest_port, t.dest_addr))
+                .or_default() += 1;
+        }
+        let busiest = per_destination.values().copied().max().unwrap_or(0);
+        let entry = out.entry(rule.key).or_default();
+        let in_use = below_zero_as_zero(entry.in_use)
+            .max(with_socket.len() as u64)
+            .max(busiest);
+        entry.in_use = in_use;
+        entry.high_water = entry.high_water.max(in_use);
+    }
+    out
+}
+
+/// Every key of the pinned `RULEBPF_PORT_USE` with its sockets.
+pub fn read_port_use(path: &Path, shown: &Path) -> Result<Vec<(PortUse, u64)>, StatsError> {
+    let error = read_error(shown);
+    let map = MapData::from_pin(path).map_err(&error)?;
+    let map: BpfHashMap<_, PortUse, u64> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(map)).map_err(error)?;
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// Every key of the pinned `RULEBPF_TUPLES` (the busy tuples).
+pub fn read_tuples(path: &Path, shown: &Path) -> Result<Vec<TupleKey>, StatsError> {
+    let error = read_error(shown);
+    let map = MapData::from_pin(path).map_err(&error)?;
+    let map: BpfHashMap<_, TupleKey, u64> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(map)).map_err(error)?;
+    Ok(map.keys().filter_map(Result::ok).collect())
 }
 
 /// Forgets the occupancy of rules not among `rules` that hold no socket
@@ -331,6 +396,7 @@ mod tests {
             text: text.into(),
             key: 0,
             ports: 0,
+            origin: None,
         }
     }
 
@@ -366,5 +432,51 @@ mod tests {
         // Stable across builds and versions: a fixed function, not std's hasher.
         assert_eq!(rule_keys(&["a"]), [fnv1a(b"a", 0)]);
         assert_eq!(fnv1a(b"", 0), 0x2032_dd64_3620_252e);
+    }
+
+    #[test]
+    fn occupancy_follows_the_ports_whatever_key_bound_them() {
+        let mut r = rule(1, "10.0.0.1 22 : 100-109");
+        r.key = 7;
+        r.origin = Some((100, 109));
+        // Live sockets under an old key (the rule's text changed).
+        let port_use: Vec<(PortUse, u64)> = (100..104)
+            .map(|port| {
+                let key = PortUse {
+                    rule_key: 99,
+                    port,
+                    pad: [0; 3],
+                };
+                (key, 1)
+            })
+            .collect();
+        let got = by_ports(std::slice::from_ref(&r), &HashMap::new(), &port_use, &[]);
+        assert_eq!(got[&7].in_use, 4);
+        assert_eq!(got[&7].high_water, 4);
+
+        // Busy tuples after their sockets' release: the busiest destination
+        // counts; ports outside the range and other destinations do not add.
+        let tuple = |port: u16, dest: u32| TupleKey {
+            family: 4,
+            protocol: 6,
+            origin_port: port,
+            dest_port: 22,
+            pad: 0,
+            dest_addr: [dest, 0, 0, 0],
+        };
+        let mut tuples: Vec<TupleKey> = (100..110).map(|p| tuple(p, 1)).collect();
+        tuples.extend((100..103).map(|p| tuple(p, 2)));
+        tuples.push(tuple(200, 1));
+        let kernel = HashMap::from([(
+            7,
+            Occupancy {
+                in_use: 1,
+                high_water: 12,
+                sockets: 1,
+            },
+        )]);
+        let got = by_ports(std::slice::from_ref(&r), &kernel, &[], &tuples);
+        assert_eq!(got[&7].in_use, 10);
+        assert_eq!(got[&7].high_water, 12);
     }
 }

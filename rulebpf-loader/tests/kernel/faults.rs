@@ -597,3 +597,90 @@ fn a_removed_pin_is_reported_and_repaired_never_replaced() {
     }
     server.take(30);
 }
+
+/// The `run` warning for a rule whose ports are nearly all in use.
+fn full_warning(text: &str) -> String {
+    format!("(`{text}`): 10 of its 10 origin ports in use")
+}
+
+/// This cgroup's rule of line 1: (in_use, high_water) from `stats --json`.
+fn line1_occupancy(cg: &TestCgroup) -> (u64, u64) {
+    let v: serde_json::Value =
+        serde_json::from_str(&rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])).unwrap();
+    let rule = &v[0]["rules"][0];
+    (
+        rule["in_use"].as_u64().unwrap(),
+        rule["high_water"].as_u64().unwrap(),
+    )
+}
+
+/// Issue 17, item 5, first case: after a rule's text changed, its live
+/// sockets stayed counted under the old rule (`IN USE 0`), and the 90 %
+/// warning never fired for the rule in force. Here ten connections hold a
+/// ten-port range while the rule is rewritten (same range): the new rule
+/// shows 10 of 10 in use and `run` warns about it.
+#[test]
+fn occupancy_follows_a_rule_whose_text_changed() {
+    use std::process::Stdio;
+    let cg = TestCgroup::new("occ-text");
+    let server = Listener::on([127, 0, 0, 2]);
+    let p = server.port();
+    let file = cg.rules_file("occ.ini", &format!("127.0.0.2 {p} : 19500-19509\n"));
+    let service = RunningService::start(&cg, &file, &[]);
+    let mut client = std::process::Command::new(RULEBPF)
+        .args([
+            "probe",
+            "--cgroup",
+            cg.arg(),
+            "--count",
+            "10",
+            "--hold",
+            "--hold-until-eof",
+        ])
+        .arg(server.addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    server.take(10);
+    let text = format!("127.0.0.0/24 {p} : 19500-19509");
+    std::fs::write(&file, format!("{text}\n")).unwrap();
+    wait_until(
+        "the new text in force",
+        std::time::Duration::from_secs(20),
+        || cg.status()["rule_set"]["generation"].as_u64() == Some(2),
+    );
+    assert_eq!(line1_occupancy(&cg).0, 10);
+    wait_until("run to warn", std::time::Duration::from_secs(20), || {
+        service.log_text().contains(&full_warning(&text))
+    });
+    drop(client.stdin.take());
+    client.wait().unwrap();
+}
+
+/// Issue 17, item 5, second case: `IN USE` counted sockets, so tuples still
+/// busy after their sockets' release (connections closing, or kept for a
+/// peer in CLOSE_WAIT) did not count: connects were refused as exhausted
+/// with a peak of 1, and no warning came. Here ten connections this side
+/// closed are held by the peer: the rule shows 10 of 10 in use and `run`
+/// warns.
+#[test]
+fn occupancy_counts_busy_tuples_after_their_sockets_are_gone() {
+    let cg = TestCgroup::new("occ-tuples");
+    let peer = HoldingPeer::on(std::net::TcpListener::bind("127.0.0.9:0").unwrap());
+    let text = format!("127.0.0.9 {} : 19510-19519", peer.addr.port());
+    let file = cg.rules_file("occ.ini", &format!("{text}\n"));
+    let service = RunningService::start(&cg, &file, &[]);
+    let got = cg.probe(peer.addr, 10, &["--close-first"]);
+    assert!(got.iter().all(|p| matches!(p, Probed::Port(_))), "{got:?}");
+    peer.wait_for(10);
+    wait_until(
+        "the peer to acknowledge our FINs",
+        std::time::Duration::from_secs(10),
+        || our_states(19510..=19519, peer.addr.port()) == [TCP_FIN_WAIT2; 10],
+    );
+    assert_eq!(line1_occupancy(&cg), (10, 10));
+    wait_until("run to warn", std::time::Duration::from_secs(20), || {
+        service.log_text().contains(&full_warning(&text))
+    });
+}
