@@ -269,7 +269,10 @@ impl Instance {
         let _lock = instance.lock()?;
         // A pin removed or replaced by hand would otherwise be replaced by
         // a fresh, empty copy that the bookkeeping programs never see.
-        let repaired = crate::integrity::repair(&instance.pins, &instance.record()?)
+        // An unreadable record is reported where it is needed; the maps are
+        // still checked against the pinned programs.
+        let record = instance.record().unwrap_or_default();
+        let repaired = crate::integrity::repair(&instance.pins, &record)
             .map_err(InstanceError::kernel(format!("repairing instance {name}")))?;
         for line in repaired {
             log::warn!("instance {name}: {line}");

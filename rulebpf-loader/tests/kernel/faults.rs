@@ -538,9 +538,9 @@ const TCP_FIN_WAIT1: u8 = 4;
 /// the new rule set with a fresh table, which the release programs never
 /// saw: after one pass over the range every connect failed, and status
 /// said nothing. Here the table's pin, a jump map's and a bookkeeping
-/// program's are removed: status names each, the next attach pins the
-/// objects in use again (and says so), and three passes over a ten-port
-/// range all succeed.
+/// program's are removed, then the table's pin is replaced by another map:
+/// status names each, the next attach pins the objects in use again (and
+/// says so), and three passes over a ten-port range all succeed.
 #[test]
 fn a_removed_pin_is_reported_and_repaired_never_replaced() {
     let named = Named::new("pins");
@@ -581,12 +581,36 @@ fn a_removed_pin_is_reported_and_repaired_never_replaced() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("RULEBPF_TUPLES: pin missing"), "{stderr}");
+    let undamaged = || {
+        assert_eq!(
+            named.status()["damage"],
+            serde_json::json!([]),
+            "{}",
+            named.status()
+        )
+    };
+    undamaged();
+
+    // A pin replaced by another map: reported, and put back.
+    std::fs::remove_file(dir.join("RULEBPF_TUPLES")).unwrap();
+    MapData::from_pin(dir.join("RULEBPF_PORT_USE"))
+        .unwrap()
+        .pin(dir.join("RULEBPF_TUPLES"))
+        .unwrap();
+    let damage = named.status()["damage"].clone();
     assert_eq!(
-        named.status()["damage"],
-        serde_json::json!([]),
-        "{}",
-        named.status()
+        damage,
+        serde_json::json!([{"problem": "foreign", "pin": "RULEBPF_TUPLES"}]),
+        "{damage}"
     );
+    let out = attach();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("RULEBPF_TUPLES: pins another map"),
+        "{stderr}"
+    );
+    undamaged();
     for pass in 0..3 {
         let got = cg.probe(server.addr, 10, &["--hold"]);
         assert!(
