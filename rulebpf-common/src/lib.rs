@@ -97,10 +97,9 @@ pub mod shared_map_names {
     pub const PORT_USE: &str = "RULEBPF_PORT_USE";
     /// Per-CPU `u64` counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "RULEBPF_COUNTERS";
-    /// [`super::TupleKey`] -> the local address (`[u32; 4]`, network order,
-    /// IPv4 in the first word) of the TCP connection holding that tuple:
-    /// what a connect that finds the tuple busy needs to ask the kernel
-    /// whether the connection still exists.
+    /// [`super::TupleKey`] -> [`super::TupleSource`] of the TCP connection
+    /// holding that tuple: what a connect that finds the tuple busy needs to
+    /// ask the kernel whether the connection still exists.
     pub const SOURCES: &str = "RULEBPF_SOURCES";
     pub const ALL: [&str; 6] = [TUPLES, SOCKS, OCCUPANCY, PORT_USE, COUNTERS, SOURCES];
 }
@@ -333,6 +332,21 @@ pub struct TupleKey {
     pub dest_addr: [u32; 4],
 }
 
+/// Value of `RULEBPF_SOURCES`: how to find the TCP connection that holds a
+/// tuple, written by the `sockops` program when the connection starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TupleSource {
+    /// The connection's local address, network order (IPv4: the first word).
+    pub addr: [u32; 4],
+    /// Its network namespace (`bpf_get_netns_cookie`): the kernel's lookup
+    /// is per namespace, the tuple table per instance.
+    pub netns: u64,
+    /// Its socket (`bpf_get_socket_cookie`): a connect that found the tuple
+    /// stale checks it is still the same entry before taking it.
+    pub socket: u64,
+}
+
 /// Value of `RULEBPF_SOCKS` (socket-local storage): what the release of a
 /// socket must undo, and what the bind hooks saw.
 #[repr(C)]
@@ -370,6 +384,10 @@ pub const SOCK_PORT: u32 = 1 << 6;
 /// tuple goes when the connection is closed (the full socket gone), not
 /// when the application closes it.
 pub const SOCK_FOLLOWED: u32 = 1 << 7;
+/// The `sockops` program wrote this socket's [`TupleSource`]: whoever
+/// removes that entry (the socket at its close, or a connect that found the
+/// connection gone) gives the tuple back or takes it over, never both.
+pub const SOCK_SOURCE: u32 = 1 << 9;
 /// This side of a followed TCP connection sent its FIN
 /// (`SockState::fin_rcv_nxt` is set).
 pub const SOCK_FIN_SENT: u32 = 1 << 8;
@@ -467,6 +485,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::Occupancy {}
     unsafe impl aya::Pod for super::PortUse {}
+    unsafe impl aya::Pod for super::TupleSource {}
 }
 
 #[cfg(test)]

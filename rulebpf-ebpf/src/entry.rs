@@ -43,14 +43,15 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         bpf_sock_addr,
     },
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_storage_get},
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::ProgramArray,
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use rulebpf_common::{
     Counter, Family, JUMP_SLOT, PortUse, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_FIN_SENT,
-    SOCK_FOLLOWED, SOCK_KERNEL_CHOSE, SOCK_OURS, SOCK_PORT, SOCK_TUPLE, SockState,
+    SOCK_FOLLOWED, SOCK_KERNEL_CHOSE, SOCK_OURS, SOCK_PORT, SOCK_SOURCE, SOCK_TUPLE, SockState,
+    TupleSource,
 };
 
 use crate::shared::{
@@ -185,7 +186,7 @@ pub fn rulebpf_release(ctx: SockContext) -> i32 {
     let open = unsafe { (*ctx.sock).state } != TCP_CLOSE;
     let followed = state.flags & SOCK_FOLLOWED != 0;
     if state.flags & SOCK_TUPLE != 0 && !(followed && open) {
-        give_back(&state.tuple);
+        give_back(state);
         state.flags &= !SOCK_TUPLE;
     }
     if state.flags & SOCK_COUNTED != 0 {
@@ -254,8 +255,15 @@ pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
         if ctx.set_cb_flags(flags as i32).is_ok() {
             state.flags |= SOCK_FOLLOWED;
         }
+        // A socket bound to a device (SO_BINDTODEVICE, a VRF, an IPv6
+        // link-local peer) is invisible to the connect hook's lookup, which
+        // asks for no device: its tuple is never taken back early.
+        // SAFETY: a read of the socket's `bound_dev_if` (a full socket).
+        if unsafe { (*sk).bound_dev_if } != 0 {
+            return 1;
+        }
         // An IPv4 tuple may be a dual-stack socket's: its IPv4 address.
-        let source = if state.tuple.family == Family::Ipv4 as u8 {
+        let addr = if state.tuple.family == Family::Ipv4 as u8 {
             [ctx.local_ip4(), 0, 0, 0]
         } else {
             // Field by field: the verifier refuses a context pointer moved
@@ -264,7 +272,17 @@ pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
             let word = |i: usize| unsafe { ptr::read_volatile(&(*ctx.ops).local_ip6[i]) };
             [word(0), word(1), word(2), word(3)]
         };
-        let _ = RULEBPF_SOURCES.insert(&state.tuple, &source, 0);
+        // SAFETY: the helpers take the sock_ops context.
+        let source = unsafe {
+            TupleSource {
+                addr,
+                netns: bpf_get_netns_cookie(ctx.ops.cast()),
+                socket: bpf_get_socket_cookie(ctx.ops.cast()),
+            }
+        };
+        if RULEBPF_SOURCES.insert(&state.tuple, &source, 0).is_ok() {
+            state.flags |= SOCK_SOURCE;
+        }
         return 1;
     }
     let (old, new) = (ctx.arg(0), ctx.arg(1));
@@ -276,7 +294,7 @@ pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
             && state.flags & SOCK_FIN_SENT != 0
             && rcv_nxt == state.fin_rcv_nxt;
         if !peer_silent {
-            give_back(&state.tuple);
+            give_back(state);
         }
         state.flags &= !SOCK_TUPLE;
     }

@@ -14,11 +14,12 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray, SkStorage},
+    btf_maps::{HashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use rulebpf_common::{
-    COUNTERS, Counter, OCCUPANCY_CAPACITY, Occupancy, PortUse, SockState, TUPLE_CAPACITY, TupleKey,
+    COUNTERS, Counter, OCCUPANCY_CAPACITY, Occupancy, PortUse, SOCK_SOURCE, SockState,
+    TUPLE_CAPACITY, TupleKey, TupleSource,
 };
 
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
@@ -36,23 +37,34 @@ pub(crate) const IPPROTO_UDP: u32 = 17;
 pub(crate) static RULEBPF_TUPLES: HashMap<TupleKey, u64, { TUPLE_CAPACITY as usize }, NO_PREALLOC> =
     HashMap::new();
 
-/// TCP tuples -> the local address of the connection holding them, written
-/// when the connection starts (`sockops`, `TCP_CONNECT_CB`: the route has
-/// chosen the address) and removed with the tuple. A connect that finds a
-/// tuple busy asks the kernel, with this address, whether the connection
-/// still exists (`track::reclaim_if_gone`). LRU: an entry evicted under
-/// pressure only makes its tuple count as busy until it is given back.
+/// TCP tuples -> how to find the connection holding them ([`TupleSource`]),
+/// written when the connection starts (`sockops`, `TCP_CONNECT_CB`: the
+/// route has chosen the local address). A connect that finds a tuple busy
+/// asks the kernel, with this, whether the connection still exists
+/// (`track::reclaim_if_gone`). Its keys are a subset of `RULEBPF_TUPLES`'s
+/// (same capacity, not preallocated either).
 #[btf_map(pin_by_name)]
-pub(crate) static RULEBPF_SOURCES: LruHashMap<TupleKey, [u32; 4], { TUPLE_CAPACITY as usize }> =
-    LruHashMap::new();
+pub(crate) static RULEBPF_SOURCES: HashMap<
+    TupleKey,
+    TupleSource,
+    { TUPLE_CAPACITY as usize },
+    NO_PREALLOC,
+> = HashMap::new();
 
-/// Gives a tuple back: its source first, so that a connect racing with
-/// this never reads the source of a connection that is gone while the
-/// tuple already belongs to a new one.
+/// Gives back the tuple of a socket whose connection is over. When the
+/// socket's source was written down, removing that entry decides: a
+/// connect that found the connection gone may have removed it first and
+/// taken the tuple over (`track::reclaim_if_gone`), and then the tuple is
+/// not ours to remove any more.
 #[inline(always)]
-pub(crate) fn give_back(tuple: &TupleKey) {
-    let _ = RULEBPF_SOURCES.remove(tuple);
-    let _ = RULEBPF_TUPLES.remove(tuple);
+pub(crate) fn give_back(state: &mut SockState) {
+    if state.flags & SOCK_SOURCE != 0 {
+        state.flags &= !SOCK_SOURCE;
+        if RULEBPF_SOURCES.remove(&state.tuple).is_err() {
+            return;
+        }
+    }
+    let _ = RULEBPF_TUPLES.remove(&state.tuple);
 }
 
 /// What the release of a socket must undo, and what the bind hooks saw.

@@ -21,8 +21,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, bpf_sock_addr, bpf_sock_tuple},
-    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_skc_to_tcp_timewait_sock},
+    bindings::{BPF_ANY, BPF_NOEXIST, bpf_sock_addr, bpf_sock_tuple},
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_sk_release, bpf_skc_lookup_tcp, bpf_skc_to_tcp_timewait_sock,
+    },
     programs::SockAddrContext,
 };
 use rulebpf_common::{
@@ -193,7 +195,7 @@ pub(crate) fn reconnect(
     }
     match RULEBPF_TUPLES.insert(tuple, &state.rule_key, BPF_NOEXIST.into()) {
         Ok(()) => {
-            give_back(&state.tuple);
+            give_back(state);
             state.tuple = *tuple;
         }
         Err(e) if e == -EEXIST => {
@@ -202,7 +204,7 @@ pub(crate) fn reconnect(
         }
         Err(_) => {
             // Full: the socket goes on untracked rather than wrongly.
-            give_back(&state.tuple);
+            give_back(state);
             state.flags &= !SOCK_TUPLE;
             count(Counter::TuplesFull);
         }
@@ -247,13 +249,19 @@ fn timewait_after_peer_fin(sk: *mut c_void) -> bool {
 /// that no longer exists: its close went unseen (the bookkeeping programs
 /// were detached from its cgroup while it was closing) or it was kept for a
 /// FIN_WAIT2 timewait socket that has ended since (see `rulebpf_sockops`).
-/// For a TCP tuple whose local address is known, asks the kernel for a
-/// socket with that 4-tuple, timewait and request sockets included; when
-/// there is none, or only an ordinary TIME_WAIT, the tuple is taken back
-/// and reserved for `key` (true).
-/// Anything else stays busy: UDP (released at close, never later), a
-/// connection still starting (no address yet), a source evicted from the
-/// LRU map.
+/// For a TCP tuple whose source is known, in the network namespace of the
+/// connecting socket, asks the kernel for a socket with that 4-tuple,
+/// timewait and request sockets included; when there is none, or only an
+/// ordinary TIME_WAIT, the tuple is taken over for `key` (true). Anything
+/// else stays busy: UDP (released at close, never later), a connection
+/// still starting (no source yet), one bound to a device, one in another
+/// network namespace.
+///
+/// Who takes the tuple is decided by removing its source entry, which
+/// succeeds once: for one of two racing connects, or for the connection's
+/// own close (`shared::give_back`), never for two. The tuple's entry is
+/// overwritten in place, never absent in between, so no third connect can
+/// insert it meanwhile.
 /// https://github.com/torvalds/linux/blob/v6.12/net/core/filter.c (bpf_skc_lookup_tcp, __bpf_skc_lookup)
 #[inline(never)]
 pub(crate) fn reclaim_if_gone(ctx: *mut bpf_sock_addr, tuple: &TupleKey, key: u64) -> bool {
@@ -263,9 +271,10 @@ pub(crate) fn reclaim_if_gone(ctx: *mut bpf_sock_addr, tuple: &TupleKey, key: u6
     let Some(source) = RULEBPF_SOURCES.get_ptr(tuple) else {
         return false;
     };
-    // SAFETY: a map value of four u32s.
+    // SAFETY: a plain-data map value.
     let source = unsafe { *source };
-    if source == [0; 4] {
+    // SAFETY: the hook's context.
+    if source.netns != unsafe { bpf_get_netns_cookie(ctx.cast()) } {
         return false;
     }
     // The tuple as the peer's packets carry it: from the destination to us.
@@ -276,7 +285,7 @@ pub(crate) fn reclaim_if_gone(ctx: *mut bpf_sock_addr, tuple: &TupleKey, key: u6
         unsafe {
             let v4 = &mut lookup.__bindgen_anon_1.ipv4;
             v4.saddr = tuple.dest_addr[0];
-            v4.daddr = source[0];
+            v4.daddr = source.addr[0];
             v4.sport = tuple.dest_port.to_be();
             v4.dport = tuple.origin_port.to_be();
             size_of_val(v4)
@@ -286,7 +295,7 @@ pub(crate) fn reclaim_if_gone(ctx: *mut bpf_sock_addr, tuple: &TupleKey, key: u6
         unsafe {
             let v6 = &mut lookup.__bindgen_anon_1.ipv6;
             v6.saddr = tuple.dest_addr;
-            v6.daddr = source;
+            v6.daddr = source.addr;
             v6.sport = tuple.dest_port.to_be();
             v6.dport = tuple.origin_port.to_be();
             size_of_val(v6)
@@ -304,9 +313,18 @@ pub(crate) fn reclaim_if_gone(ctx: *mut bpf_sock_addr, tuple: &TupleKey, key: u6
         // An ordinary TIME_WAIT (the peer's FIN came after the tuple was
         // kept): the kernel resolves it at connect(), as for any other.
     }
-    give_back(tuple);
+    // Still the source that was checked (not a new connection's, written
+    // since by one that got the tuple in between), and the removal decides.
+    let now = RULEBPF_SOURCES.get_ptr(tuple);
+    // SAFETY: a plain-data map value.
+    if now.is_none_or(|now| unsafe { (*now).socket } != source.socket)
+        || RULEBPF_SOURCES.remove(tuple).is_err()
+    {
+        return false;
+    }
+    if RULEBPF_TUPLES.insert(tuple, &key, BPF_ANY.into()).is_err() {
+        return false;
+    }
     count(Counter::Reclaimed);
-    RULEBPF_TUPLES
-        .insert(tuple, &key, BPF_NOEXIST.into())
-        .is_ok()
+    true
 }
