@@ -32,8 +32,8 @@
 //! redirection counts as one writer however many commands write through
 //! it) or the file is replaced (a rename: a new inode, whole), and then
 //! until the file has stayed unchanged for [`SETTLE`]. A writer that keeps
-//! the file open is waited for as long as it does (SIGHUP reloads the file
-//! as it is).
+//! the file open is waited for up to [`WRITER_PATIENCE`] after its last
+//! write (SIGHUP reloads the file as it is at once).
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -43,7 +43,7 @@ use std::{
     path::{Component, Path, PathBuf},
     sync::mpsc as std_mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use log::{debug, warn};
@@ -59,6 +59,10 @@ const MAX_SYMLINKS: usize = 40;
 /// How long a changed file must stay unchanged (and closed by its writer)
 /// before it is reported.
 pub const SETTLE: Duration = Duration::from_millis(200);
+
+/// How long after its last write a file whose close never came is waited
+/// for.
+pub const WRITER_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Why a rule file cannot be watched.
 #[derive(Debug, thiserror::Error)]
@@ -145,13 +149,16 @@ struct State {
 
 impl State {
     fn run(mut self, inbox: &std_mpsc::Receiver<Message>, changed: &mpsc::Sender<()>) {
-        // A change not reported yet, and the file (device, inode) a writer
-        // still has open.
+        // A change not reported yet; since when the file has been still
+        // (events of other files in the directories do not count); the file
+        // (device, inode) a writer still has open, and its last write.
         let mut unreported = false;
+        let mut still_since = Instant::now();
         let mut writing: Option<(u64, u64)> = None;
+        let mut last_write = Instant::now();
         loop {
             let message = if unreported {
-                inbox.recv_timeout(SETTLE)
+                inbox.recv_timeout(SETTLE.saturating_sub(still_since.elapsed()))
             } else {
                 inbox
                     .recv()
@@ -161,26 +168,42 @@ impl State {
                 Ok(Message::Stop) | Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
                 Ok(Message::Event(event)) => event,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    // SETTLE without an event: report the file if it is
-                    // closed and still what was last seen.
-                    if writing.is_none() && !self.refresh() {
+                    if writing.is_some() && last_write.elapsed() >= WRITER_PATIENCE {
+                        // A close lost, or a writer that never closes (a
+                        // truncate(2) by path): read it as it is now.
+                        warn!(
+                            "{} was written {}s ago and not closed since: reading it as it is",
+                            self.path.display(),
+                            WRITER_PATIENCE.as_secs()
+                        );
+                        writing = None;
+                    }
+                    // Open for writing still, or changed meanwhile: wait on.
+                    if writing.is_some() || self.refresh() {
+                        still_since = Instant::now();
+                    } else {
+                        // Closed and unchanged for SETTLE. Full: a reload
+                        // is pending already, and it reads the file then.
                         unreported = false;
-                        // Full: a reload is pending already, and it reads
-                        // the file as it is then.
                         let _ = changed.try_send(());
                     }
                     continue;
                 }
             };
             match &event {
+                // An overflowed queue may have lost the writer's close.
+                Ok(e) if e.need_rescan() => writing = None,
                 // Opens and reads (ours too) change nothing.
                 Ok(e) if e.kind.is_access() && !is_close_write(&e.kind) => continue,
                 Ok(_) => {}
-                // An overflowed queue loses events: look anyway.
-                Err(e) => debug!("watching {}: {e}", self.path.display()),
+                Err(e) => {
+                    debug!("watching {}: {e}", self.path.display());
+                    writing = None;
+                }
             }
             if self.refresh() {
                 unreported = true;
+                still_since = Instant::now();
             }
             let file = self.last.as_ref().and_then(|r| r.file.as_ref());
             let identity = file.map(FileState::identity);
@@ -193,8 +216,13 @@ impl State {
                         );
                     }
                     writing = identity;
+                    last_write = Instant::now();
+                    still_since = Instant::now();
                 }
-                Ok(Write::Closed) => writing = None,
+                Ok(Write::Closed) => {
+                    writing = None;
+                    still_since = Instant::now();
+                }
                 _ => {}
             }
             if writing.is_some() && identity != writing {
@@ -448,6 +476,38 @@ mod tests {
         assert!(early.is_err(), "reported while its creator had it open");
         drop(writer);
         assert!(changed(&mut rx).await, "the close of the new file");
+    }
+
+    /// Other files of a busy directory (/etc: every exec opens
+    /// ld.so.cache) never hold a report back.
+    #[tokio::test]
+    async fn a_busy_directory_does_not_delay_the_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("r.ini");
+        let other = dir.path().join("ld.so.cache");
+        fs::write(&file, "1.2.3.4 * : 5\n").unwrap();
+        fs::write(&other, "x").unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let _watcher = watch(&file, tx).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs::read(&other);
+                    std::thread::sleep(SETTLE / 10);
+                }
+            })
+        };
+        fs::write(&file, "1.2.3.4 * : 6\n").unwrap();
+        let reported = tokio::time::timeout(SETTLE * 10, rx.recv()).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        busy.join().unwrap();
+        assert!(
+            matches!(reported, Ok(Some(()))),
+            "no report within {:?}",
+            SETTLE * 10
+        );
     }
 
     #[test]
