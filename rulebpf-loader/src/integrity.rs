@@ -148,7 +148,10 @@ fn findings(dir: &SecureDir, record: &InstanceRecord) -> Vec<Finding> {
         let info = if dir.contains(pin) {
             KernelProgramInfo::from_pin(dir.fd_path(pin)).ok()
         } else {
-            let alive = recorded != 0 && bpf::program_name(recorded).is_ok();
+            // The id must still be a program of rulebpf (ids are reused).
+            let alive = recorded != 0
+                && bpf::program_name(recorded)
+                    .is_ok_and(|n| n.starts_with(rulebpf_common::PROGRAM_PREFIX));
             found.push(Finding {
                 damage: if alive {
                     Damage::Missing { pin: pin.into() }
@@ -173,7 +176,10 @@ fn findings(dir: &SecureDir, record: &InstanceRecord) -> Vec<Finding> {
                 continue;
             };
             if let Some(pin) = map.name_as_str().and_then(map_pin) {
-                used.insert(pin, id);
+                // Programs that disagree on a map (loaded by different
+                // instances' objects): the first one, an entry program,
+                // decides; the others are not repaired toward.
+                used.entry(pin).or_insert(id);
             }
         }
     }

@@ -260,27 +260,35 @@ pub fn read_occupancy(path: &Path, shown: &Path) -> Result<HashMap<u64, Occupanc
 /// sharing, as many ports as are busy toward the busiest destination
 /// (`RULEBPF_TUPLES`: a connection closing after its socket's release still
 /// holds its tuple, and a destination is refused when all of its tuples are
-/// busy). The kernel's per-key counts are a floor; the high-water mark
-/// follows.
+/// busy). Rules whose ranges overlap count the same ports. The kernel's
+/// per-key counts are a floor; the high-water mark follows.
 pub fn by_ports(
     rules: &[RuleInfo],
     kernel: &HashMap<u64, Occupancy>,
     port_use: &[(PortUse, u64)],
     tuples: &[TupleKey],
 ) -> HashMap<u64, Occupancy> {
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
+    // Once per call, by port: keys read from a map that changes meanwhile
+    // may come twice.
+    let with_socket: BTreeSet<u16> = port_use
+        .iter()
+        .filter(|(_, sockets)| *sockets > 0)
+        .map(|(key, _)| key.port)
+        .collect();
+    let distinct: HashSet<&TupleKey> = tuples.iter().collect();
+    let mut by_port: BTreeMap<u16, Vec<&TupleKey>> = BTreeMap::new();
+    for t in distinct {
+        by_port.entry(t.origin_port).or_default().push(t);
+    }
     let mut out = kernel.clone();
     for rule in rules {
         let Some((lo, hi)) = rule.origin else {
             continue;
         };
-        let range = lo..=hi;
-        let with_socket: std::collections::HashSet<u16> = port_use
-            .iter()
-            .filter(|(key, sockets)| *sockets > 0 && range.contains(&key.port))
-            .map(|(key, _)| key.port)
-            .collect();
+        let sockets = with_socket.range(lo..=hi).count() as u64;
         let mut per_destination: HashMap<(u8, u8, u16, [u32; 4]), u64> = HashMap::new();
-        for t in tuples.iter().filter(|t| range.contains(&t.origin_port)) {
+        for t in by_port.range(lo..=hi).flat_map(|(_, ts)| ts) {
             *per_destination
                 .entry((t.family, t.protocol, t.dest_port, t.dest_addr))
                 .or_default() += 1;
@@ -288,8 +296,9 @@ pub fn by_ports(
         let busiest = per_destination.values().copied().max().unwrap_or(0);
         let entry = out.entry(rule.key).or_default();
         let in_use = below_zero_as_zero(entry.in_use)
-            .max(with_socket.len() as u64)
-            .max(busiest);
+            .max(sockets)
+            .max(busiest)
+            .min(u64::from(rule.ports));
         entry.in_use = in_use;
         entry.high_water = entry.high_water.max(in_use);
     }
@@ -439,6 +448,7 @@ mod tests {
         let mut r = rule(1, "10.0.0.1 22 : 100-109");
         r.key = 7;
         r.origin = Some((100, 109));
+        r.ports = 10;
         // Live sockets under an old key (the rule's text changed).
         let port_use: Vec<(PortUse, u64)> = (100..104)
             .map(|port| {
@@ -467,6 +477,8 @@ mod tests {
         let mut tuples: Vec<TupleKey> = (100..110).map(|p| tuple(p, 1)).collect();
         tuples.extend((100..103).map(|p| tuple(p, 2)));
         tuples.push(tuple(200, 1));
+        // Read twice (a map walk that restarted): counted once.
+        tuples.extend((100..110).map(|p| tuple(p, 1)));
         let kernel = HashMap::from([(
             7,
             Occupancy {
