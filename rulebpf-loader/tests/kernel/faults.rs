@@ -285,6 +285,22 @@ const TCP_FIN_WAIT2: u8 = 5;
 const TCP_TIME_WAIT: u8 = 6;
 const TCP_CLOSE_WAIT: u8 = 8;
 
+/// Waits (up to 30 s: a FIN retransmission may take seconds) until every
+/// port of `local` has one IPv4 TCP socket toward `remote_port`, in `state`.
+fn wait_for_states(what: &str, local: std::ops::RangeInclusive<u16>, remote_port: u16, state: u8) {
+    let want = vec![state; local.len()];
+    wait_until(what, std::time::Duration::from_secs(30), || {
+        our_states(local.clone(), remote_port) == want
+    });
+}
+
+/// The origin ports of connects that must all have succeeded, sorted.
+fn sorted_ports(probed: &[Probed]) -> Vec<u16> {
+    let mut ports: Vec<u16> = probed.iter().map(|p| p.port()).collect();
+    ports.sort();
+    ports
+}
+
 /// The state of each IPv4 TCP socket of ours from `local` ports to
 /// `remote_port`, by local port, from /proc/net/tcp: a timewait socket
 /// shows its substate there (FIN_WAIT2, or TIME_WAIT once the peer's FIN
@@ -324,9 +340,7 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
         &[],
     );
     let first = cg.probe(peer.addr, 2, &["--close-first"]);
-    let mut ports: Vec<u16> = first.iter().map(|p| p.port()).collect();
-    ports.sort();
-    assert_eq!(ports, [19200, 19201]);
+    assert_eq!(sorted_ports(&first), [19200, 19201]);
     peer.wait_for(2);
     wait_until(
         "the peer to see both FINs",
@@ -336,10 +350,11 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
 
     // Once the peer has acknowledged our FIN, the kernel turns each of our
     // orphaned sockets into a timewait socket of substate FIN_WAIT2.
-    wait_until(
+    wait_for_states(
         "the peer to acknowledge our FINs",
-        std::time::Duration::from_secs(10),
-        || our_states(19200..=19201, peer.addr.port()) == [TCP_FIN_WAIT2, TCP_FIN_WAIT2],
+        19200..=19201,
+        peer.addr.port(),
+        TCP_FIN_WAIT2,
     );
     let third = cg.probe(peer.addr, 1, &["--close-first"]);
     assert_eq!(third, [Probed::Errno(libc::EADDRNOTAVAIL)]);
@@ -352,15 +367,14 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
     // The peer closes: ordinary TIME_WAITs, which the kernel reuses (TCP
     // timestamps): both ports serve this destination again at once.
     peer.held.lock().unwrap().clear();
-    wait_until(
+    wait_for_states(
         "our side to see the peer's FINs",
-        std::time::Duration::from_secs(10),
-        || our_states(19200..=19201, peer.addr.port()) == [TCP_TIME_WAIT, TCP_TIME_WAIT],
+        19200..=19201,
+        peer.addr.port(),
+        TCP_TIME_WAIT,
     );
     let again = cg.probe(peer.addr, 2, &["--close-first"]);
-    let mut ports: Vec<u16> = again.iter().map(|p| p.port()).collect();
-    ports.sort();
-    assert_eq!(ports, [19200, 19201]);
+    assert_eq!(sorted_ports(&again), [19200, 19201]);
     let counters: serde_json::Value =
         serde_json::from_str(&rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])).unwrap();
     assert_eq!(
@@ -476,15 +490,14 @@ fn tuples_of_connections_closing_when_their_cgroup_goes_come_back() {
     let dropping = drop_ingress(&cg.path);
     drop(client.stdin.take());
     let out = client.wait_with_output().unwrap();
-    let mut ports: Vec<u16> = parse_probe(&String::from_utf8_lossy(&out.stdout))
-        .iter()
-        .map(|p| p.port())
-        .collect();
-    ports.sort();
-    assert_eq!(ports, (19300..=19309).collect::<Vec<_>>());
-    wait_until("our FINs to go unanswered", Duration::from_secs(10), || {
-        our_states(19300..=19309, port) == [TCP_FIN_WAIT1; 10]
-    });
+    let probed = parse_probe(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(sorted_ports(&probed), (19300..=19309).collect::<Vec<_>>());
+    wait_for_states(
+        "our FINs to go unanswered",
+        19300..=19309,
+        port,
+        TCP_FIN_WAIT1,
+    );
 
     std::fs::remove_dir(&cg.path).unwrap();
     wait_until(
@@ -497,15 +510,14 @@ fn tuples_of_connections_closing_when_their_cgroup_goes_come_back() {
         },
     );
     drop(dropping);
-    wait_until(
+    wait_for_states(
         "the peer to acknowledge our FINs",
-        Duration::from_secs(30),
-        || our_states(19300..=19309, port) == [TCP_FIN_WAIT2; 10],
+        19300..=19309,
+        port,
+        TCP_FIN_WAIT2,
     );
     peer.held.lock().unwrap().clear();
-    wait_until("the peer's FINs", Duration::from_secs(10), || {
-        our_states(19300..=19309, port) == [TCP_TIME_WAIT; 10]
-    });
+    wait_for_states("the peer's FINs", 19300..=19309, port, TCP_TIME_WAIT);
 
     std::fs::create_dir(&cg.path).unwrap();
     wait_until(
@@ -514,10 +526,8 @@ fn tuples_of_connections_closing_when_their_cgroup_goes_come_back() {
         || cg.status()["attachments"][0]["standing"] == "in_force",
     );
     let again = cg.probe(peer.addr, 10, &["--hold", "--close-first"]);
-    let mut ports: Vec<u16> = again.iter().map(|p| p.port()).collect();
-    ports.sort();
     assert_eq!(
-        ports,
+        sorted_ports(&again),
         (19300..=19309).collect::<Vec<_>>(),
         "{}",
         service.log_text()
@@ -698,10 +708,11 @@ fn occupancy_counts_busy_tuples_after_their_sockets_are_gone() {
     let got = cg.probe(peer.addr, 10, &["--close-first"]);
     assert!(got.iter().all(|p| matches!(p, Probed::Port(_))), "{got:?}");
     peer.wait_for(10);
-    wait_until(
+    wait_for_states(
         "the peer to acknowledge our FINs",
-        std::time::Duration::from_secs(10),
-        || our_states(19510..=19519, peer.addr.port()) == [TCP_FIN_WAIT2; 10],
+        19510..=19519,
+        peer.addr.port(),
+        TCP_FIN_WAIT2,
     );
     assert_eq!(line1_occupancy(&cg), (10, 10));
     wait_until("run to warn", std::time::Duration::from_secs(20), || {
