@@ -55,6 +55,7 @@ static PROBE_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rulebpf-probe"));
 
 const SHARING: &str = "SO_REUSEADDR/SO_REUSEPORT from a connect hook";
+const TIMEWAIT_SUBSTATE: &str = "bpf_skc_to_tcp_timewait_sock + kernel BTF";
 
 impl Support {
     /// The probed support of the running kernel, probed once per process:
@@ -109,6 +110,16 @@ impl Support {
                     required: false,
                 },
                 Feature {
+                    name: TIMEWAIT_SUBSTATE,
+                    since: "5.9",
+                    role: "tells a peer that still holds a connection this side closed from \
+                           one that closed too (without it: such a tuple stays busy until its \
+                           timewait socket ends)",
+                    present: helper(BpfHelper::BPF_FUNC_skc_to_tcp_timewait_sock)
+                        .map(|h| h && crate::btf::tw_substate() != 0),
+                    required: false,
+                },
+                Feature {
                     name: SHARING,
                     since: "6.0",
                     role: "origin ports shared among destinations (bpf_setsockopt; \
@@ -126,6 +137,13 @@ impl Support {
             .iter()
             .find(|f| f.name == SHARING)
             .and_then(|f| f.present)
+    }
+
+    /// Whether the hook can read a timewait socket's substate.
+    pub fn timewait_substate(&self) -> bool {
+        self.features
+            .iter()
+            .any(|f| f.name == TIMEWAIT_SUBSTATE && f.present == Some(true))
     }
 
     /// Whether the hook may call `bpf_set_retval`.

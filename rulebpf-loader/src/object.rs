@@ -221,7 +221,12 @@ impl RuleSetObject {
         let tuples = entry::tuple_capacity_of(instance)
             .map_err(|e| ObjectError::Instance(Box::new(e)))?
             .unwrap_or(rulebpf_common::TUPLE_CAPACITY);
-        let tw_substate = crate::btf::tw_substate();
+        // 0 (the substate is not read) unless the helper is there too.
+        let tw_substate = if support.timewait_substate() {
+            crate::btf::tw_substate()
+        } else {
+            0
+        };
         // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
         let log_level = options.kernel_log as usize as u8;
         let ebpf = EbpfLoader::new()
