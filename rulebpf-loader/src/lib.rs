@@ -9,13 +9,15 @@
 //! entry      an instance's stable entry programs and their jump slots
 //! instance   an instance: rule set in force, attachments, swap, detach, crashes
 //! bpf        the few bpf(2) commands aya does not expose (what a cgroup holds)
+//! btf        the kernel's BTF, read for tw_substate's offset
+//! integrity  an instance's pins checked against what its programs use
 //! securedir  root's directories, walked without following links
 //! state      what is recorded in /run/rulebpf
 //! stats      per-rule counters: read, carried over across a swap; occupancy
 //! ephemeral  origin ranges beside the kernel's ephemeral ports (--reserve-ports)
 //! legacy     instances of the previous layout (cg-<id>), replaced without a gap
 //! follow     the cgroup paths `run` follows across restarts
-//! watch      the rule file `run` reloads, also through symlinks (ConfigMaps)
+//! watch      the rule file `run` reloads when whole, also through symlinks
 //! service    `rulebpf run`: reload, DNS refresh, kernel log, metrics
 //! report     what each command prints (text or JSON)
 //! ```
