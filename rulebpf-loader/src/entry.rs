@@ -71,7 +71,7 @@ const fn entry_program_name(hook: Hook) -> &'static str {
     }
 }
 
-const fn jump_map_name(hook: Hook) -> &'static str {
+pub const fn jump_map_name(hook: Hook) -> &'static str {
     match hook {
         Hook::Connect4 => jump_names::CONNECT4,
         Hook::Connect6 => jump_names::CONNECT6,

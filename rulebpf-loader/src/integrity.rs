@@ -20,7 +20,7 @@ use aya::{
     maps::{MapData, MapInfo},
     programs::ProgramInfo as KernelProgramInfo,
 };
-use rulebpf_common::{jump_names, shared_map_names};
+use rulebpf_common::shared_map_names;
 use serde::Serialize;
 
 use crate::{bpf, entry, hook::Hook, securedir::SecureDir, state::InstanceRecord};
@@ -128,11 +128,7 @@ fn map_pin(kernel_name: &str) -> Option<String> {
         return Some(name.to_string());
     }
     Hook::ALL.iter().find_map(|&hook| {
-        let jump = match hook {
-            Hook::Connect4 => jump_names::CONNECT4,
-            Hook::Connect6 => jump_names::CONNECT6,
-        };
-        (name15(jump) == kernel_name).then(|| entry::jump_pin(hook))
+        (name15(entry::jump_map_name(hook)) == kernel_name).then(|| entry::jump_pin(hook))
     })
 }
 
