@@ -1,49 +1,40 @@
 //! rulebpf: tcpoport.ini origin-port rules enforced in the kernel.
 //!
-//! The rules themselves (grammar, DNS names, compiler, reference first match)
-//! are the pure crate `rulebpf-rules`; this crate is the kernel side:
+//! The rules themselves (grammar, DNS names, compiler, reference first match,
+//! rule identity) are the pure crate `rulebpf-rules`; this crate is the
+//! kernel side, in layers that each import only from the layers above them
+//! in this list (read it bottom-up to follow a rule file into the kernel):
 //!
 //! ```text
-//! name       instance names (--name, or derived from a cgroup path)
-//! object     a compiled rule set -> a loaded eBPF object (programs + filled maps)
-//! entry      an instance's stable entry programs and their jump slots
-//! instance   an instance: rule set in force, attachments, swap, detach, crashes
-//! bpf        the few bpf(2) commands aya does not expose (what a cgroup holds)
-//! btf        the kernel's BTF, read for tw_substate's offset
-//! integrity  an instance's pins checked against what its programs use
-//! securedir  root's directories, walked without following links
-//! state      what is recorded in /run/rulebpf
-//! stats      per-rule counters: read, carried over across a swap; occupancy
-//! ephemeral  origin ranges beside the kernel's ephemeral ports (--reserve-ports)
-//! legacy     instances of the previous layout (cg-<id>), replaced without a gap
-//! follow     the cgroup paths `run` follows across restarts
-//! watch      the rule file `run` reloads when whole, also through symlinks
-//! service    `rulebpf run`: reload, DNS refresh, kernel log, metrics
-//! report     what each command prints (text or JSON)
+//! model         plain data: program kinds, options, records, names, every
+//!               path and pin name (layout), the rows reports show
+//! sys           the OS, knowing no instance: bpf(2), secure directories,
+//!               cgroups, sysctls, BTF, the kernel feature probe, sd_notify
+//! kernel        the eBPF objects (entry, rule set), one attach/detach path
+//!               for every program kind, counters, pin integrity
+//! instance      the state machine: locks, records, stage/swap/reconcile,
+//!               attachments, the previous layout
+//! ops           the use cases the CLI and the service share
+//! service       `rulebpf run`: reload, follow, watch, kernel log
+//! metrics       the Prometheus exposition and its bounded HTTP server
+//! integrations  OCI runtime hooks, systemd units
+//! report        what each command prints (text or JSON)
 //! ```
-pub mod bpf;
-pub mod btf;
-pub mod cgroup;
-pub mod entry;
-pub mod ephemeral;
-pub mod features;
-pub mod follow;
-pub mod hook;
+//!
+//! The command line (clap) is the binary's (`src/main.rs`, `src/cli/`).
+pub mod model;
+pub mod sys;
+
+pub mod kernel;
+
 pub mod instance;
-pub mod integrity;
-pub mod legacy;
+
+pub mod ops;
+
+pub mod integrations;
 pub mod metrics;
-pub mod name;
-pub mod object;
-pub mod oci;
-pub mod probe;
 pub mod report;
-pub mod securedir;
 pub mod service;
-pub mod state;
-pub mod stats;
-pub mod systemd;
-pub mod watch;
 
 /// An error and its causes on one line, `a: b: c` (for logs and records;
 /// the CLI prints its errors the same way).

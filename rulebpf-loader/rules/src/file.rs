@@ -7,14 +7,34 @@ use std::{
     fs::{Metadata, OpenOptions},
     io::Read as _,
     os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
-use crate::ruleset::RuleFileError;
+/// Why a rule file's bytes could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A device or a FIFO: reading would never end, or never start.
+    #[error("{} is not a regular file ({kind})", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "{} is {size} bytes; the limit is {limit} (--max-file-size)",
+        path.display()
+    )]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+}
 
 /// The bytes of the regular file at `path`, at most `limit` of them.
-pub(crate) fn read(path: &Path, limit: u64) -> Result<Vec<u8>, RuleFileError> {
-    let io = |error| RuleFileError::Read {
+pub(crate) fn read(path: &Path, limit: u64) -> Result<Vec<u8>, FileError> {
+    let io = |error| FileError::Read {
         path: path.to_path_buf(),
         error,
     };
@@ -30,7 +50,7 @@ pub(crate) fn read(path: &Path, limit: u64) -> Result<Vec<u8>, RuleFileError> {
     // fstat of what was opened, not a second lookup of the path, which
     // may have been swapped in between.
     let metadata = file.metadata().map_err(io)?;
-    let too_large = |size: u64| RuleFileError::TooLarge {
+    let too_large = |size: u64| FileError::TooLarge {
         path: path.to_path_buf(),
         size,
         limit,
@@ -58,7 +78,7 @@ pub(crate) fn read(path: &Path, limit: u64) -> Result<Vec<u8>, RuleFileError> {
 
 /// The refusal of anything but a regular file (`None` for a regular file,
 /// or when nothing is known about it).
-fn not_regular(path: &Path, metadata: Option<Metadata>) -> Option<RuleFileError> {
+fn not_regular(path: &Path, metadata: Option<Metadata>) -> Option<FileError> {
     let kind = metadata?.file_type();
     let kind = if kind.is_file() {
         return None;
@@ -75,7 +95,7 @@ fn not_regular(path: &Path, metadata: Option<Metadata>) -> Option<RuleFileError>
     } else {
         "not a file"
     };
-    Some(RuleFileError::NotRegular {
+    Some(FileError::NotRegular {
         path: path.to_path_buf(),
         kind,
     })

@@ -39,13 +39,15 @@
 //! assert_eq!(reference, Some(verdict.rule as usize));
 //! ```
 pub mod compile;
-mod file;
+pub mod file;
 mod first_match;
 pub mod grammar;
+pub mod identity;
 pub mod resolve;
 pub mod rule;
 pub mod ruleset;
 
+pub use file::FileError;
 pub use first_match::first_match;
 pub use resolve::Names;
 pub use rulebpf_common::{Family, Protocol};

@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     compile::{self, Budget, CompileError, Compiled},
-    file,
+    file::{self, FileError},
     grammar::{self, ParseError},
     resolve::{self, NameFailure, Names},
     rule::{Dest, Rule},
@@ -64,23 +64,9 @@ pub struct RuleSet {
 /// that prints the chain shows it once.
 #[derive(Debug, thiserror::Error)]
 pub enum RuleFileError {
-    #[error("{}: {error}", path.display())]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    /// A device or a FIFO: reading would never end, or never start.
-    #[error("{} is not a regular file ({kind})", path.display())]
-    NotRegular { path: PathBuf, kind: &'static str },
-    #[error(
-        "{} is {size} bytes; the limit is {limit} (--max-file-size)",
-        path.display()
-    )]
-    TooLarge {
-        path: PathBuf,
-        size: u64,
-        limit: u64,
-    },
+    /// The file could not be read, or is no regular file, or is too large.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Every malformed line, one `file:line:col: message` per line, then
     /// a warning for each good line whose name did not resolve.
     #[error("{}", in_file(path, errors, unresolved))]
@@ -271,11 +257,11 @@ mod tests {
         assert!(
             matches!(
                 error,
-                RuleFileError::TooLarge {
+                RuleFileError::File(FileError::TooLarge {
                     size: 34,
                     limit: 10,
                     ..
-                }
+                })
             ),
             "{error}"
         );

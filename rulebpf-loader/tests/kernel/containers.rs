@@ -100,7 +100,7 @@ struct HooksDir(PathBuf);
 /// the suite sees.
 fn hook_command() -> (String, Vec<String>) {
     let rulebpf = (RULEBPF.to_string(), vec!["rulebpf".to_string()]);
-    let Ok(mount) = rulebpf_loader::cgroup::cgroup2_mount() else {
+    let Ok(mount) = rulebpf_loader::sys::cgroup::cgroup2_mount() else {
         return rulebpf;
     };
     if mount == Path::new("/sys/fs/cgroup") {

@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rulebpf_loader::cgroup::{cgroup2_mount, mount_of_type};
+use rulebpf_loader::sys::cgroup::{cgroup2_mount, mount_of_type};
 use serde_json::Value;
 
 pub const RULEBPF: &str = env!("CARGO_BIN_EXE_rulebpf");

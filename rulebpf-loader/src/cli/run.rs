@@ -1,0 +1,86 @@
+//! `rulebpf run`: the foreground service (see `rulebpf_loader::service`).
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use rulebpf_loader::{model::options::LoadOptions, service, sys::cgroup::Cgroup};
+
+use super::{
+    CliError,
+    args::{LimitArgs, NAME_HELP, PolicyArg, PortArgs, RULES_HELP},
+    instance_name,
+};
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[arg(long, help = NAME_HELP)]
+    name: Option<String>,
+    /// Attach to this cgroup path and follow it (repeatable). cgroup v2
+    /// directory: absolute, or relative to the cgroup2 mount; it may not
+    /// exist yet.
+    #[arg(long)]
+    cgroup: Vec<PathBuf>,
+    /// When no origin port of a rule's range is free.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
+    policy: PolicyArg,
+    #[command(flatten)]
+    ports: PortArgs,
+    /// Re-resolve DNS names this often (`30s`, `5m`, `1h`).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    dns_refresh: std::time::Duration,
+    /// error, warn, info, debug (one kernel line per connect) or trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: log::LevelFilter,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Remove the rules when the service stops.
+    #[arg(long)]
+    detach_on_exit: bool,
+    #[arg(help = RULES_HELP)]
+    rules: PathBuf,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+pub fn run(args: RunArgs) -> Result<(), CliError> {
+    // Our own lines and the hook's (target `rulebpf`) at --log-level;
+    // libraries (aya's loader chatter) at warn.
+    env_logger::Builder::new()
+        .filter_level(args.log_level.min(log::LevelFilter::Warn))
+        .filter_module("rulebpf_loader", args.log_level)
+        .filter_module("rulebpf", args.log_level)
+        .format_timestamp_millis()
+        .init();
+    let ports = args.ports;
+    let options = service::Options {
+        name: instance_name(args.name.as_deref(), &args.cgroup)?,
+        cgroups: args
+            .cgroup
+            .iter()
+            .map(|c| Cgroup::path_of(c))
+            .collect::<Result<_, _>>()?,
+        rules_path: args.rules,
+        load: LoadOptions {
+            policy: args.policy.into(),
+            kernel_log: args.log_level,
+            sharing: ports.port_sharing.into(),
+            app_bound: ports.app_bound.into(),
+        },
+        reserve_ports: ports.reserve_ports,
+        tuple_capacity: ports.tuple_capacity,
+        limits: args.limits.into(),
+        dns_refresh: args.dns_refresh,
+        metrics_listen: args.metrics_listen,
+        detach_on_exit: args.detach_on_exit,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    let result = runtime.block_on(service::run(options));
+    // A reload may still run on a blocking thread: it is safe to stop it
+    // (the instance is crash-consistent), not to wait for it.
+    runtime.shutdown_background();
+    Ok(result?)
+}

@@ -1,0 +1,87 @@
+//! Who may change an instance: the change lock every command that changes
+//! it takes (`lock`), and the owner lock `rulebpf run` holds for as long as
+//! it manages the instance (`owner`, with its pid).
+
+use std::{fs::File, io};
+
+use super::{Instance, InstanceError};
+use crate::model::layout;
+
+/// Holds the instance's change lock until dropped.
+pub(super) struct Lock(#[allow(dead_code)] File);
+
+/// Held by `rulebpf run` for as long as it manages the instance.
+pub struct Owner(#[allow(dead_code)] File);
+
+impl Instance {
+    pub(super) fn lock(&self) -> Result<Lock, InstanceError> {
+        let file = self.records.lock_file(layout::LOCK_FILE)?;
+        flock(&file, libc::LOCK_EX).map_err(InstanceError::kernel(format!(
+            "locking instance {}",
+            self.name
+        )))?;
+        Ok(Lock(file))
+    }
+
+    /// The pid of the `rulebpf run` that manages this instance, if one does.
+    pub fn managed_by(&self) -> Result<Option<u32>, InstanceError> {
+        let file = self.records.lock_file(layout::OWNER_FILE)?;
+        match flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
+            Ok(()) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                let pid = self
+                    .records
+                    .read(layout::OWNER_FILE)?
+                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse().ok())
+                    .unwrap_or(0);
+                Ok(Some(pid))
+            }
+            Err(e) => Err(InstanceError::kernel("reading the owner lock")(e)),
+        }
+    }
+
+    /// Refuses when a `rulebpf run` manages the instance, unless `force`.
+    pub fn check_unmanaged(&self, force: bool) -> Result<(), InstanceError> {
+        match self.managed_by()? {
+            Some(pid) if !force => Err(InstanceError::Managed {
+                name: self.name.clone(),
+                pid,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes this process the instance's one owner (`rulebpf run`), for as
+    /// long as the returned guard lives; refused while another holds it.
+    pub fn take_ownership(&self) -> Result<Owner, InstanceError> {
+        let mut file = self.records.lock_file(layout::OWNER_FILE)?;
+        if let Err(e) = flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let pid = self.managed_by()?.unwrap_or(0);
+                return Err(InstanceError::Managed {
+                    name: self.name.clone(),
+                    pid,
+                });
+            }
+            return Err(InstanceError::kernel("taking the owner lock")(e));
+        }
+        use std::io::{Seek as _, Write as _};
+        let pid = std::process::id().to_string();
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()));
+        written.map_err(InstanceError::kernel("recording the owner's pid"))?;
+        Ok(Owner(file))
+    }
+}
+
+fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
