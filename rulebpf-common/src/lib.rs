@@ -391,6 +391,13 @@ pub const SOCK_SOURCE: u32 = 1 << 9;
 /// This side of a followed TCP connection sent its FIN
 /// (`SockState::fin_rcv_nxt` is set).
 pub const SOCK_FIN_SENT: u32 = 1 << 8;
+/// `SockState::flags`: an application-bound socket was counted (matched,
+/// app_chose or kernel_chose) at a connect(); later connect()s of it, and
+/// the runs of the same instance attached to a descendant cgroup, count
+/// nothing more.
+pub const SOCK_APP_COUNTED: u32 = 1 << 10;
+/// `SockState::flags`: the release of a socket the hook bound was counted.
+pub const SOCK_RELEASED: u32 = 1 << 11;
 
 /// Value of `RULEBPF_OCCUPANCY`: what a rule's range holds now.
 #[repr(C)]

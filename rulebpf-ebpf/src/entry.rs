@@ -50,8 +50,8 @@ use aya_ebpf::{
 };
 use rulebpf_common::{
     Counter, Family, JUMP_SLOT, PortUse, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_FIN_SENT,
-    SOCK_FOLLOWED, SOCK_KERNEL_CHOSE, SOCK_OURS, SOCK_PORT, SOCK_SOURCE, SOCK_TUPLE, SockState,
-    TupleSource,
+    SOCK_FOLLOWED, SOCK_KERNEL_CHOSE, SOCK_OURS, SOCK_PORT, SOCK_RELEASED, SOCK_SOURCE, SOCK_TUPLE,
+    SockState, TupleSource,
 };
 
 use crate::shared::{
@@ -189,11 +189,15 @@ pub fn rulebpf_release(ctx: SockContext) -> i32 {
         give_back(state);
         state.flags &= !SOCK_TUPLE;
     }
+    // Once per socket: with the instance attached to a cgroup and to one
+    // of its descendants, this program runs once for each attachment.
     if state.flags & SOCK_COUNTED != 0 {
         release_occupancy(state);
+        state.flags &= !SOCK_COUNTED;
     }
-    if state.flags & SOCK_OURS != 0 {
+    if state.flags & SOCK_OURS != 0 && state.flags & SOCK_RELEASED == 0 {
         count(Counter::Released);
+        state.flags |= SOCK_RELEASED;
     }
     1
 }

@@ -129,15 +129,6 @@ macro_rules! apply {
         let port = connect.port;
         // Log calls cost one branch unless the loader enabled their level
         // (AYA_LOG_LEVEL is set at load: off for `attach`, --log-level for `run`).
-        debug!(
-            ctx,
-            "connect {:i} port {} -> line {} origin {}-{}",
-            dest,
-            port,
-            verdict.line,
-            verdict.org_lo,
-            verdict.org_hi
-        );
         if connect.src_port != 0 {
             let kept = app_bound(ctx, connect, &verdict, $tuple);
             let chosen_by = if kept.app_chose {
@@ -174,7 +165,19 @@ macro_rules! apply {
             }
         } else {
             match enforce(ctx, connect, &verdict, $tuple) {
-                Ok(ret) => Ok(ret),
+                Ok(origin) => {
+                    debug!(
+                        ctx,
+                        "connect {:i} port {} -> line {}: origin port {} (range {}-{}; 0: the OS chooses)",
+                        dest,
+                        port,
+                        verdict.line,
+                        origin,
+                        verdict.org_lo,
+                        verdict.org_hi
+                    );
+                    Ok(ALLOW)
+                }
                 Err(errno) => {
                     warn!(
                         ctx,
@@ -328,6 +331,7 @@ fn rule_stats(verdict: &Verdict) -> Option<&'static mut RuleStats> {
 }
 
 /// Counts the match and, for a rule with an origin range, binds the socket.
+/// `Ok(port)`: the origin port bound (0: the rule lets the OS choose);
 /// `Err(errno)`: no port of the range could be bound.
 #[inline(always)]
 fn enforce(
@@ -335,12 +339,12 @@ fn enforce(
     connect: &Connect,
     verdict: &Verdict,
     tuple: TupleKey,
-) -> Result<i32, i32> {
+) -> Result<u16, i32> {
     if let Some(stats) = rule_stats(verdict) {
         stats.matched += 1;
     }
     if verdict.org_lo == 0 {
-        return Ok(ALLOW);
+        return Ok(0);
     }
     // The bind address has the socket's family (a dual-stack socket going to
     // a v4-mapped peer binds as IPv6) and keeps an address the application
@@ -368,7 +372,7 @@ fn enforce(
     }
     let bound = bound?;
     track::record_bound(ctx, &bound, verdict.key);
-    Ok(ALLOW)
+    Ok(bound.tuple.origin_port)
 }
 
 /// What [`app_bound`] found.
@@ -384,7 +388,9 @@ struct Kept {
 #[inline(always)]
 fn app_bound(ctx: &SockAddrContext, connect: &Connect, verdict: &Verdict, tuple: TupleKey) -> Kept {
     let app_chose = track::app_chose(ctx);
-    if let Some(stats) = rule_stats(verdict) {
+    if track::first_count(ctx)
+        && let Some(stats) = rule_stats(verdict)
+    {
         stats.matched += 1;
         if app_chose {
             stats.app_chose += 1;

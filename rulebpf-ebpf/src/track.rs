@@ -28,8 +28,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use rulebpf_common::{
-    Counter, Family, Occupancy, PortUse, Protocol, SOCK_APP_CHOSE, SOCK_COUNTED, SOCK_KEPT,
-    SOCK_OURS, SOCK_PORT, SOCK_TUPLE, TupleKey,
+    Counter, Family, Occupancy, PortUse, Protocol, SOCK_APP_CHOSE, SOCK_APP_COUNTED, SOCK_COUNTED,
+    SOCK_KEPT, SOCK_OURS, SOCK_PORT, SOCK_TUPLE, TupleKey,
 };
 
 use crate::{
@@ -142,6 +142,25 @@ pub(crate) fn app_chose(ctx: &SockAddrContext) -> bool {
     let state = RULEBPF_SOCKS.get_ptr_mut(ctx);
     // SAFETY: this socket's storage, valid while the socket lives.
     !state.is_null() && unsafe { (*state).flags } & SOCK_APP_CHOSE != 0
+}
+
+/// Whether this connect() is the first to count the application-bound
+/// socket (a refused connect() may be tried again, and an instance
+/// attached to a cgroup and to a descendant runs twice per connect()).
+#[inline(always)]
+pub(crate) fn first_count(ctx: &SockAddrContext) -> bool {
+    let state = RULEBPF_SOCKS.get_or_insert_ptr_mut(ctx, None);
+    if state.is_null() {
+        return true;
+    }
+    // SAFETY: this socket's storage, valid while the socket lives.
+    unsafe {
+        if (*state).flags & SOCK_APP_COUNTED != 0 {
+            return false;
+        }
+        (*state).flags |= SOCK_APP_COUNTED;
+    }
+    true
 }
 
 /// Marks an application-bound socket as counted and, with `track`, records
