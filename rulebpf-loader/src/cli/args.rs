@@ -3,7 +3,10 @@
 
 use clap::ValueEnum;
 use rulebpf_common::Protocol;
-use rulebpf_loader::model::options::{AppBound, Policy, Sharing};
+use rulebpf_loader::{
+    model::options::{AppBound, Policy, Sharing},
+    ops::put_in_force::Settings,
+};
 use rulebpf_rules::{LoadLimits, compile::Budget};
 
 pub const RULES_HELP: &str = "The rule file (tcpoport.ini): one rule per line, \
@@ -79,28 +82,47 @@ impl From<AppBoundArg> for AppBound {
     }
 }
 
-/// The port options of `attach` and `run`.
+/// The settings of `attach` and `run`: each flag not given keeps the
+/// instance's setting in force.
 #[derive(clap::Args, Clone, Copy, Debug)]
 pub struct PortArgs {
+    /// When no origin port of a rule's range is free: strict (connect()
+    /// fails with EADDRNOTAVAIL) or fallback (the OS chooses). Default: the
+    /// instance's setting in force, else strict.
+    #[arg(long, value_enum)]
+    pub policy: Option<PolicyArg>,
     /// on: an origin port carries one connection per destination, as the
     /// kernel's own connect() allocator does; off: one socket per port (a
     /// range of N ports carries N connections, TIME_WAIT included).
-    #[arg(long, value_enum, default_value_t = SharingArg::On)]
-    pub port_sharing: SharingArg,
+    /// Default: the instance's setting in force, else on.
+    #[arg(long, value_enum)]
+    pub port_sharing: Option<SharingArg>,
     /// A socket the application bound itself (bind() before connect())
     /// outside the matching rule's range: keep its port (counted, logged at
     /// info), or refuse its connect() with EPERM (logged, naming the rule).
-    #[arg(long, value_enum, default_value_t = AppBoundArg::Keep)]
-    pub app_bound: AppBoundArg,
+    /// Default: the instance's setting in force, else keep.
+    #[arg(long, value_enum)]
+    pub app_bound: Option<AppBoundArg>,
     /// Add the rules' origin ranges to net.ipv4.ip_local_reserved_ports, so
     /// that no process gets them as ephemeral ports; detach takes back
-    /// exactly the ports it added.
-    #[arg(long)]
-    pub reserve_ports: bool,
+    /// exactly the ports it added. `--reserve-ports=false` gives them back.
+    /// Default: as the instance does now.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub reserve_ports: Option<bool>,
     /// Live shared sockets a new instance can track at once (its tuple
     /// table); beyond that, sockets are bound without sharing (counted).
     #[arg(long, default_value_t = rulebpf_common::TUPLE_CAPACITY)]
     pub tuple_capacity: u32,
+}
+
+impl PortArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            policy: self.policy.map(Into::into),
+            sharing: self.port_sharing.map(Into::into),
+            app_bound: self.app_bound.map(Into::into),
+        }
+    }
 }
 
 /// How large a rules file and its compiled maps may be.

@@ -3,15 +3,16 @@
 use std::path::PathBuf;
 
 use rulebpf_loader::{
-    instance::Instance,
-    model::{options::LoadOptions, records::AttachedBy},
+    instance::CommandLock,
+    model::records::AttachedBy,
+    ops::put_in_force::{Request, put_in_force},
     report,
     sys::cgroup::Cgroup,
 };
 
 use super::{
     CliError,
-    args::{LimitArgs, NAME_HELP, PolicyArg, PortArgs, RULES_HELP},
+    args::{LimitArgs, NAME_HELP, PortArgs, RULES_HELP},
     instance_name, load, warn_ports,
 };
 
@@ -24,9 +25,6 @@ pub struct AttachArgs {
     /// absolute, or relative to the cgroup2 mount.
     #[arg(long)]
     cgroup: Vec<PathBuf>,
-    /// When no origin port of a rule's range is free.
-    #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
-    policy: PolicyArg,
     #[command(flatten)]
     ports: PortArgs,
     /// Change an instance that `rulebpf run` manages (it will notice).
@@ -49,35 +47,20 @@ pub fn attach(args: AttachArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let set = load(&args.rules, &args.limits)?;
     let ports = args.ports;
-    let options = LoadOptions {
-        policy: args.policy.into(),
+    let _lock = CommandLock::acquire(&name)?;
+    let done = put_in_force(&Request {
+        name: &name,
+        set: &set,
+        settings: ports.settings(),
         kernel_log: log::LevelFilter::Off,
-        sharing: ports.port_sharing.into(),
-        app_bound: ports.app_bound.into(),
-    };
-    warn_ports(&set, options.sharing, ports.reserve_ports);
-    let existed = Instance::open(&name)?.is_some();
-    let instance = Instance::create_with(&name, ports.tuple_capacity)?;
-    instance.check_unmanaged(args.force)?;
-    let applied = match instance.apply(&set, options) {
-        Ok(applied) => applied,
-        Err(e) => {
-            // An instance this command created has nothing to keep.
-            if !existed {
-                let _ = instance.remove();
-            }
-            return Err(e.into());
-        }
-    };
-    let mut attached = Vec::new();
-    for cgroup in &cgroups {
-        if instance.attach(cgroup, AttachedBy::Attach)? {
-            attached.push(cgroup.path.clone());
-        }
-    }
-    instance.reserve_ports(&set, ports.reserve_ports)?;
-    let entry = instance.record()?.entry;
-    let report = report::AttachReport::of(name, entry, &set, &applied, attached);
+        tuple_capacity: ports.tuple_capacity,
+        reserve_ports: ports.reserve_ports,
+        cgroups: &cgroups,
+        by: AttachedBy::Attach,
+        force: args.force,
+    })?;
+    warn_ports(&set, done.options.sharing, !done.reserved.is_empty());
+    let report = report::AttachReport::of(name, &set, &done);
     report::print(&report, args.json)?;
     Ok(())
 }

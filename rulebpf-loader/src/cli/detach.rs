@@ -31,9 +31,14 @@ pub fn detach(args: DetachArgs) -> Result<(), CliError> {
 }
 
 pub fn gc() -> Result<(), CliError> {
+    let collected = ops::gc::gc()?;
     let mut out = io::stdout().lock();
-    for line in ops::gc::gc()? {
+    for line in &collected.lines {
         writeln!(out, "{line}")?;
     }
-    Ok(())
+    if collected.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(CliError::NotCollected(collected.failures.join("\n")))
+    }
 }

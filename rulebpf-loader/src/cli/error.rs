@@ -45,6 +45,11 @@ pub enum CliError {
     Dropin(#[from] systemd::DropinError),
     #[error("{0}")]
     Usage(&'static str),
+    /// `explain`'s destination is no address and no name that resolves.
+    #[error("{0}")]
+    Destination(String),
+    #[error("not collected (the rest was):\n{0}")]
+    NotCollected(String),
     #[error("starting the service's runtime")]
     Runtime(#[source] io::Error),
     #[error("writing the output")]
@@ -79,6 +84,7 @@ pub fn exit_code(error: &CliError) -> u8 {
         | CliError::Name(_)
         | CliError::Instance(InstanceError::Name(_))
         | CliError::Usage(_)
+        | CliError::Destination(_)
         | CliError::Unit(_) => true,
         CliError::Oci(ContainerError::Oci(e)) => e.is_bad_input(),
         CliError::Oci(ContainerError::Instance(InstanceError::Cgroup(e))) => bad_cgroup(e),

@@ -2,11 +2,11 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use rulebpf_loader::{model::options::LoadOptions, service, sys::cgroup::Cgroup};
+use rulebpf_loader::{service, sys::cgroup::Cgroup};
 
 use super::{
     CliError,
-    args::{LimitArgs, NAME_HELP, PolicyArg, PortArgs, RULES_HELP},
+    args::{LimitArgs, NAME_HELP, PortArgs, RULES_HELP},
     instance_name,
 };
 
@@ -19,9 +19,6 @@ pub struct RunArgs {
     /// exist yet.
     #[arg(long)]
     cgroup: Vec<PathBuf>,
-    /// When no origin port of a rule's range is free.
-    #[arg(long, value_enum, default_value_t = PolicyArg::Strict)]
-    policy: PolicyArg,
     #[command(flatten)]
     ports: PortArgs,
     /// Re-resolve DNS names this often (`30s`, `5m`, `1h`).
@@ -60,12 +57,8 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
             .map(|c| Cgroup::path_of(c))
             .collect::<Result<_, _>>()?,
         rules_path: args.rules,
-        load: LoadOptions {
-            policy: args.policy.into(),
-            kernel_log: args.log_level,
-            sharing: ports.port_sharing.into(),
-            app_bound: ports.app_bound.into(),
-        },
+        settings: ports.settings(),
+        kernel_log: args.log_level,
         reserve_ports: ports.reserve_ports,
         tuple_capacity: ports.tuple_capacity,
         limits: args.limits.into(),

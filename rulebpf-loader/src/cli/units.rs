@@ -7,7 +7,7 @@ use std::{
 };
 
 use rulebpf_loader::{
-    instance::{Instance, InstanceError},
+    instance::{CommandLock, Instance, InstanceError},
     integrations::{oci, oci_hook, systemd},
     model::name::InstanceName,
     sys::cgroup::{self, Cgroup},
@@ -46,6 +46,7 @@ pub fn dropin(args: DropinArgs) -> Result<(), CliError> {
 /// `ExecStartPre=`).
 pub fn attach_own_cgroup(name: &str) -> Result<(), CliError> {
     let name = InstanceName::new(name)?;
+    let _lock = CommandLock::acquire(&name)?;
     let instance = Instance::open(&name)?.ok_or(InstanceError::NoInstance(name))?;
     let cgroup = Cgroup::resolve(&cgroup::own()?)?;
     instance.attach_for_unit(&cgroup)?;

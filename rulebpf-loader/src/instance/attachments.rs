@@ -89,6 +89,19 @@ impl Instance {
         Ok(missing.len())
     }
 
+    /// Whether [`Instance::attach`] would attach to `cgroup` (refused when
+    /// it carries another instance's hooks); changes nothing.
+    pub fn check_attachable(&self, cgroup: &Cgroup) -> Result<(), InstanceError> {
+        let dir = open(cgroup)?;
+        let open = OpenCgroup {
+            dir: &dir,
+            path: &cgroup.path,
+            id: cgroup.id,
+        };
+        let legacy_programs = legacy::programs_on(cgroup.id)?;
+        self.refuse_stacking(&open, &legacy_programs)
+    }
+
     /// Refuses a cgroup whose connect hooks hold another rulebpf program
     /// than this instance's entry programs (or than `replaceable`, the
     /// previous layout's, which an attach replaces).
@@ -150,9 +163,22 @@ impl Instance {
     /// records. Programs attached by others (systemd) lose their rules: the
     /// entry's jump slots go with the pins.
     pub fn remove(self) -> Result<Vec<Attachment>, InstanceError> {
-        let record = {
-            let _lock = self.lock()?;
-            self.record()?
+        let _lock = self.lock()?;
+        let record = match self.record() {
+            Ok(record) => record,
+            // An unreadable record must not keep the instance: its pins go
+            // all the same (which detaches its links); what only the record
+            // knew is said.
+            Err(InstanceError::Store(e)) => {
+                log::warn!(
+                    "instance {}: {}; removing its pins anyway (ports it reserved, if any, \
+                     stay in net.ipv4.ip_local_reserved_ports)",
+                    self.name,
+                    crate::with_causes(&e)
+                );
+                Default::default()
+            }
+            Err(e) => return Err(e),
         };
         // The reserved ports it added go first: a failure leaves the
         // instance (and its record of them) for the next attempt.

@@ -1,11 +1,67 @@
-//! Who may change an instance: the change lock every command that changes
-//! it takes (`lock`), and the owner lock `rulebpf run` holds for as long as
-//! it manages the instance (`owner`, with its pid).
+//! Who may change an instance, and when: the command lock every command
+//! that changes instances holds from start to end ([`CommandLock`]: one
+//! command's steps never interleave with another's, so none fails on a
+//! half-done neighbour), the instance's own lock each change takes, and
+//! the owner lock `rulebpf run` holds for as long as it manages the
+//! instance (`owner`, with its pid).
 
-use std::{fs::File, io};
+use std::{
+    fs::File,
+    io,
+    time::{Duration, Instant},
+};
 
 use super::{Instance, InstanceError};
-use crate::model::layout;
+use crate::{
+    model::{layout, name::InstanceName},
+    sys::securedir::SecureDir,
+};
+
+/// How long a command waits for another to finish before it gives up.
+pub const COMMAND_LOCK_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Held by a command that changes instance NAME, for as long as it runs
+/// (`/run/rulebpf/.lock.NAME`: outside the instance's directories, which
+/// `detach` removes; `rulebpf run` holds it for each reload and each
+/// attach it makes). Lock files stay: removing one while another command
+/// waits on it would let a third in beside the second.
+pub struct CommandLock(#[allow(dead_code)] File);
+
+impl CommandLock {
+    /// Waits (at most [`COMMAND_LOCK_PATIENCE`]) until no other command
+    /// changes instance `name`.
+    pub fn acquire(name: &InstanceName) -> Result<Self, InstanceError> {
+        let file = Self::file(name)?;
+        let started = Instant::now();
+        loop {
+            match flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+                Ok(()) => return Ok(Self(file)),
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    if started.elapsed() >= COMMAND_LOCK_PATIENCE {
+                        return Err(InstanceError::Busy {
+                            name: name.clone(),
+                            waited: started.elapsed(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(InstanceError::kernel("taking the command lock")(e)),
+            }
+        }
+    }
+
+    /// The lock if no other command holds it now.
+    pub fn try_acquire(name: &InstanceName) -> Option<Self> {
+        let file = Self::file(name).ok()?;
+        flock(&file, libc::LOCK_EX | libc::LOCK_NB).ok()?;
+        Some(Self(file))
+    }
+
+    fn file(name: &InstanceName) -> Result<File, InstanceError> {
+        let top = SecureDir::open_top(&layout::run_dir())?;
+        Ok(top.lock_file(&layout::command_lock(name.as_str()))?)
+    }
+}
 
 /// Holds the instance's change lock until dropped.
 pub(super) struct Lock(#[allow(dead_code)] File);

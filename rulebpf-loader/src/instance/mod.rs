@@ -39,7 +39,7 @@ mod store;
 use std::{io, path::PathBuf};
 
 pub use attachments::clear_cgroup;
-pub use lock::Owner;
+pub use lock::{CommandLock, Owner};
 pub use rule_sets::{Applied, InForce};
 pub use store::StoreError;
 
@@ -113,6 +113,14 @@ pub enum InstanceError {
     },
     #[error("instance {0} has no rule set in force")]
     NoRules(InstanceName),
+    #[error(
+        "another rulebpf command has been changing instance {name} for {waited:?}; \
+         nothing was changed"
+    )]
+    Busy {
+        name: InstanceName,
+        waited: std::time::Duration,
+    },
 }
 
 impl InstanceError {

@@ -86,6 +86,9 @@ impl Instance {
     /// slots. On error, what was in force stays.
     pub fn apply(&self, set: &RuleSet, options: LoadOptions) -> Result<Applied, InstanceError> {
         let _lock = self.lock()?;
+        // Read first: an unreadable record refuses the change before
+        // anything in force changes, not after the swap.
+        let mut instance = self.record()?;
         let mut jumps = Jumps::open(&self.pins)?;
         let in_force = self.reconcile(&mut jumps)?;
         let generation = self.next_generation()?;
@@ -114,7 +117,6 @@ impl Instance {
         counters::prune_occupancy(&self.pins, &record.rules);
 
         let now = unix_now();
-        let mut instance = self.record()?;
         instance.service.last_reload = Some(Reload {
             at: now,
             ok: true,

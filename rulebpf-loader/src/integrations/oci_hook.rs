@@ -2,7 +2,7 @@
 //! done with the instance API.
 
 use crate::{
-    instance::{Instance, InstanceError},
+    instance::{CommandLock, Instance, InstanceError},
     integrations::oci::{self, HookAction, OciError},
     model::records::AttachedBy,
     sys::cgroup::Cgroup,
@@ -25,14 +25,17 @@ pub fn oci_hook(stage: oci::Stage, input: impl std::io::Read) -> Result<(), Cont
             cgroup,
             container,
         } => {
+            let _lock = CommandLock::acquire(&instance)?;
             let opened = Instance::open(&instance)?.ok_or(InstanceError::NoInstance(instance))?;
             let cgroup = Cgroup::resolve(&cgroup).map_err(InstanceError::from)?;
             opened.attach(&cgroup, AttachedBy::Container { id: container })?;
+            collect_gone(&opened);
         }
         HookAction::Detach {
             instance,
             container,
         } => {
+            let _lock = CommandLock::acquire(&instance)?;
             // The instance may have been removed meanwhile: nothing to undo.
             if let Some(opened) = Instance::open(&instance)? {
                 let by = AttachedBy::Container { id: container };
@@ -41,9 +44,24 @@ pub fn oci_hook(stage: oci::Stage, input: impl std::io::Read) -> Result<(), Cont
                         opened.detach_id(attachment.cgroup_id)?;
                     }
                 }
+                collect_gone(&opened);
             }
         }
         HookAction::Nothing(_) => {}
     }
     Ok(())
+}
+
+/// A container whose start failed after createRuntime never gets its
+/// poststop: the attachments of such gone cgroups are collected by the next
+/// hook call of the instance (and by `rulebpf run`). Best effort: the
+/// container at hand is served whatever this finds.
+fn collect_gone(instance: &Instance) {
+    if let Err(e) = instance.collect_garbage() {
+        log::warn!(
+            "instance {}: collecting attachments of gone cgroups: {}",
+            instance.name(),
+            crate::with_causes(&e)
+        );
+    }
 }

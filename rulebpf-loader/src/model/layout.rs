@@ -12,6 +12,7 @@
 //! /run/rulebpf/NAME/instance.json, set-N.json     records (crate::model::records)
 //! /run/rulebpf/NAME/lock                          orders the commands that change it
 //! /run/rulebpf/NAME/owner                         held by `rulebpf run`
+//! /run/rulebpf/.lock.NAME                         orders the commands that change NAME
 //! /run/rulebpf/.kernel                            the probed sharing answer, per boot
 //! /sys/fs/bpf/rulebpf/cg-ID/                      the previous layout (one per cgroup)
 //! ```
@@ -56,6 +57,11 @@ pub const LOCK_FILE: &str = "lock";
 /// The lock file `rulebpf run` holds while it manages the instance (with
 /// its pid in it).
 pub const OWNER_FILE: &str = "owner";
+/// In the top record directory: the lock every command that changes
+/// instance `name` holds for as long as it runs (a dot file: no instance).
+pub fn command_lock(name: &str) -> String {
+    format!(".lock.{name}")
+}
 /// In the top record directory: what the kernel answered to the sharing
 /// probe, with the boot's id (a dot file: no instance).
 pub const KERNEL_CACHE: &str = ".kernel";

@@ -3,15 +3,64 @@
 use std::path::Path;
 
 use crate::{
-    instance::{self, Instance, InstanceError},
+    instance::{self, CommandLock, Instance, InstanceError},
     model::name::InstanceName,
     sys::cgroup::{self, Cgroup},
 };
 
-/// Collects the garbage; one line for each thing removed.
-pub fn gc() -> Result<Vec<String>, InstanceError> {
-    let mut lines = Vec::new();
+/// What `gc` did, and what it could not do.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// One line for each thing removed.
+    pub lines: Vec<String>,
+    /// One line for each instance it could not look at (an unreadable
+    /// record): the others are collected all the same.
+    pub failures: Vec<String>,
+}
+
+/// Collects the garbage of every instance.
+pub fn gc() -> Result<Collected, InstanceError> {
+    let mut collected = Collected::default();
     for instance in Instance::all()? {
+        let name = instance.name().clone();
+        drop(instance);
+        let mut collect = || -> Result<(), InstanceError> {
+            let _lock = CommandLock::acquire(&name)?;
+            match Instance::open(&name)? {
+                Some(instance) => collect_instance(instance, &mut collected.lines),
+                None => Ok(()),
+            }
+        };
+        if let Err(e) = collect() {
+            collected
+                .failures
+                .push(format!("instance {name}: {}", crate::with_causes(&e)));
+        }
+    }
+    let lines = &mut collected.lines;
+    for id in instance::legacy::collect_garbage(cgroup_exists)? {
+        lines.push(format!(
+            "removed cg-{id} of the previous layout (its cgroup is gone)"
+        ));
+    }
+    let orphans = instance::collect_orphan_records()?;
+    if !orphans.is_empty() {
+        lines.push(format!(
+            "removed {} record director{} with no pins",
+            orphans.len(),
+            if orphans.len() == 1 { "y" } else { "ies" }
+        ));
+    }
+    if lines.is_empty() && collected.failures.is_empty() {
+        lines.push("nothing to collect".into());
+    }
+    Ok(collected)
+}
+
+/// One instance's garbage: attachments of gone cgroups, and the instance
+/// itself when it was named after one of them and nothing is left.
+fn collect_instance(instance: Instance, lines: &mut Vec<String>) -> Result<(), InstanceError> {
+    {
         let removed = instance.collect_garbage()?;
         for attachment in &removed {
             lines.push(format!(
@@ -37,23 +86,7 @@ pub fn gc() -> Result<Vec<String>, InstanceError> {
             lines.push(format!("removed instance {name} (its cgroup is gone)"));
         }
     }
-    for id in instance::legacy::collect_garbage(cgroup_exists)? {
-        lines.push(format!(
-            "removed cg-{id} of the previous layout (its cgroup is gone)"
-        ));
-    }
-    let orphans = instance::collect_orphan_records()?;
-    if !orphans.is_empty() {
-        lines.push(format!(
-            "removed {} record director{} with no pins",
-            orphans.len(),
-            if orphans.len() == 1 { "y" } else { "ies" }
-        ));
-    }
-    if lines.is_empty() {
-        lines.push("nothing to collect".into());
-    }
-    Ok(lines)
+    Ok(())
 }
 
 /// Whether a cgroup with id `id` exists (a slow walk; only for `gc`).

@@ -17,14 +17,14 @@ use serde::Serialize;
 
 pub use crate::ops::status::{AttachmentRow, InstanceStats, StatsReport, StatusReport, StatusRow};
 use crate::{
-    instance::{Applied, Standing},
+    instance::Standing,
     model::{
         name::InstanceName,
         options::{AppBound, Policy, Sharing},
         program::PerHook,
         records::ProgramInfo,
     },
-    ops::probe::Outcome,
+    ops::{probe::Outcome, put_in_force::Done},
     sys::features::{Feature, Support},
 };
 
@@ -172,9 +172,26 @@ impl fmt::Display for Summary {
     }
 }
 
+/// `rulebpf explain NAME:PORT`: the decision for each address of the name.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub struct Explanations(pub Vec<Explanation>);
+
+impl fmt::Display for Explanations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for explanation in &self.0 {
+            explanation.fmt(f)?;
+        }
+        Ok(())
+    }
+}
+
 /// `rulebpf explain`: which rule decides a destination.
 #[derive(Debug, Serialize)]
 pub struct Explanation {
+    /// The name the destination was given as, when it was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub destination: SocketAddr,
     #[serde(serialize_with = "as_text")]
     pub protocol: Protocol,
@@ -228,6 +245,7 @@ impl Explanation {
         rule: Option<usize>,
     ) -> Self {
         Self {
+            name: None,
             destination,
             protocol,
             matched_as,
@@ -244,6 +262,9 @@ impl Explanation {
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (dest, protocol) = (self.destination, self.protocol);
+        if let Some(name) = &self.name {
+            writeln!(f, "{name} is {}:", dest.ip())?;
+        }
         if self.matched_as != dest.ip() {
             writeln!(
                 f,
@@ -293,6 +314,10 @@ pub struct AttachReport {
     pub swapped: bool,
     pub generation: u64,
     pub policy: Policy,
+    pub sharing: Sharing,
+    pub app_bound: AppBound,
+    /// Origin ranges the instance holds reserved from the ephemeral ports.
+    pub reserved_ports: Vec<(u16, u16)>,
     /// The stable entry programs (attached to the cgroups).
     pub entry: PerHook<ProgramInfo>,
     /// The rule set's programs (in the entry programs' jump slots).
@@ -302,21 +327,18 @@ pub struct AttachReport {
 }
 
 impl AttachReport {
-    pub fn of(
-        instance: InstanceName,
-        entry: PerHook<ProgramInfo>,
-        set: &RuleSet,
-        applied: &Applied,
-        attached: Vec<PathBuf>,
-    ) -> Self {
-        let r = &applied.record;
+    pub fn of(instance: InstanceName, set: &RuleSet, done: &Done) -> Self {
+        let r = &done.applied.record;
         Self {
             instance,
-            attached,
-            swapped: applied.swapped,
+            attached: done.attached.clone(),
+            swapped: done.applied.swapped,
             generation: r.generation,
             policy: r.policy,
-            entry,
+            sharing: r.sharing,
+            app_bound: r.app_bound,
+            reserved_ports: done.reserved.clone(),
+            entry: done.entry,
             programs: r.programs,
             map_memlock_bytes: r.map_memlock_bytes,
             summary: Summary::of(set),
@@ -329,12 +351,28 @@ impl fmt::Display for AttachReport {
         let verb = if self.swapped { "swapped in" } else { "loaded" };
         writeln!(
             f,
-            "instance {}: {verb} {} ({}) as rule set {}, policy {}",
+            "instance {}: {verb} {} ({}) as rule set {}",
             self.instance,
             self.summary.file.display(),
             count(self.summary.rules, "rule"),
             self.generation,
+        )?;
+        let reserved = if self.reserved_ports.is_empty() {
+            "none".to_string()
+        } else {
+            let ranges: Vec<String> = self
+                .reserved_ports
+                .iter()
+                .map(|(lo, hi)| format!("{lo}-{hi}"))
+                .collect();
+            ranges.join(",")
+        };
+        writeln!(
+            f,
+            "  settings: policy {}, port sharing {}, app-bound {}, reserved ports {reserved}",
             policy_name(self.policy),
+            sharing_name(self.sharing),
+            app_bound_name(self.app_bound),
         )?;
         for cgroup in &self.attached {
             writeln!(f, "  attached to {}", cgroup.display())?;

@@ -42,13 +42,14 @@ use tokio::{
 };
 
 use crate::{
-    instance::{Applied, Instance, InstanceError},
+    instance::{CommandLock, Instance, InstanceError},
     metrics::{self, Metrics},
     model::{
         name::InstanceName,
         options::{LoadOptions, Sharing},
-        records::{Reload, RuleInfo},
+        records::{AttachedBy, Reload, RuleInfo},
     },
+    ops::put_in_force::{Done, Request, Settings, put_in_force_on},
     sys::{ephemeral, notify::notify_systemd, time::unix_now},
 };
 
@@ -67,13 +68,16 @@ pub struct Options {
     /// Cgroup directories to attach to and follow (absolute paths).
     pub cgroups: Vec<PathBuf>,
     pub rules_path: PathBuf,
-    pub load: LoadOptions,
+    /// The settings given; the ones not given stay as the instance has them.
+    pub settings: Settings,
+    /// Most verbose kernel log level compiled in (`--log-level`).
+    pub kernel_log: log::LevelFilter,
     pub dns_refresh: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub detach_on_exit: bool,
     /// `--reserve-ports`: the rules' origin ranges reserved from the
-    /// ephemeral ports after every reload.
-    pub reserve_ports: bool,
+    /// ephemeral ports after every reload (`None`: as the instance does).
+    pub reserve_ports: Option<bool>,
     /// The tuple table of a new instance (`--tuple-capacity`).
     pub tuple_capacity: u32,
     /// How large a rules file and its compiled maps may be.
@@ -108,12 +112,16 @@ const OCCUPANCY_EVERY: u64 = 2;
 /// change, as after a DNS refresh with the same answers).
 struct Reloaded {
     why: &'static str,
-    result: Result<Option<(RuleSet, Applied)>, ServiceError>,
+    result: Result<Option<(RuleSet, Done)>, ServiceError>,
 }
 
 /// What the service keeps between events.
 struct Service {
     options: Options,
+    /// The settings in force: those given, else the instance's (resolved
+    /// once at start, so every reload keeps them).
+    load: LoadOptions,
+    reserve_ports: bool,
     instance: Arc<Instance>,
     /// The rules in force (as parsed), for DNS refreshes.
     rules: Vec<Rule>,
@@ -142,12 +150,36 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     let mut terminate = handler("SIGTERM", SignalKind::terminate())?;
     let mut interrupt = handler("SIGINT", SignalKind::interrupt())?;
 
+    let existed = Instance::open(&options.name)?.is_some();
     let instance = Arc::new(Instance::create_with(
         &options.name,
         options.tuple_capacity,
     )?);
     let _owner = instance.take_ownership()?;
-    let adopting = instance.in_force()?.set.is_some();
+    let in_force = instance.in_force()?.set;
+    let adopting = in_force.is_some();
+    let load = options
+        .settings
+        .resolve(in_force.as_ref(), options.kernel_log);
+    let reserve_ports = options
+        .reserve_ports
+        .unwrap_or(!instance.record()?.reserved_ports.is_empty());
+    // The metrics address first: a busy one is refused before any rule
+    // set changes.
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some((
+            addr,
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServiceError::Metrics { addr, source })
+                .inspect_err(|_| {
+                    if !existed {
+                        drop_new_instance(&instance);
+                    }
+                })?,
+        )),
+        None => None,
+    };
     info!(
         "{} instance {} with {}",
         if adopting { "adopting" } else { "starting" },
@@ -155,6 +187,8 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
         options.rules_path.display()
     );
     let mut service = Service {
+        load,
+        reserve_ports,
         instance: Arc::clone(&instance),
         rules: Vec::new(),
         names: Names::new(),
@@ -166,6 +200,13 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     let first = reload_task(&service, "start").await;
     if let Err(e) = service.finish_reload(first) {
         if !adopting {
+            // Nothing was in force: an instance this start made goes
+            // again, so that a refused start leaves nothing behind.
+            if !existed {
+                drop(service);
+                drop(_owner);
+                drop_new_instance(&instance);
+            }
             return Err(e);
         }
         error!(
@@ -178,7 +219,11 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     let _watcher = watch::watch(&service.options.rules_path, file_tx)?;
     let (cgroup_tx, mut cgroup_changed) = mpsc::channel::<()>(8);
     let mut followed = Followed::new(service.options.cgroups.clone(), cgroup_tx);
-    service.follow(&mut followed);
+    // The first attach waits for the lock: `ready` means attached.
+    match CommandLock::acquire(service.instance.name()) {
+        Ok(lock) => service.follow_locked(&mut followed, lock),
+        Err(e) => warn!("attaching: {}", crate::with_causes(&e)),
+    }
     let mut dns_tick = tokio::time::interval(service.options.dns_refresh);
     dns_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     dns_tick.tick().await; // the first tick is immediate: names were just resolved
@@ -187,10 +232,7 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     // Occupancy walks the tuple table (up to its capacity, 65,536 keys by
     // default, some tens of milliseconds): every OCCUPANCY_EVERY checks.
     let mut checks: u64 = 0;
-    if let Some(addr) = service.options.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServiceError::Metrics { addr, source })?;
+    if let Some((addr, listener)) = metrics_listener {
         info!("serving metrics on http://{addr}/metrics");
         tokio::spawn(metrics::serve(
             listener,
@@ -230,6 +272,7 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
                 service.follow(&mut followed);
                 if checks.is_multiple_of(OCCUPANCY_EVERY) {
                     service.check_occupancy();
+                    service.collect_gone();
                 }
                 checks += 1;
                 if let Err(e) = service.check_owner() {
@@ -272,6 +315,50 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Puts `set` in force in the service's instance with the settings in
+/// force, under the command lock (so a reload and a command never
+/// interleave).
+fn put_in_force_locked(
+    instance: &Instance,
+    set: &RuleSet,
+    load: LoadOptions,
+    reserve: bool,
+) -> Result<Done, InstanceError> {
+    let _lock = CommandLock::acquire(instance.name())?;
+    put_in_force_on(
+        instance,
+        &Request {
+            name: instance.name(),
+            set,
+            settings: Settings {
+                policy: Some(load.policy),
+                sharing: Some(load.sharing),
+                app_bound: Some(load.app_bound),
+            },
+            kernel_log: load.kernel_log,
+            tuple_capacity: rulebpf_common::TUPLE_CAPACITY,
+            reserve_ports: Some(reserve),
+            cgroups: &[],
+            by: AttachedBy::Run,
+            force: true,
+        },
+    )
+}
+
+/// Removes an instance this service made and could not put in force.
+fn drop_new_instance(instance: &Arc<Instance>) {
+    let _lock = CommandLock::acquire(instance.name());
+    if let Ok(Some(opened)) = Instance::open(instance.name())
+        && let Err(e) = opened.remove()
+    {
+        warn!(
+            "removing instance {}: {}",
+            instance.name(),
+            crate::with_causes(&e)
+        );
+    }
+}
+
 /// Waits for the reload in progress (forever when there is none).
 async fn join(reloading: &mut Option<JoinHandle<Reloaded>>) -> Result<Reloaded, ()> {
     match reloading {
@@ -286,14 +373,15 @@ fn spawn_reload(service: &Service, why: &'static str) -> JoinHandle<Reloaded> {
     let instance = Arc::clone(&service.instance);
     let path = service.options.rules_path.clone();
     let names = service.names.clone();
-    let load = service.options.load;
+    let load = service.load;
+    let reserve = service.reserve_ports;
     let limits = service.options.limits;
     tokio::task::spawn_blocking(move || Reloaded {
         why,
         result: (|| {
             let set = RuleSet::load_within(&path, &names, &limits)?;
-            let applied = instance.apply(&set, load)?;
-            Ok(Some((set, applied)))
+            let done = put_in_force_locked(&instance, &set, load, reserve)?;
+            Ok(Some((set, done)))
         })(),
     })
 }
@@ -317,7 +405,8 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
     let path = service.options.rules_path.clone();
     let rules = service.rules.clone();
     let last = service.names.clone();
-    let load = service.options.load;
+    let load = service.load;
+    let reserve = service.reserve_ports;
     let limits = service.options.limits;
     let metrics = Arc::clone(&service.metrics);
     tokio::task::spawn_blocking(move || {
@@ -347,8 +436,8 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
             RuleSet::from_parts_within(&path, rules, answers.names, answers.unresolved, &limits)
                 .map_err(ServiceError::from)
                 .and_then(|set| {
-                    let applied = instance.apply(&set, load)?;
-                    Ok(Some((set, applied)))
+                    let done = put_in_force_locked(&instance, &set, load, reserve)?;
+                    Ok(Some((set, done)))
                 })
         };
         Reloaded {
@@ -364,7 +453,7 @@ impl Service {
         let why = done.why;
         match done.result {
             Ok(None) => Ok(()),
-            Ok(Some((set, applied))) => {
+            Ok(Some((set, done))) => {
                 for failure in &set.stale_names {
                     warn!(
                         "{} did not resolve ({}); keeping its last answer",
@@ -375,7 +464,7 @@ impl Service {
                     warn!("{} did not resolve: {}", failure.name, failure.reason);
                 }
                 self.metrics.reloaded(true);
-                let r = &applied.record;
+                let r = &done.applied.record;
                 info!(
                     "{why}: rules in force: {} rules, rule set {}, programs {}/{} (connect4/connect6)",
                     set.rules.len(),
@@ -384,15 +473,13 @@ impl Service {
                     r.programs.connect6.id,
                 );
                 self.in_force = Some(r.programs.connect4.id);
-                let sharing = self.options.load.sharing == Sharing::On;
-                let reserve = self.options.reserve_ports;
+                let sharing = self.load.sharing == Sharing::On;
+                let reserve = self.reserve_ports;
                 for warning in ephemeral::warnings(&set, sharing, reserve) {
                     warn!("{warning}");
                 }
-                match self.instance.reserve_ports(&set, reserve) {
-                    Ok(ranges) if reserve => info!("reserved from the ephemeral ports: {ranges:?}"),
-                    Ok(_) => {}
-                    Err(e) => warn!("--reserve-ports: {}", crate::with_causes(&e)),
+                if reserve {
+                    info!("reserved from the ephemeral ports: {:?}", done.reserved);
                 }
                 self.occupancy.ranged = rulebpf_rules::identity::rule_infos(&set)
                     .into_iter()
@@ -424,11 +511,44 @@ impl Service {
     }
 
     /// Attaches where a followed cgroup (re)appeared; counts re-attaches.
+    /// Skipped while a command holds the command lock (the next check, at
+    /// most a second later, attaches).
     fn follow(&self, followed: &mut Followed) {
+        if let Some(lock) = CommandLock::try_acquire(self.instance.name()) {
+            self.follow_locked(followed, lock);
+        }
+    }
+
+    fn follow_locked(&self, followed: &mut Followed, _lock: CommandLock) {
         let reattached = followed.check(&self.instance);
         if reattached > 0 {
             self.metrics.reattached(reattached);
             let _ = self.instance.update_service(|s| s.reattaches += reattached);
+        }
+    }
+
+    /// Removes the attachments of cgroups that are gone (a container whose
+    /// start failed after the OCI hook attached it never gets poststop).
+    /// Skipped while a command holds the command lock: the next check
+    /// comes.
+    fn collect_gone(&self) {
+        let Some(_lock) = CommandLock::try_acquire(self.instance.name()) else {
+            return;
+        };
+        match self.instance.collect_garbage() {
+            Ok(removed) => {
+                for a in removed {
+                    info!(
+                        "removed the attachment to {} (cgroup id {}, gone)",
+                        a.cgroup.display(),
+                        a.cgroup_id
+                    );
+                }
+            }
+            Err(e) => warn!(
+                "collecting attachments of gone cgroups: {}",
+                crate::with_causes(&e)
+            ),
         }
     }
 
@@ -477,7 +597,7 @@ impl Service {
     /// A reader of the kernel log of the rule set in force (none when the
     /// kernel log is off).
     fn kernel_logger(&self) -> Option<AsyncFd<KernelLog>> {
-        if self.options.load.kernel_log == log::LevelFilter::Off {
+        if self.load.kernel_log == log::LevelFilter::Off {
             return None;
         }
         // The log ring buffer is one map shared by both programs of a set.

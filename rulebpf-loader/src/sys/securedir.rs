@@ -244,10 +244,19 @@ impl SecureDir {
             path: path.clone(),
             source,
         };
-        file.write_all(bytes).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        rustix::fs::renameat(&self.fd, &tmp, &self.fd, name)
-            .map_err(io_error("renaming", &self.display(name)))
+        let written = file
+            .write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(io)
+            .and_then(|()| {
+                rustix::fs::renameat(&self.fd, &tmp, &self.fd, name)
+                    .map_err(io_error("renaming", &self.display(name)))
+            });
+        if written.is_err() {
+            // A full disk (ENOSPC) must not leave a half-written temporary.
+            let _ = self.remove(&tmp);
+        }
+        written
     }
 
     /// Opens (creating 0600) the file `name` for locking.
