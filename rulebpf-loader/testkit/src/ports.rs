@@ -75,8 +75,9 @@ pub const CONTAINER_TESTS: PortSlot = PortSlot::new("container tests", 21600, 21
 pub const INSTANCE_TESTS: PortSlot = PortSlot::new("instance tests", 21700, 21899);
 /// `rulebpf-loader/tests/kernel/hardening.rs` (hostile directories, paths).
 pub const HARDENING_TESTS: PortSlot = PortSlot::new("hardening tests", 21900, 21999);
-/// Free: room for more kernel tests.
-pub const RESERVED: PortSlot = PortSlot::new("reserved for kernel tests", 22000, 22099);
+/// `rulebpf-loader/tests/kernel/commands.rs` (commands that fail change
+/// nothing; settings kept; counting once).
+pub const COMMAND_TESTS: PortSlot = PortSlot::new("command tests", 22000, 22099);
 /// `rulebpf-loader/tests/kernel/service.rs` (`rulebpf run`).
 pub const SERVICE_TESTS: PortSlot = PortSlot::new("service tests", 22100, 22999);
 /// `rulebpf-loader/tests/kernel/families.rs` (IPv6, UDP, prefixes, lists).
@@ -95,7 +96,7 @@ pub const ALL: [PortSlot; 11] = [
     CONTAINER_TESTS,
     INSTANCE_TESTS,
     HARDENING_TESTS,
-    RESERVED,
+    COMMAND_TESTS,
     SERVICE_TESTS,
     FAMILY_TESTS,
     SHARING_TESTS,

@@ -5,6 +5,7 @@
 //! `rulebpf_testkit::ports`), so tests run in parallel.
 
 mod cli;
+mod commands;
 mod containers;
 mod enforcement;
 mod families;
