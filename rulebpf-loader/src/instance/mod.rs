@@ -4,7 +4,9 @@
 //! ```text
 //! lock         the change lock every command takes; `run`'s owner lock
 //! store        the records and the rule-set generations
-//! rule_sets    stage, swap, reconcile: which rule set is in force
+//! swap         stage, swap, reconcile over the kernel operations they need
+//!              (a trait: unit-tested against a fake kernel that fails or dies)
+//! rule_sets    the swap on the real kernel: which rule set is in force
 //! readings     counters, occupancy, instance counters of the set in force
 //! attachments  attach (linked, or for a systemd unit), detach, gc
 //! legacy       instances of the previous layout, replaced without a gap
@@ -35,6 +37,7 @@ mod lock;
 mod readings;
 mod rule_sets;
 mod store;
+mod swap;
 
 use std::{io, path::PathBuf};
 

@@ -131,39 +131,24 @@ impl Instance {
         Ok(self.pins.subdir(&layout::set_dir(generation), create)?)
     }
 
-    /// Removes every rule set (pins and record) but `keep`.
-    pub(super) fn remove_sets_except(&self, keep: Option<u64>) -> Result<(), InstanceError> {
-        for (name, _) in self.pins.entries()? {
-            if let Some(generation) = layout::set_generation(&name)
-                && Some(generation) != keep
-            {
-                self.pins.remove_tree(&name)?;
-            }
-        }
-        for (name, _) in self.records.entries()? {
-            if layout::is_set_file(&name)
-                && let Some(generation) = layout::set_generation(&name)
-                && Some(generation) != keep
-            {
-                self.records.remove(&name)?;
-            }
-        }
+    /// Removes rule set `generation`: its pins, then its record.
+    pub(super) fn remove_set(&self, generation: u64) -> Result<(), InstanceError> {
+        self.pins.remove_tree(&layout::set_dir(generation))?;
+        self.records.remove(&layout::set_file(generation))?;
         Ok(())
     }
 
-    /// The next rule set number: above every set pinned or recorded.
-    pub(super) fn next_generation(&self) -> Result<u64, InstanceError> {
-        let mut highest = 0;
-        for (name, _) in self
+    /// Every rule-set generation pinned or recorded, in order.
+    pub(super) fn generations(&self) -> Result<Vec<u64>, InstanceError> {
+        let mut all: Vec<u64> = self
             .pins
             .entries()?
             .into_iter()
             .chain(self.records.entries()?)
-        {
-            if let Some(g) = layout::set_generation(&name) {
-                highest = highest.max(g);
-            }
-        }
-        Ok(highest + 1)
+            .filter_map(|(name, _)| layout::set_generation(&name))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        Ok(all)
     }
 }

@@ -25,7 +25,7 @@
 //! the drop-in as systemd does: it finds what systemd would only log (an
 //! unknown setting, a missing binary).
 //!
-//! The drop-in (rulebpf-loader/src/systemd.rs says why) has `BPFProgram=`
+//! The drop-in (rulebpf-loader/src/integrations/systemd.rs says why) has `BPFProgram=`
 //! lines and an `ExecStartPre=+/usr/bin/rulebpf systemd-attach --name gw`
 //! that attaches the programs in the new cgroup: systemd 252 attaches
 //! `BPFProgram=` programs at a unit's first start only (this test showed it:
