@@ -105,6 +105,14 @@ pub fn keep_last_good(fresh: Names, failures: Vec<NameFailure>, last_good: &Name
     answers
 }
 
+/// One resolution round for every name `rules` use, a failed lookup
+/// keeping its last good answer: what loading a file and the service's
+/// DNS refresh both do.
+pub fn refresh(rules: &[Rule], last_good: &Names) -> Answers {
+    let (fresh, failures) = resolve_all(&names_in(rules));
+    keep_last_good(fresh, failures, last_good)
+}
+
 /// All addresses of `name` (IPv4-mapped answers as IPv4), sorted, or why
 /// there are none.
 pub fn resolve(name: &str) -> Result<Vec<IpAddr>, String> {

@@ -159,8 +159,18 @@ impl RuleSet {
                 unresolved: unresolved_rules(&rules, &failures),
             });
         }
-        let (fresh, failures) = resolve::resolve_all(&resolve::names_in(&rules));
-        let answers = resolve::keep_last_good(fresh, failures, last_good);
+        let answers = resolve::refresh(&rules, last_good);
+        Self::with_answers(path, rules, answers, limits)
+    }
+
+    /// Compiles parsed rules with a resolution round's answers
+    /// ([`resolve::refresh`]) within `limits`: the service's DNS refresh.
+    pub fn with_answers(
+        path: &Path,
+        rules: Vec<Rule>,
+        answers: resolve::Answers,
+        limits: &LoadLimits,
+    ) -> Result<Self, RuleFileError> {
         let mut set =
             Self::from_parts_within(path, rules, answers.names, answers.unresolved, limits)?;
         set.stale_names = answers.stale;

@@ -1,13 +1,19 @@
 //! Options several commands share, and how clap spells the library's
 //! option types (the library never sees clap).
 
+use std::{
+    io::{self, Write as _},
+    path::PathBuf,
+};
+
 use clap::ValueEnum;
 use rulebpf_common::Protocol;
+use rulebpf_loader::report;
 use rulebpf_loader::{
     model::options::{AppBound, Policy, Sharing},
     ops::put_in_force::Settings,
 };
-use rulebpf_rules::{LoadLimits, compile::Budget};
+use rulebpf_rules::{LoadLimits, RuleFileError, RuleSet, compile::Budget, resolve::Names};
 
 pub const RULES_HELP: &str = "The rule file (tcpoport.ini): one rule per line, \
     `[!] DEST_IP DEST_PORTS : ORG_PORTS [PROTOCOL]` (see `rulebpf --help`)";
@@ -123,6 +129,41 @@ impl PortArgs {
             app_bound: self.app_bound.map(Into::into),
         }
     }
+}
+
+/// The rule file and how large it may be.
+#[derive(clap::Args)]
+pub struct RulesArgs {
+    #[arg(help = RULES_HELP)]
+    pub rules: PathBuf,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+impl RulesArgs {
+    /// Reads, parses, resolves and compiles the rule file, and warns on
+    /// stderr about names that did not resolve.
+    pub fn load(&self) -> Result<RuleSet, RuleFileError> {
+        let set = RuleSet::load_within(&self.rules, &Names::new(), &self.limits.into())?;
+        let mut stderr = io::stderr().lock();
+        for warning in report::name_warnings(&set) {
+            let _ = writeln!(stderr, "{warning}");
+        }
+        Ok(set)
+    }
+}
+
+/// Where an instance is: its name, its cgroups.
+#[derive(clap::Args)]
+pub struct WhereArgs {
+    #[arg(long, help = NAME_HELP)]
+    pub name: Option<String>,
+    /// Attach to this cgroup (repeatable). cgroup v2 directory: absolute,
+    /// or relative to the cgroup2 mount. attach: none loads and pins only
+    /// (for systemd's BPFProgram= or the OCI hook); run: followed, and it
+    /// may not exist yet.
+    #[arg(long)]
+    pub cgroup: Vec<PathBuf>,
 }
 
 /// How large a rules file and its compiled maps may be.

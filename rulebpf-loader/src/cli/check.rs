@@ -1,10 +1,7 @@
 //! `rulebpf check` and `rulebpf explain`: a rule file read, compiled and
 //! questioned; nothing in the kernel changes.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use rulebpf_common::Protocol;
 use rulebpf_loader::{model::options::Sharing, report};
@@ -12,23 +9,21 @@ use rulebpf_rules::{resolve, ruleset::RuleSet};
 
 use super::{
     CliError,
-    args::{LimitArgs, ProtocolArg, RULES_HELP},
-    load, warn_ports,
+    args::{ProtocolArg, RulesArgs},
+    warn_ports,
 };
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
-    #[arg(help = RULES_HELP)]
-    rules: PathBuf,
     #[command(flatten)]
-    limits: LimitArgs,
+    rules: RulesArgs,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn check(args: CheckArgs) -> Result<(), CliError> {
-    let set = load(&args.rules, &args.limits)?;
+    let set = args.rules.load()?;
     warn_ports(&set, Sharing::On, false);
     report::print(&report::Summary::of(&set), args.json)?;
     Ok(())
@@ -36,10 +31,8 @@ pub fn check(args: CheckArgs) -> Result<(), CliError> {
 
 #[derive(clap::Args)]
 pub struct ExplainArgs {
-    #[arg(help = RULES_HELP)]
-    rules: PathBuf,
     #[command(flatten)]
-    limits: LimitArgs,
+    rules: RulesArgs,
     /// Destination as IPv4:PORT, [IPv6]:PORT or NAME:PORT, e.g.
     /// 10.1.2.3:21, [2001:db8::10]:443, [::ffff:10.1.2.3]:21,
     /// sftp.partner.example:22 (each address of the name is explained: the
@@ -53,7 +46,7 @@ pub struct ExplainArgs {
 }
 
 pub fn explain(args: ExplainArgs) -> Result<(), CliError> {
-    let set = load(&args.rules, &args.limits)?;
+    let set = args.rules.load()?;
     let protocol = args.protocol.into();
     if let Ok(destination) = args.destination.parse::<SocketAddr>() {
         report::print(&decide(&set, destination, protocol)?, args.json)?;

@@ -11,19 +11,15 @@ mod run;
 mod status;
 mod units;
 
-use std::{
-    io::{self, Write as _},
-    path::{Path, PathBuf},
-};
+use std::io::{self, Write as _};
 
 use clap::{Parser, Subcommand};
 use rulebpf_loader::{
     integrations::oci,
     model::{name::InstanceName, options::Sharing},
-    report,
     sys::{cgroup::Cgroup, ephemeral},
 };
-use rulebpf_rules::{resolve::Names, ruleset::RuleSet};
+use rulebpf_rules::ruleset::RuleSet;
 
 pub use error::{CliError, exit_code, lacks_privilege};
 
@@ -146,17 +142,6 @@ pub fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
-/// Reads, parses, resolves and compiles a rule file, and warns on stderr
-/// about names that did not resolve.
-fn load(path: &Path, limits: &args::LimitArgs) -> Result<RuleSet, CliError> {
-    let set = RuleSet::load_within(path, &Names::new(), &(*limits).into())?;
-    let mut stderr = io::stderr().lock();
-    for warning in report::name_warnings(&set) {
-        let _ = writeln!(stderr, "{warning}");
-    }
-    Ok(set)
-}
-
 /// Warns on stderr about origin ranges the kernel may hand out as ephemeral
 /// ports, and TCP timestamps off with sharing (see `ephemeral`).
 fn warn_ports(set: &RuleSet, sharing: Sharing, reserving: bool) {
@@ -168,8 +153,8 @@ fn warn_ports(set: &RuleSet, sharing: Sharing, reserving: bool) {
 
 /// The instance a command is about: `--name`, or the name derived from the
 /// one `--cgroup`.
-fn instance_name(name: Option<&str>, cgroups: &[PathBuf]) -> Result<InstanceName, CliError> {
-    match (name, cgroups) {
+fn instance_name(at: &args::WhereArgs) -> Result<InstanceName, CliError> {
+    match (&at.name, at.cgroup.as_slice()) {
         (Some(name), _) => Ok(InstanceName::new(name)?),
         (None, [cgroup]) => {
             let path = Cgroup::path_of(cgroup)?;

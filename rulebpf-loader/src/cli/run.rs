@@ -1,24 +1,19 @@
 //! `rulebpf run`: the foreground service (see `rulebpf_loader::service`).
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::net::SocketAddr;
 
 use rulebpf_loader::{service, sys::cgroup::Cgroup};
 
 use super::{
     CliError,
-    args::{LimitArgs, NAME_HELP, PortArgs, RULES_HELP},
+    args::{PortArgs, RulesArgs, WhereArgs},
     instance_name,
 };
 
 #[derive(clap::Args)]
 pub struct RunArgs {
-    #[arg(long, help = NAME_HELP)]
-    name: Option<String>,
-    /// Attach to this cgroup path and follow it (repeatable). cgroup v2
-    /// directory: absolute, or relative to the cgroup2 mount; it may not
-    /// exist yet.
-    #[arg(long)]
-    cgroup: Vec<PathBuf>,
+    #[command(flatten)]
+    at: WhereArgs,
     #[command(flatten)]
     ports: PortArgs,
     /// Re-resolve DNS names this often (`30s`, `5m`, `1h`).
@@ -33,10 +28,8 @@ pub struct RunArgs {
     /// Remove the rules when the service stops.
     #[arg(long)]
     detach_on_exit: bool,
-    #[arg(help = RULES_HELP)]
-    rules: PathBuf,
     #[command(flatten)]
-    limits: LimitArgs,
+    rules: RulesArgs,
 }
 
 pub fn run(args: RunArgs) -> Result<(), CliError> {
@@ -50,18 +43,19 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         .init();
     let ports = args.ports;
     let options = service::Options {
-        name: instance_name(args.name.as_deref(), &args.cgroup)?,
+        name: instance_name(&args.at)?,
         cgroups: args
+            .at
             .cgroup
             .iter()
             .map(|c| Cgroup::path_of(c))
             .collect::<Result<_, _>>()?,
-        rules_path: args.rules,
+        rules_path: args.rules.rules,
         settings: ports.settings(),
         kernel_log: args.log_level,
         reserve_ports: ports.reserve_ports,
         tuple_capacity: ports.tuple_capacity,
-        limits: args.limits.into(),
+        limits: args.rules.limits.into(),
         dns_refresh: args.dns_refresh,
         metrics_listen: args.metrics_listen,
         detach_on_exit: args.detach_on_exit,

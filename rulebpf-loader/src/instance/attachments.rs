@@ -25,11 +25,7 @@ impl Instance {
         let _lock = self.lock()?;
         let record = self.record()?;
         let dir = open(cgroup)?;
-        let open = OpenCgroup {
-            dir: &dir,
-            path: &cgroup.path,
-            id: cgroup.id,
-        };
+        let open = OpenCgroup::new(&dir, cgroup);
         let legacy_programs = legacy::programs_on(cgroup.id)?;
         self.refuse_stacking(&open, &legacy_programs)?;
         // The bookkeeping programs too: also where systemd's BPFProgram=
@@ -78,11 +74,7 @@ impl Instance {
         let _lock = self.lock()?;
         let record = self.record()?;
         let dir = open(cgroup)?;
-        let open = OpenCgroup {
-            dir: &dir,
-            path: &cgroup.path,
-            id: cgroup.id,
-        };
+        let open = OpenCgroup::new(&dir, cgroup);
         self.refuse_stacking(&open, &[])?;
         let missing = attach::missing(&open, &record.programs())?;
         attach::attach(&self.pins, &open, &missing, How::Unlinked)?;
@@ -93,11 +85,7 @@ impl Instance {
     /// it carries another instance's hooks); changes nothing.
     pub fn check_attachable(&self, cgroup: &Cgroup) -> Result<(), InstanceError> {
         let dir = open(cgroup)?;
-        let open = OpenCgroup {
-            dir: &dir,
-            path: &cgroup.path,
-            id: cgroup.id,
-        };
+        let open = OpenCgroup::new(&dir, cgroup);
         let legacy_programs = legacy::programs_on(cgroup.id)?;
         self.refuse_stacking(&open, &legacy_programs)
     }
@@ -271,10 +259,6 @@ fn owner_of(program: u32) -> Option<InstanceName> {
 /// were removed.
 pub fn clear_cgroup(cgroup: &Cgroup, only: Option<&[u32]>) -> Result<usize, InstanceError> {
     let dir = open(cgroup)?;
-    let open = OpenCgroup {
-        dir: &dir,
-        path: &cgroup.path,
-        id: cgroup.id,
-    };
+    let open = OpenCgroup::new(&dir, cgroup);
     Ok(attach::clear(&open, only)?)
 }

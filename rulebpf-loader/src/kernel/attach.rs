@@ -18,7 +18,7 @@ use std::{
 use super::{ObjectError, entry};
 use crate::{
     model::{layout, program::ProgramKind},
-    sys::{bpf, securedir::SecureDir},
+    sys::{bpf, cgroup::Cgroup, securedir::SecureDir},
 };
 
 /// Why programs could not be attached to, or removed from, a cgroup.
@@ -64,6 +64,17 @@ pub struct OpenCgroup<'a> {
     pub dir: &'a File,
     pub path: &'a Path,
     pub id: u64,
+}
+
+impl<'a> OpenCgroup<'a> {
+    /// `cgroup`, open as `dir`.
+    pub fn new(dir: &'a File, cgroup: &'a Cgroup) -> Self {
+        Self {
+            dir,
+            path: &cgroup.path,
+            id: cgroup.id,
+        }
+    }
 }
 
 /// The rulebpf programs (whichever instance's) attached directly to the

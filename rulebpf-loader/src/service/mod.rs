@@ -26,7 +26,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use aya_log::EbpfLogger;
 use log::{error, info, warn};
 use rulebpf_rules::{
     LoadLimits,
@@ -54,12 +53,11 @@ use crate::{
 };
 
 mod follow;
+mod kernel_log;
 mod watch;
 
 use follow::Followed;
-
-/// The reader of the hook's aya-log ring buffer, printing through `log`.
-type KernelLog = EbpfLogger<&'static dyn log::Log>;
+use kernel_log::{KernelLog, readable};
 
 /// How to run the service.
 #[derive(Clone, Debug)]
@@ -410,9 +408,7 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
     let limits = service.options.limits;
     let metrics = Arc::clone(&service.metrics);
     tokio::task::spawn_blocking(move || {
-        let wanted = resolve::names_in(&rules);
-        let (fresh, failures) = resolve::resolve_all(&wanted);
-        let answers = resolve::keep_last_good(fresh, failures, &last);
+        let answers = resolve::refresh(&rules, &last);
         for failure in answers.stale.iter().chain(&answers.unresolved) {
             warn!(
                 "DNS refresh: {} did not resolve ({}); keeping its last answer",
@@ -425,7 +421,7 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
             s.dns_refreshes += 1;
             s.dns_failures += failed;
         });
-        let result = if answers.names == last || wanted.is_empty() {
+        let result = if answers.names == last || resolve::names_in(&rules).is_empty() {
             Ok(None)
         } else {
             for (name, addrs) in &answers.names {
@@ -433,6 +429,7 @@ fn spawn_dns_refresh(service: &Service) -> JoinHandle<Reloaded> {
                     info!("DNS refresh: {name} now resolves to {addrs:?}");
                 }
             }
+            // Stale names were warned about above, at every refresh.
             RuleSet::from_parts_within(&path, rules, answers.names, answers.unresolved, &limits)
                 .map_err(ServiceError::from)
                 .and_then(|set| {
@@ -600,33 +597,6 @@ impl Service {
         if self.load.kernel_log == log::LevelFilter::Off {
             return None;
         }
-        // The log ring buffer is one map shared by both programs of a set.
-        let program_id = self.in_force?;
-        let logger = match EbpfLogger::init_from_id(program_id) {
-            Ok(logger) => logger,
-            Err(e) => {
-                warn!("kernel log unavailable: {e}");
-                return None;
-            }
-        };
-        // SAFETY: the logger owns its ring buffer fd and keeps it open for as
-        // long as the AsyncFd that owns the logger lives.
-        match unsafe { AsyncFd::register(logger) } {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                warn!("kernel log unavailable: {e}");
-                None
-            }
-        }
-    }
-}
-
-/// Waits until the kernel log has lines (forever when there is no log).
-async fn readable<'a>(
-    logger: &'a mut Option<AsyncFd<KernelLog>>,
-) -> std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'a, KernelLog>> {
-    match logger {
-        Some(fd) => fd.readable_mut().await,
-        None => std::future::pending().await,
+        kernel_log::open(self.in_force?)
     }
 }
