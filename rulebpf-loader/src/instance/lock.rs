@@ -81,7 +81,12 @@ impl Instance {
 
     /// The pid of the `rulebpf run` that manages this instance, if one does.
     pub fn managed_by(&self) -> Result<Option<u32>, InstanceError> {
-        let file = self.records.lock_file(layout::OWNER_FILE)?;
+        // A reader creates nothing (`status` beside a `detach` would put a
+        // file back into the directory being removed): no owner file, no
+        // owner.
+        let Some(file) = self.records.existing_lock_file(layout::OWNER_FILE)? else {
+            return Ok(None);
+        };
         match flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
             Ok(()) => Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {

@@ -271,6 +271,22 @@ impl SecureDir {
         Ok(std::fs::File::from(fd))
     }
 
+    /// Opens the file `name` for locking if it exists (`None`: it does
+    /// not): for readers, which must create nothing in a directory another
+    /// command may be removing.
+    pub fn existing_lock_file(&self, name: &str) -> Result<Option<std::fs::File>, SecureDirError> {
+        match rustix::fs::openat(
+            &self.fd,
+            name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => Ok(Some(std::fs::File::from(fd))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(refine(e, &self.display(name))),
+        }
+    }
+
     /// The directory's own file descriptor.
     pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()

@@ -325,6 +325,10 @@ pub struct HostsEntry {
     line: String,
 }
 
+/// `rulebpf gc` acts on every instance: a test that runs it, or that
+/// leaves an instance gc must not see (an unreadable record), holds this.
+pub static GC: Mutex<()> = Mutex::new(());
+
 /// Tests edit /etc/hosts in parallel: one read-modify-write at a time.
 static HOSTS: Mutex<()> = Mutex::new(());
 

@@ -373,6 +373,7 @@ fn the_previous_layout_is_replaced_without_a_gap() {
 
 #[test]
 fn gc_removes_what_gone_cgroups_left() {
+    let _gc = GC.lock().unwrap_or_else(|e| e.into_inner());
     let (cg, _server) = with_rules("gc", Listener::on([127, 0, 0, 2]), &[], |port| {
         format!("127.0.0.2 {port} : 21771\n")
     });

@@ -120,6 +120,11 @@ impl Agent {
         assert_eq!(self.ask(&format!("close {id}")), "ok");
     }
 
+    /// Resets TCP socket `id` (no TIME_WAIT on either side).
+    fn reset(&mut self, id: usize) {
+        assert_eq!(self.ask(&format!("reset {id}")), "ok");
+    }
+
     /// Sends a datagram on UDP socket `id`.
     fn send(&mut self, id: usize) {
         assert_eq!(self.ask(&format!("send {id}")), "ok");
@@ -168,7 +173,7 @@ impl Drop for Agent {
 fn agent_main(cgroup: &Path) {
     fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string()).unwrap();
     enum Sock {
-        Tcp(#[expect(dead_code, reason = "held open until closed")] TcpStream),
+        Tcp(TcpStream),
         Udp(UdpSocket),
     }
     let mut socks: Vec<Option<Sock>> = Vec::new();
@@ -207,6 +212,14 @@ fn agent_main(cgroup: &Path) {
             }
             ["close", id] => {
                 socks[id.parse::<usize>().unwrap()] = None;
+                "ok".to_string()
+            }
+            ["reset", id] => {
+                // SO_LINGER 0: closed with a RST, so no TIME_WAIT keeps the
+                // port from a test run again within a minute.
+                if let Some(Sock::Tcp(s)) = socks[id.parse::<usize>().unwrap()].take() {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
                 "ok".to_string()
             }
             ["send", id] => {
@@ -405,8 +418,12 @@ fn without_kernel_support_sharing_falls_back_to_one_socket_per_port() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not shared among destinations"), "{stderr}");
     let mut agent = Agent::start(&cg.path);
-    assert_eq!(agent.tcp(a.addr).unwrap().1, 23610);
+    let (id, port) = agent.tcp(a.addr).unwrap();
+    assert_eq!(port, 23610);
     assert_eq!(agent.tcp(b.addr), Err(EADDRNOTAVAIL));
+    // Without SO_REUSEADDR a TIME_WAIT on 23610 would refuse the first
+    // connect of this test run again within a minute.
+    agent.reset(id);
 }
 
 #[test]
