@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::{
     instance::{self, CommandLock, Instance, InstanceError},
-    model::name::InstanceName,
+    model::{layout, name::InstanceName},
     sys::cgroup::{self, Cgroup},
 };
 
@@ -40,7 +40,8 @@ pub fn gc() -> Result<Collected, InstanceError> {
     let lines = &mut collected.lines;
     for id in instance::legacy::collect_garbage(cgroup_exists)? {
         lines.push(format!(
-            "removed cg-{id} of the previous layout (its cgroup is gone)"
+            "removed {} of the previous layout (its cgroup is gone)",
+            layout::legacy_dir(id)
         ));
     }
     let orphans = instance::collect_orphan_records()?;
