@@ -251,6 +251,9 @@ impl PortKey {
     }
 }
 
+/// `Verdict::flags`: the rule says `deny`: connect() fails with EPERM.
+pub const VERDICT_DENY: u32 = 1;
+
 /// Value of `RULEBPF_PORTS`: the decision for a destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -264,8 +267,8 @@ pub struct Verdict {
     pub org_lo: u16,
     /// Last origin port (inclusive); equal to `org_lo` for a single port.
     pub org_hi: u16,
-    /// Always 0 (keeps `key` aligned, no padding bytes).
-    pub reserved: u32,
+    /// [`VERDICT_DENY`], or 0 (also keeps `key` aligned, no padding bytes).
+    pub flags: u32,
     /// The rule's stable identity across rule sets (its text and which
     /// occurrence of that text it is), set by the loader: the key of
     /// `RULEBPF_OCCUPANCY` and of the sockets bound under the rule.
@@ -280,9 +283,21 @@ impl Verdict {
             line,
             org_lo,
             org_hi,
-            reserved: 0,
+            flags: 0,
             key: 0,
         }
+    }
+
+    /// The verdict of a `deny` rule: no origin range, connect() refused.
+    pub const fn deny(rule: u32, line: u32) -> Self {
+        let mut verdict = Self::new(rule, line, 0, 0);
+        verdict.flags = VERDICT_DENY;
+        verdict
+    }
+
+    /// Whether the rule says `deny`.
+    pub const fn denies(&self) -> bool {
+        self.flags & VERDICT_DENY != 0
     }
 
     /// Ports in the origin range (0 for "the OS chooses").
@@ -311,6 +326,8 @@ pub struct RuleStats {
     /// Sockets bound before connect() to a port the kernel chose: `bind(addr,
     /// 0)`, or a UDP socket that sent before it connected.
     pub kernel_chose: u64,
+    /// connect() calls refused because the rule says `deny`.
+    pub denied: u64,
 }
 
 /// Key of `RULEBPF_TUPLES`: a live socket the hook bound with port sharing,

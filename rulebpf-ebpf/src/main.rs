@@ -118,6 +118,24 @@ fn answer(result: Result<i32, i32>) -> i32 {
     }
 }
 
+/// A connect() on a path a rule denies: counted, logged, refused with
+/// EPERM, whoever bound the socket (a denied path is denied to an
+/// application-bound socket too, and to a socket connected before).
+macro_rules! deny {
+    ($ctx:expr, $verdict:expr, $dest:expr, $port:expr) => {{
+        let (ctx, verdict): (&SockAddrContext, &Verdict) = ($ctx, $verdict);
+        if let Some(stats) = rule_stats(verdict) {
+            stats.matched += 1;
+            stats.denied += 1;
+        }
+        info!(
+            ctx,
+            "connect {:i} port {}: denied (line {})", $dest, $port, verdict.line
+        );
+        Err(refuse(EPERM))
+    }};
+}
+
 /// The tail both hooks share: a socket the application bound is counted
 /// (and kept, or refused); an unbound one is bound to a port of the range.
 /// A macro, not a function: aya-log's macros need the address's concrete
@@ -202,16 +220,22 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     };
     let addr = connect.sa.user_ip4;
     let tuple = connect.tuple(Family::Ipv4, [addr, 0, 0, 0]);
-    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
-        return ret;
-    }
     // Network order in memory: the native-endian bytes are the octets.
     let dest = addr.to_ne_bytes();
-    let Some(verdict) = decide(
+    let verdict = decide(
         Selector::new(Family::Ipv4, connect.protocol),
         &dest,
         connect.port,
-    ) else {
+    );
+    if let Some(verdict) = &verdict
+        && verdict.denies()
+    {
+        return deny!(ctx, verdict, dest, connect.port);
+    }
+    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
+        return ret;
+    }
+    let Some(verdict) = verdict else {
         return Ok(ALLOW);
     };
     apply!(ctx, &connect, verdict, dest, tuple)
@@ -231,9 +255,6 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     } else {
         connect.tuple(Family::Ipv6, words)
     };
-    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
-        return ret;
-    }
     let mut dest = [0u8; 16];
     for (i, word) in words.iter().enumerate() {
         dest[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
@@ -253,6 +274,14 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             connect.port,
         )
     };
+    if let Some(verdict) = &verdict
+        && verdict.denies()
+    {
+        return deny!(ctx, verdict, dest, connect.port);
+    }
+    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
+        return ret;
+    }
     let Some(verdict) = verdict else {
         return Ok(ALLOW);
     };

@@ -230,7 +230,7 @@ pub fn compile_within(
         .enumerate()
         .filter(|(_, r)| match &r.dest {
             Dest::Name(name) => addresses(names, name).is_none(),
-            Dest::Pattern(_) => false,
+            Dest::Pattern(_) | Dest::Any => false,
         })
         .map(|(i, _)| i)
         .collect();
@@ -277,6 +277,7 @@ fn alternatives(rules: &[Rule], names: &Names, selector: Selector) -> (Vec<Entry
         }
         let patterns: Vec<AddrPattern> = match &rule.dest {
             Dest::Pattern(p) => vec![*p],
+            Dest::Any => vec![AddrPattern::any(family)],
             Dest::Name(name) => {
                 let Some(addrs) = addresses(names, name) else {
                     continue; // unresolved: left out (reported by the caller)
@@ -307,11 +308,11 @@ fn alternatives(rules: &[Rule], names: &Names, selector: Selector) -> (Vec<Entry
 }
 
 fn verdict(facts: &RuleFacts, rule: u32) -> Verdict {
-    let (org_lo, org_hi) = match facts.origin {
-        Origin::Os => (0, 0),
-        Origin::Range(range) => (range.lo, range.hi),
-    };
-    Verdict::new(rule, facts.line, org_lo, org_hi)
+    match facts.origin {
+        Origin::Os => Verdict::new(rule, facts.line, 0, 0),
+        Origin::Range(range) => Verdict::new(rule, facts.line, range.lo, range.hi),
+        Origin::Deny => Verdict::deny(rule, facts.line),
+    }
 }
 
 #[cfg(test)]
@@ -713,18 +714,21 @@ mod tests {
         let dest = prop_oneof![
             5 => pattern().prop_map(Dest::Pattern),
             2 => (0..5u8).prop_map(|n| Dest::Name(format!("n{n}.example"))),
+            1 => Just(Dest::Any),
         ];
         let protocols =
             prop::sample::select(&[Protocols::TCP, Protocols::UDP, Protocols::BOTH][..]);
-        (any::<bool>(), dest, port_set(), 0..3u16, protocols).prop_map(
+        (any::<bool>(), dest, port_set(), 0..4u16, protocols).prop_map(
             |(negated, dest, ports, org, protocols)| Rule {
                 line: 0,
                 text: String::new(),
+                remark: None,
                 negated,
                 dest,
                 dest_ports: ports,
                 origin: match org {
                     0 => Origin::Os,
+                    3 => Origin::Deny,
                     n => Origin::Range(PortRange {
                         lo: 100 * n,
                         hi: 100 * n + 9,
@@ -774,10 +778,11 @@ mod tests {
                 prop_assert_eq!(got.map(|v| v.rule as usize), want, "{}:{} {}", ip, port, protocol);
                 if let Some(v) = got {
                     let expect = match set.rules[v.rule as usize].origin {
-                        Origin::Os => (0, 0),
-                        Origin::Range(r) => (r.lo, r.hi),
+                        Origin::Os => (0, 0, false),
+                        Origin::Range(r) => (r.lo, r.hi, false),
+                        Origin::Deny => (0, 0, true),
                     };
-                    prop_assert_eq!((v.org_lo, v.org_hi), expect);
+                    prop_assert_eq!((v.org_lo, v.org_hi, v.denies()), expect);
                 }
             }
         }

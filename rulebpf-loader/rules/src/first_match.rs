@@ -36,6 +36,7 @@ pub fn first_match(
         }
         let addr_hit = match &rule.dest {
             Dest::Pattern(pattern) => pattern.matches(addr),
+            Dest::Any => true,
             Dest::Name(name) => match addresses(names, name) {
                 Some(answers) => answers.iter().any(|&a| canonical(a) == addr),
                 None => return false,

@@ -9,7 +9,10 @@
 //!   `2001:db8::/32`) or a DNS name (its IPv4 and IPv6 addresses).
 //! * `DEST_PORTS`: `21`, `2200-2300` (inclusive), `*`, or a list of those
 //!   (`389,636,3268-3269`).
-//! * `ORG_PORTS`: `65001`, `65000-65100`, or `0` ("let the OS choose").
+//! * `DEST_IP` may also be `*`: every IPv4 and IPv6 address (`* * : deny
+//!   tcp+udp` as the last line makes the file an allow-list).
+//! * `ORG_PORTS`: `65001`, `65000-65100`, `0` ("let the OS choose"), or
+//!   `deny` (connect() fails with EPERM).
 //! * `PROTOCOL`: `tcp`, `udp` or `tcp+udp`, any case; TCP when left out, as in
 //!   the original tcpoport.ini.
 //! * `!` negates the destination match: the rule matches when the address is
@@ -17,7 +20,9 @@
 //!   and the address family are not negated: `! 10.*.*.*` is about IPv4
 //!   destinations only.
 //!
-//! Blank lines and lines starting with `#` or `;` are ignored. Whitespace around
+//! Blank lines and lines starting with `#` or `;` are ignored; a `#` after a
+//! blank on a rule's line starts its remark (`10.1.1.1 22 : 64000 # SFTP`),
+//! which reports show beside the rule. Whitespace around
 //! the fields is free, but the address and the destination ports must be
 //! separated by at least one blank (`10.1.1.1 21`, never `10.1.1.121`). An
 //! IPv6 destination (a word with two or more `:`) ends at the first blank.
@@ -150,6 +155,9 @@ fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
     if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with(';') {
         return Ok(None);
     }
+    // The rule is a prefix of the line: columns stay the line's.
+    let (line, remark) = split_remark(line);
+    let trimmed = line.trim();
     let end_col = width(line.trim_end()).saturating_add(1);
     let mut pieces = split_line(line).into_iter();
 
@@ -248,12 +256,31 @@ fn parse_line(line: &str) -> Result<Option<Rule>, LineError> {
     Ok(Some(Rule {
         line: 0,
         text: trimmed.to_string(),
+        remark,
         negated,
         dest,
         dest_ports,
         origin,
         protocols,
     }))
+}
+
+/// A line's rule and its remark: a `#` after a blank starts the remark,
+/// which runs to the end of the line. (A `#` inside a field is no remark,
+/// and stays the error it always was.)
+fn split_remark(line: &str) -> (&str, Option<String>) {
+    let hash = line
+        .char_indices()
+        .zip(line.chars().skip(1))
+        .find(|&((_, before), hash)| before.is_whitespace() && hash == '#')
+        .map(|((i, before), _)| i + before.len_utf8());
+    match hash {
+        Some(i) => {
+            let remark = line[i + 1..].trim();
+            (&line[..i], (!remark.is_empty()).then(|| remark.to_string()))
+        }
+        None => (line, None),
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +296,29 @@ mod tests {
         let mut rules = parse(text).unwrap_or_else(|e| panic!("{text:?}: {e:?}"));
         assert_eq!(rules.len(), 1, "{text:?}");
         rules.remove(0)
+    }
+
+    #[test]
+    fn deny_star_and_remarks() {
+        let r = one("10.0.0.0/8 * : deny tcp+udp");
+        assert_eq!((r.origin, r.protocols), (Origin::Deny, Protocols::BOTH));
+        assert_eq!(one("* * : DENY").origin, Origin::Deny);
+        let r = one("* * : 0");
+        assert_eq!(r.dest, Dest::Any);
+        assert!(r.covers_family(Family::Ipv4) && r.covers_family(Family::Ipv6));
+        let r = one("10.1.1.1 22 : 64000-64099   # SFTP to the partner ");
+        assert_eq!(r.remark.as_deref(), Some("SFTP to the partner"));
+        // The remark is not the rule: the same rule, the same identity.
+        assert_eq!(r.text, "10.1.1.1 22 : 64000-64099");
+        assert_eq!(one("10.1.1.1 22 : 1 tcp	#").remark, None);
+        // A `#` inside a field is no remark, and an error as before.
+        assert_eq!(error("10.1.1.1 22 : 1#x").1, 15);
+        // Errors keep their columns before a remark.
+        assert_eq!(error("10.1.1.300 22 : 1 # why").1, 8);
+        assert_eq!(
+            error("* * : denied").2,
+            "origin `denied`: a port, a range like 65000-65100, 0 (the OS chooses) or deny"
+        );
     }
 
     fn error(text: &str) -> (u32, u32, String) {

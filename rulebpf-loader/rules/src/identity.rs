@@ -25,8 +25,20 @@ pub struct RuleInfo {
     /// Ports in its origin range (0: the OS chooses).
     #[cfg_attr(feature = "serde", serde(default))]
     pub ports: u32,
-    /// Its origin range, first and last port (`None`: the OS chooses, or a
-    /// record written before ranges were recorded).
+    /// The rule says `deny`.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "std::ops::Not::not")
+    )]
+    pub deny: bool,
+    /// The comment after the rule on its line.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub remark: Option<String>,
+    /// Its origin range, first and last port (`None`: the OS chooses, it
+    /// denies, or a record written before ranges were recorded).
     #[cfg_attr(
         feature = "serde",
         serde(default, skip_serializing_if = "Option::is_none")
@@ -67,11 +79,13 @@ pub fn rule_infos(set: &RuleSet) -> Vec<RuleInfo> {
             text: rule.text.clone(),
             key,
             ports: match rule.origin {
-                Origin::Os => 0,
+                Origin::Os | Origin::Deny => 0,
                 Origin::Range(r) => u32::from(r.hi) - u32::from(r.lo) + 1,
             },
+            deny: rule.origin == Origin::Deny,
+            remark: rule.remark.clone(),
             origin: match rule.origin {
-                Origin::Os => None,
+                Origin::Os | Origin::Deny => None,
                 Origin::Range(r) => Some((r.lo, r.hi)),
             },
         })

@@ -11,8 +11,12 @@ use rulebpf_common::{Family, Protocol};
 pub struct Rule {
     /// 1-based line number in the file.
     pub line: u32,
-    /// The rule's text with surrounding whitespace removed, for reports.
+    /// The rule's text with surrounding whitespace removed, for reports
+    /// (its remark left out: a changed remark is the same rule).
     pub text: String,
+    /// What the comment after the rule on its line says
+    /// (`10.1.1.1 22 : 64000-64099  # SFTP to the partner`).
+    pub remark: Option<String>,
     pub negated: bool,
     pub dest: Dest,
     pub dest_ports: PortSet,
@@ -21,12 +25,23 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Whether the rule denies every destination of every protocol (`* * :
+    /// deny tcp+udp`): what follows it is never reached, and what precedes
+    /// it is the whole list of allowed paths.
+    pub fn denies_everything(&self) -> bool {
+        self.dest == Dest::Any
+            && !self.negated
+            && self.dest_ports.is_any()
+            && self.protocols == Protocols::BOTH
+            && self.origin == Origin::Deny
+    }
+
     /// Whether the rule speaks about destinations of `family` at all. Names
     /// cover both families; patterns their own.
     pub fn covers_family(&self, family: Family) -> bool {
         match &self.dest {
             Dest::Pattern(p) => p.family() == family,
-            Dest::Name(_) => true,
+            Dest::Name(_) | Dest::Any => true,
         }
     }
 }
@@ -38,6 +53,8 @@ pub enum Dest {
     Pattern(AddrPattern),
     /// A DNS name, resolved by the loader (see `resolve`).
     Name(String),
+    /// `*`: every IPv4 and every IPv6 address.
+    Any,
 }
 
 /// An address pattern: each octet of the address matches an inclusive range of
@@ -73,6 +90,14 @@ impl OctetRange {
 }
 
 impl AddrPattern {
+    /// Every address of `family`.
+    pub fn any(family: Family) -> Self {
+        match family {
+            Family::Ipv4 => Self::V4([OctetRange::ANY; 4]),
+            Family::Ipv6 => Self::V6([OctetRange::ANY; 16]),
+        }
+    }
+
     /// Exactly one address (an IPv4-mapped IPv6 address is an IPv4 one).
     pub fn exact(addr: IpAddr) -> Self {
         match canonical(addr) {
@@ -329,6 +354,8 @@ pub enum Origin {
     Os,
     /// Bind to a free port of this range (never port 0).
     Range(PortRange),
+    /// `deny`: connect() fails with EPERM.
+    Deny,
 }
 
 impl fmt::Display for Origin {
@@ -336,6 +363,7 @@ impl fmt::Display for Origin {
         match self {
             Self::Os => f.write_str("0 (OS choice)"),
             Self::Range(range) => range.fmt(f),
+            Self::Deny => f.write_str("deny"),
         }
     }
 }

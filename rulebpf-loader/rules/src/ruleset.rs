@@ -16,7 +16,7 @@ use crate::{
     file::{self, FileError},
     grammar::{self, ParseError},
     resolve::{self, NameFailure, Names},
-    rule::{Dest, Rule},
+    rule::{Dest, Origin, Rule},
 };
 
 /// What loading one rule file may cost.
@@ -84,6 +84,15 @@ fn in_file(path: &Path, errors: &[ParseError], unresolved: &[UnresolvedRule]) ->
     let errors = errors.iter().map(|e| e.in_file(&file));
     let warnings = unresolved.iter().map(|u| u.warning(&file));
     errors.chain(warnings).collect::<Vec<_>>().join("\n")
+}
+
+/// A file whose last decision denies everything ([`RuleSet::allow_list`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowList {
+    /// The line of the rule that denies everything.
+    pub line: u32,
+    /// Rules above it that allow a path (not `deny`).
+    pub allowed: usize,
 }
 
 /// A rule whose DNS name did not resolve: it matches nothing.
@@ -161,6 +170,20 @@ impl RuleSet {
         }
         let answers = resolve::refresh(&rules, last_good);
         Self::with_answers(path, rules, answers, limits)
+    }
+
+    /// When the file ends its decisions with a rule that denies everything
+    /// (an allow-list): that rule's line and how many paths the rules
+    /// above it allow.
+    pub fn allow_list(&self) -> Option<AllowList> {
+        let last = self.rules.iter().position(Rule::denies_everything)?;
+        Some(AllowList {
+            line: self.rules[last].line,
+            allowed: self.rules[..last]
+                .iter()
+                .filter(|r| r.origin != Origin::Deny)
+                .count(),
+        })
     }
 
     /// Compiles parsed rules with a resolution round's answers

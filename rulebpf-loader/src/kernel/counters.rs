@@ -70,6 +70,7 @@ fn add(sum: RuleStats, s: &RuleStats) -> RuleStats {
         exhausted: sum.exhausted + s.exhausted,
         app_chose: sum.app_chose + s.app_chose,
         kernel_chose: sum.kernel_chose + s.kernel_chose,
+        denied: sum.denied + s.denied,
     }
 }
 

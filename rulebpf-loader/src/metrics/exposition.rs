@@ -44,7 +44,7 @@ struct RuleFamily {
     value: fn(&RuleRow) -> u64,
 }
 
-const RULE_FAMILIES: [RuleFamily; 3] = [
+const RULE_FAMILIES: [RuleFamily; 4] = [
     RuleFamily {
         name: "rulebpf_rule_matched",
         help: "connect() calls the rule decided (since the rule was loaded).",
@@ -59,6 +59,11 @@ const RULE_FAMILIES: [RuleFamily; 3] = [
         name: "rulebpf_rule_exhausted",
         help: "connect() calls for which no origin port of the range was free.",
         value: |row| row.exhausted,
+    },
+    RuleFamily {
+        name: "rulebpf_rule_denied",
+        help: "connect() calls refused with EPERM because the rule says deny.",
+        value: |row| row.denied,
     },
 ];
 
@@ -190,6 +195,8 @@ mod tests {
             exhausted: 1,
             app_chose: 4,
             kernel_chose: 5,
+            denied: 11,
+            remark: Some("SFTP".into()),
             in_use: 6,
             high_water: 8,
             sockets: 9,
@@ -201,6 +208,7 @@ mod tests {
             r#"rulebpf_rule_matched_total{instance="gw",line="7",rule="a \"b\" \\ c"} 3"#,
             r#"rulebpf_rule_bound_total{instance="gw",line="7",rule="a \"b\" \\ c"} 2"#,
             r#"rulebpf_rule_exhausted_total{instance="gw",line="7",rule="a \"b\" \\ c"} 1"#,
+            r#"rulebpf_rule_denied_total{instance="gw",line="7",rule="a \"b\" \\ c"} 11"#,
             r#"rulebpf_rule_ports_in_use{instance="gw",line="7",rule="a \"b\" \\ c"} 6"#,
             r#"rulebpf_rule_ports_high_water{instance="gw",line="7",rule="a \"b\" \\ c"} 8"#,
             r#"rulebpf_rule_app_bound_total{instance="gw",line="7",rule="a \"b\" \\ c",chosen_by="application"} 4"#,

@@ -28,6 +28,11 @@ pub struct RuleRow {
     /// Sockets bound before connect() to a port the kernel chose
     /// (`bind(addr, 0)`, or a UDP socket that sent before connecting).
     pub kernel_chose: u64,
+    /// connect() calls refused because the rule says `deny`.
+    pub denied: u64,
+    /// The comment after the rule on its line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remark: Option<String>,
     /// Sockets bound under the rule and still open.
     pub in_use: u64,
     /// The most `in_use` has been since the instance was created.
@@ -62,6 +67,8 @@ pub fn rows(
                 exhausted: s.exhausted,
                 app_chose: s.app_chose,
                 kernel_chose: s.kernel_chose,
+                denied: s.denied,
+                remark: rule.remark.clone(),
                 in_use: below_zero_as_zero(o.in_use),
                 high_water: o.high_water,
                 sockets: below_zero_as_zero(o.sockets),
@@ -200,6 +207,8 @@ mod tests {
             text: text.into(),
             key: 0,
             ports: 0,
+            deny: false,
+            remark: None,
             origin: None,
         }
     }

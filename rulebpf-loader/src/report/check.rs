@@ -46,6 +46,17 @@ pub struct Summary {
     /// Kernel memory the rule set's maps will take (estimated from the
     /// compiled sizes; `status` shows what the kernel charged).
     pub kernel_memory_bytes: u64,
+    /// The file ends its decisions with `* * : deny tcp+udp`: every path
+    /// not allowed above is refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_list: Option<AllowListSummary>,
+}
+
+/// An allow-list: where its closing deny is and how many paths it allows.
+#[derive(Debug, Serialize)]
+pub struct AllowListSummary {
+    pub deny_line: u32,
+    pub allowed_paths: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +99,10 @@ impl Summary {
             kernel_memory_bytes: c
                 .kernel_memory(aya::util::nr_cpus().map_or(1, |n| n.get()))
                 .total(),
+            allow_list: set.allow_list().map(|a| AllowListSummary {
+                deny_line: a.line,
+                allowed_paths: a.allowed,
+            }),
         }
     }
 }
@@ -115,6 +130,14 @@ impl fmt::Display for Summary {
             "kernel memory: about {} for its maps",
             rulebpf_rules::compile::size(self.kernel_memory_bytes)
         )?;
+        if let Some(allow) = &self.allow_list {
+            writeln!(
+                f,
+                "allow-list: {} allowed; line {} denies every other connect() (EPERM)",
+                count(allow.allowed_paths, "path"),
+                allow.deny_line
+            )?;
+        }
         if self.udp_rules > 0 {
             let verb = if self.udp_rules == 1 {
                 "applies"
@@ -164,6 +187,8 @@ pub struct Explanation {
 pub struct Decision {
     pub line: u32,
     pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remark: Option<String>,
     pub origin: OriginPorts,
 }
 
@@ -171,6 +196,9 @@ pub struct Decision {
 #[derive(Debug, Serialize)]
 pub struct OriginPorts {
     pub os_choice: bool,
+    /// The rule says `deny`: connect() fails with EPERM.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deny: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -182,13 +210,21 @@ impl From<Origin> for OriginPorts {
         match origin {
             Origin::Os => Self {
                 os_choice: true,
+                deny: false,
                 first: None,
                 last: None,
             },
             Origin::Range(r) => Self {
                 os_choice: false,
+                deny: false,
                 first: Some(r.lo),
                 last: Some(r.hi),
+            },
+            Origin::Deny => Self {
+                os_choice: false,
+                deny: true,
+                first: None,
+                last: None,
             },
         }
     }
@@ -211,6 +247,7 @@ impl Explanation {
             matched: rule.map(|i| &set.rules[i]).map(|r| Decision {
                 line: r.line,
                 text: r.text.clone(),
+                remark: r.remark.clone(),
                 origin: r.origin.into(),
             }),
             note: (protocol == Protocol::Udp).then_some(UDP_NOTE),
@@ -242,7 +279,11 @@ impl fmt::Display for Explanation {
                     "{dest} ({protocol}): line {} decides: `{}`",
                     d.line, d.text
                 )?;
+                if let Some(remark) = &d.remark {
+                    writeln!(f, "  remark: {remark}")?;
+                }
                 match (d.origin.first, d.origin.last) {
+                    _ if d.origin.deny => writeln!(f, "  denied: connect() fails with EPERM")?,
                     (Some(lo), Some(hi)) => {
                         let size = usize::from(hi - lo) + 1;
                         let ports = if lo == hi {

@@ -22,19 +22,33 @@ impl fmt::Display for StatsReport {
             // range with a live socket now, and at most.
             writeln!(
                 f,
-                "  {:>6} {:>12} {:>12} {:>10} {:>8} {:>8} {:>7} {:>7}  RULE",
-                "LINE", "MATCHED", "BOUND", "EXHAUSTED", "APP", "KERNEL", "IN USE", "PEAK"
+                "  {:>6} {:>12} {:>12} {:>10} {:>8} {:>8} {:>10} {:>7} {:>7}  RULE",
+                "LINE",
+                "MATCHED",
+                "BOUND",
+                "EXHAUSTED",
+                "APP",
+                "KERNEL",
+                "DENIED",
+                "IN USE",
+                "PEAK"
             )?;
             for rule in &instance.rules {
+                let remark = rule
+                    .remark
+                    .as_ref()
+                    .map(|r| format!("  # {r}"))
+                    .unwrap_or_default();
                 writeln!(
                     f,
-                    "  {:>6} {:>12} {:>12} {:>10} {:>8} {:>8} {:>7} {:>7}  {}",
+                    "  {:>6} {:>12} {:>12} {:>10} {:>8} {:>8} {:>10} {:>7} {:>7}  {}{remark}",
                     rule.line,
                     rule.matched,
                     rule.bound,
                     rule.exhausted,
                     rule.app_chose,
                     rule.kernel_chose,
+                    rule.denied,
                     rule.in_use,
                     rule.high_water,
                     rule.text

@@ -49,7 +49,7 @@ pub fn origin_ranges(set: &RuleSet) -> Vec<(u32, Range)> {
     set.rules
         .iter()
         .filter_map(|r| match r.origin {
-            Origin::Os => None,
+            Origin::Os | Origin::Deny => None,
             Origin::Range(range) => Some((r.line, (range.lo, range.hi))),
         })
         .collect()

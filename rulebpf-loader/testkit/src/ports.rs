@@ -62,6 +62,8 @@ impl fmt::Display for PortSlot {
     }
 }
 
+/// `rulebpf-loader/tests/kernel/paths.rs` (deny, `*`, remarks).
+pub const PATH_TESTS: PortSlot = PortSlot::new("path tests", 18000, 18999);
 /// `rulebpf-loader/tests/kernel/faults.rs` (swaps under load, leaks, half-written files).
 pub const FAULT_TESTS: PortSlot = PortSlot::new("fault tests", 19000, 19999);
 /// `examples/tcpoport.ini`'s rule for the demo's destination (`cargo xtask demo`).
@@ -89,7 +91,8 @@ pub const SHARING_TESTS: PortSlot = PortSlot::new("sharing tests", 23500, 23999)
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 11] = [
+pub const ALL: [PortSlot; 12] = [
+    PATH_TESTS,
     FAULT_TESTS,
     DEMO,
     KERNEL_TESTS,

@@ -13,5 +13,6 @@ mod faults;
 mod hardening;
 mod harness;
 mod instances;
+mod paths;
 mod service;
 mod sharing;

@@ -11,6 +11,9 @@ use crate::rule::{AddrPattern, Dest, OctetRange};
 
 pub(super) fn parse_dest(token: Token<'_>) -> Result<Dest, LineError> {
     let text = token.text;
+    if text == "*" {
+        return Ok(Dest::Any);
+    }
     if text.contains(':') {
         return parse_ipv6(token).map(Dest::Pattern);
     }

@@ -90,6 +90,18 @@ fn parse_port(text: &str, col: u32, what: &str) -> Result<u16, LineError> {
 }
 
 pub(super) fn parse_origin(token: Token<'_>) -> Result<Origin, LineError> {
+    if token.text.eq_ignore_ascii_case("deny") {
+        return Ok(Origin::Deny);
+    }
+    if token.text.bytes().any(|b| b.is_ascii_alphabetic()) {
+        return err(
+            token.col,
+            format!(
+                "origin `{}`: a port, a range like 65000-65100, 0 (the OS chooses) or deny",
+                cut(token.text)
+            ),
+        );
+    }
     if token.text == "*" {
         return err(
             token.col,
