@@ -43,6 +43,7 @@ pub mod file;
 mod first_match;
 pub mod grammar;
 pub mod identity;
+pub mod paths;
 pub mod resolve;
 pub mod rule;
 pub mod ruleset;

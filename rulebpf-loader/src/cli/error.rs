@@ -45,6 +45,8 @@ pub enum CliError {
     Dropin(#[from] systemd::DropinError),
     #[error("{0}")]
     Usage(&'static str),
+    #[error("reading this host's addresses and ephemeral ports")]
+    Addresses(#[source] io::Error),
     /// `explain`'s destination is no address and no name that resolves.
     #[error("{0}")]
     Destination(String),

@@ -6,6 +6,7 @@ mod attach;
 mod check;
 mod detach;
 mod error;
+mod firewall;
 mod probe;
 mod run;
 mod status;
@@ -61,6 +62,10 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Show which rule decides a destination, and the origin ports it gives.
     Explain(check::ExplainArgs),
+    /// Print what the perimeter firewall must let through for the paths a
+    /// rule file allows (file order and first match kept; denied paths
+    /// dropped): an nft table, iptables-restore input, CSV or Markdown.
+    Firewall(firewall::FirewallArgs),
     /// Put rules in force in an instance and attach it to cgroups. They stay
     /// in force after this command exits; attaching again swaps the rules
     /// atomically, and every cgroup of the instance follows.
@@ -128,6 +133,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Check(args) => check::check(args),
         Command::Explain(args) => check::explain(args),
+        Command::Firewall(args) => firewall::firewall(args),
         Command::Attach(args) => attach::attach(args),
         Command::Run(args) => run::run(args),
         Command::Detach(args) => detach::detach(args),

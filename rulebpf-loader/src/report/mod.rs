@@ -14,6 +14,7 @@
 
 mod attach;
 mod check;
+pub mod firewall;
 mod kernel;
 mod probe;
 mod stats;
@@ -103,6 +104,6 @@ fn programs_line(programs: &PerHook<ProgramInfo>, memlock: u64) -> String {
 }
 
 /// A time of the state file (seconds since the epoch), for people.
-fn time(unix: u64) -> String {
+pub fn time(unix: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }

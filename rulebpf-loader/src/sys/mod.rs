@@ -2,6 +2,7 @@
 //! walked without following links, cgroups, the ephemeral-port sysctls,
 //! the kernel's BTF and feature probe, `sd_notify`, the clock.
 
+pub mod addresses;
 pub mod bpf;
 pub mod btf;
 pub mod cgroup;
