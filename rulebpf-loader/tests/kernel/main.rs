@@ -4,12 +4,14 @@
 //! origin ranges (outside the OS ephemeral range; the table is
 //! `rulebpf_testkit::ports`), so tests run in parallel.
 
+mod agent;
 mod cli;
 mod commands;
 mod containers;
 mod enforcement;
 mod families;
 mod faults;
+mod firewall;
 mod hardening;
 mod harness;
 mod instances;
