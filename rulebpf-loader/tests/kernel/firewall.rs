@@ -127,13 +127,18 @@ fn in_netns(ns: &str, command: &[&str]) {
 
 /// The server: TCP listeners and a UDP echo in the server namespace, each
 /// writing down the source ports it saw.
+type Seen = Arc<Mutex<Vec<u16>>>;
+
 struct Server {
-    tcp: Vec<(u16, Arc<Mutex<Vec<u16>>>)>,
-    udp: (u16, Arc<Mutex<Vec<u16>>>),
+    tcp: Vec<(u16, Seen)>,
+    udp: Vec<(u16, Seen)>,
 }
 
 impl Server {
-    fn start(netns: PathBuf, tcp_listeners: usize) -> Self {
+    /// Listeners on `tcp` and `udp` ports of the server address (0: any
+    /// free port).
+    fn start(netns: PathBuf, tcp: &[u16], udp: &[u16]) -> Self {
+        let (tcp, udp) = (tcp.to_vec(), udp.to_vec());
         thread::spawn(move || {
             // This thread only: the namespace is per thread.
             let ns = fs::File::open(&netns).unwrap();
@@ -142,9 +147,10 @@ impl Server {
                 unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
                 0
             );
-            let tcp: Vec<_> = (0..tcp_listeners)
-                .map(|_| {
-                    let listener = TcpListener::bind((SERVER, 0)).unwrap();
+            let tcp: Vec<_> = tcp
+                .into_iter()
+                .map(|port| {
+                    let listener = TcpListener::bind((SERVER, port)).unwrap();
                     let port = listener.local_addr().unwrap().port();
                     let seen = Arc::new(Mutex::new(Vec::new()));
                     let record = Arc::clone(&seen);
@@ -157,21 +163,25 @@ impl Server {
                     (port, seen)
                 })
                 .collect();
-            let socket = UdpSocket::bind((SERVER, 0)).unwrap();
-            let port = socket.local_addr().unwrap().port();
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let record = Arc::clone(&seen);
-            thread::spawn(move || {
-                let mut buf = [0u8; 512];
-                while let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    record.lock().unwrap().push(from.port());
-                    let _ = socket.send_to(&buf[..n], from);
-                }
-            });
-            Self {
-                tcp,
-                udp: (port, seen),
-            }
+            let udp: Vec<_> = udp
+                .into_iter()
+                .map(|port| {
+                    let socket = UdpSocket::bind((SERVER, port)).unwrap();
+                    let port = socket.local_addr().unwrap().port();
+                    let seen = Arc::new(Mutex::new(Vec::new()));
+                    let record = Arc::clone(&seen);
+                    // An echo: the reply must come back through the firewall.
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 512];
+                        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                            record.lock().unwrap().push(from.port());
+                            let _ = socket.send_to(&buf[..n], from);
+                        }
+                    });
+                    (port, seen)
+                })
+                .collect();
+            Self { tcp, udp }
         })
         .join()
         .unwrap()
@@ -181,7 +191,7 @@ impl Server {
         format!("{SERVER}:{port}").parse().unwrap()
     }
 
-    fn seen(list: &Arc<Mutex<Vec<u16>>>) -> Vec<u16> {
+    fn seen(list: &Seen) -> Vec<u16> {
         list.lock().unwrap().clone()
     }
 }
@@ -189,13 +199,13 @@ impl Server {
 /// The whole proof, with the export loaded by `load` in the firewall.
 fn crossing(tag: &str, format: &str) {
     let net = Net::new(tag);
-    let server = Server::start(net.server(), 3);
+    let server = Server::start(net.server(), &[0, 0, 0], &[0]);
     let [
         (tcp_port, tcp_seen),
         (deny_port, deny_seen),
         (unlisted_port, unlisted_seen),
     ] = <[_; 3]>::try_from(server.tcp.clone()).unwrap();
-    let (udp_port, udp_seen) = server.udp.clone();
+    let (udp_port, udp_seen) = server.udp[0].clone();
     let cg = TestCgroup::new(&format!("fw-{tag}"));
     let rules = format!(
         "{SERVER} {tcp_port} : 18100-18109   # the TCP path\n\
@@ -271,4 +281,43 @@ fn the_nft_export_lets_exactly_the_rules_through() {
 #[test]
 fn the_iptables_export_lets_exactly_the_rules_through() {
     crossing("i", "iptables");
+}
+
+/// The gateway's documented connection-path table
+/// (`examples/connection-paths.ini`, an allow-list), its names resolving
+/// to the server: the DNS (TCP and UDP) and LDAP paths cross from their
+/// ranges, an unlisted one is refused on the host.
+#[test]
+fn the_connection_path_table_crosses_as_documented() {
+    let net = Net::new("t");
+    let _hosts = ["dns.corp.example", "ntp.corp.example", "dc1.corp.example"]
+        .map(|name| HostsEntry::add(SERVER.parse::<std::net::IpAddr>().unwrap(), name));
+    let server = Server::start(net.server(), &[53, 389, 8080], &[53]);
+    let cg = TestCgroup::new("fw-table");
+    let table = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/connection-paths.ini"
+    );
+    rulebpf_ok(&["attach", "--cgroup", cg.arg(), table]);
+    let exported = rulebpf_ok(&["firewall", table, "--source", GATEWAY, "--format", "nft"]);
+    let export = cg.rules_file("table.nft", &exported);
+    in_netns(net.firewall(), &["nft", "-f", export.to_str().unwrap()]);
+
+    let mut agent = Agent::start_in(&cg.path, Some(&net.gateway()));
+    let (_, dns_tcp) = agent.tcp(Server::addr(53)).unwrap();
+    let (id, dns_udp) = agent.udp(Server::addr(53)).unwrap();
+    assert_eq!(agent.recv(id), Ok("hello".to_string()), "the DNS reply");
+    let (_, ldap) = agent.tcp(Server::addr(389)).unwrap();
+    assert!((41000..=41099).contains(&dns_tcp), "{dns_tcp}");
+    assert!((41000..=41099).contains(&dns_udp), "{dns_udp}");
+    assert!((41300..=41399).contains(&ldap), "{ldap}");
+    wait_until(
+        "the server to see both TCP paths",
+        Duration::from_secs(5),
+        || Server::seen(&server.tcp[0].1) == [dns_tcp] && Server::seen(&server.tcp[1].1) == [ldap],
+    );
+    assert_eq!(Server::seen(&server.udp[0].1), [dns_udp]);
+    // Not in the table: refused before any packet.
+    assert_eq!(agent.tcp(Server::addr(8080)), Err(EPERM));
+    assert!(Server::seen(&server.tcp[2].1).is_empty());
 }
