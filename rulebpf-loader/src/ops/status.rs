@@ -41,11 +41,21 @@ pub struct StatusRow {
     /// Rules that bound a socket: ports in use and their high-water mark,
     /// busiest first.
     pub occupancy: Vec<OccupancyRow>,
+    /// Rules that denied a connect(), with how many.
+    pub denied: Vec<DeniedRow>,
     /// Pins that do not hold what the instance's programs use (repaired by
     /// the next `attach` or `run`).
     pub damage: Vec<Damage>,
     /// What could not be read, if anything.
     pub error: Option<String>,
+}
+
+/// A `deny` rule and the connects it refused.
+#[derive(Debug, Serialize)]
+pub struct DeniedRow {
+    pub line: u32,
+    pub text: String,
+    pub denied: u64,
 }
 
 /// One attachment: the recorded cgroup and how it stands now.
@@ -121,6 +131,25 @@ pub fn status_row(instance: &Instance) -> StatusRow {
         }
         (None, _) => vec![],
     };
+    let denied = match &in_force.set {
+        Some(_) => instance
+            .stats()
+            .map(|(_, rows)| {
+                rows.into_iter()
+                    .filter(|r| r.denied > 0)
+                    .map(|r| DeniedRow {
+                        line: r.line,
+                        text: r.text,
+                        denied: r.denied,
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|e| {
+                errors.push(with_causes(&e));
+                vec![]
+            }),
+        None => vec![],
+    };
     let damage = instance.damage();
     StatusRow {
         name: instance.name().clone(),
@@ -132,6 +161,7 @@ pub fn status_row(instance: &Instance) -> StatusRow {
         managed_by,
         service: record.service,
         occupancy,
+        denied,
         error: (!errors.is_empty()).then(|| errors.join("; ")),
     }
 }

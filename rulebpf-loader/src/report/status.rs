@@ -100,6 +100,15 @@ impl StatusRow {
                 o.text
             )?;
         }
+        for d in &self.denied {
+            writeln!(
+                f,
+                "  line {}: {} denied, `{}`",
+                d.line,
+                count(d.denied as usize, "connect"),
+                d.text
+            )?;
+        }
         let s = &self.service;
         if let Some(reload) = &s.last_reload {
             writeln!(

@@ -66,6 +66,9 @@ fn a_denied_path_fails_with_eperm_before_any_packet() {
             (2, 1, 1, None)
         ]
     );
+    let status = cg.status();
+    assert_eq!(status["denied"][0]["line"], 1, "{status}");
+    assert_eq!(status["denied"][0]["denied"], 3, "{status}");
 }
 
 #[test]
