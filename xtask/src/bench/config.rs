@@ -4,6 +4,9 @@
 //! * rulebpf with 1, 1,000, 10,000 and 100,000 rules: n-1 filler rules that
 //!   never match loopback, then the measured destination's rule **last**,
 //!   the worst case for anything that scans rules in order;
+//! * rulebpf with an allow-list of 1,000 paths: 999 filler paths, the
+//!   measured one, then `* * : deny tcp+udp` (what a gateway whose file
+//!   lists every path it may open runs);
 //! * nft SNAT: the peer ([`super::nft`]).
 //!
 //! Only one configuration is on at a time; whatever happens, the [`Rig`]
@@ -17,7 +20,7 @@ use std::{
 
 use serde_json::Value;
 
-use super::{BULK_PORT, FIRST_PORT, ORIGIN, RULE_COUNTS, SERVER_IP, nft};
+use super::{ALLOW_LIST_PATHS, BULK_PORT, FIRST_PORT, ORIGIN, RULE_COUNTS, SERVER_IP, nft};
 use crate::rulebpf::{Rulebpf, arg};
 
 /// One configuration under test.
@@ -25,6 +28,8 @@ use crate::rulebpf::{Rulebpf, arg};
 pub enum Config {
     NoHook,
     Rulebpf(u32),
+    /// An allow-list of this many paths.
+    AllowList(u32),
     NftSnat,
 }
 
@@ -33,6 +38,7 @@ impl Config {
     pub fn all() -> Vec<Self> {
         let mut configs = vec![Self::NoHook];
         configs.extend(RULE_COUNTS.iter().map(|&n| Self::Rulebpf(n)));
+        configs.push(Self::AllowList(ALLOW_LIST_PATHS));
         configs.push(Self::NftSnat);
         configs
     }
@@ -41,6 +47,7 @@ impl Config {
         match self {
             Self::NoHook => "no hook".into(),
             Self::Rulebpf(n) => format!("rulebpf {n} rules"),
+            Self::AllowList(n) => format!("rulebpf allow-list {n} paths"),
             Self::NftSnat => "nft SNAT".into(),
         }
     }
@@ -72,6 +79,20 @@ impl Rig {
         fs::create_dir_all(&self.rules_dir)?;
         let path = self.rules_path(n);
         fs::write(&path, rules_text(n)?)?;
+        Ok(path)
+    }
+
+    fn allow_list_path(&self, n: u32) -> PathBuf {
+        self.rules_dir.join(format!("allow-list-{n}.ini"))
+    }
+
+    /// Writes the allow-list of `n` paths; returns its path.
+    pub fn write_allow_list(&self, n: u32) -> anyhow::Result<PathBuf> {
+        fs::create_dir_all(&self.rules_dir)?;
+        let path = self.allow_list_path(n);
+        let mut text = rules_text(n)?;
+        text.push_str("* * : deny tcp+udp\n");
+        fs::write(&path, text)?;
         Ok(path)
     }
 
@@ -111,6 +132,7 @@ impl Rig {
         match config {
             Config::NoHook => Ok(()),
             Config::Rulebpf(n) => self.attach(&self.rules_path(*n)).map(drop),
+            Config::AllowList(n) => self.attach(&self.allow_list_path(*n)).map(drop),
             Config::NftSnat => nft::add(),
         }
     }
@@ -118,7 +140,7 @@ impl Rig {
     pub fn off(&self, config: &Config) {
         match config {
             Config::NoHook => {}
-            Config::Rulebpf(_) => self.detach(),
+            Config::Rulebpf(_) | Config::AllowList(_) => self.detach(),
             Config::NftSnat => nft::delete(),
         }
     }

@@ -60,6 +60,8 @@ const ORIGIN: PortSlot = ports::BENCH;
 /// The bench cgroup, directly under the cgroup2 root (nft's `level 1`).
 const CGROUP: &str = "rulebpf-bench";
 const RULE_COUNTS: [u32; 4] = [1, 1_000, 10_000, 100_000];
+/// The paths of the allow-list row (its last rule denies every other one).
+const ALLOW_LIST_PATHS: u32 = 1_000;
 /// Connections per proof of a configuration.
 const PROOF_CONNECTS: u32 = 50;
 
@@ -181,6 +183,7 @@ impl Bench {
             self.rig.detach();
             eprintln!("attach {n:>6} rules: {seconds:.3} s");
         }
+        self.rig.write_allow_list(ALLOW_LIST_PATHS)?;
         Ok(attach)
     }
 
