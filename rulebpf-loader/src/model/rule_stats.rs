@@ -98,6 +98,8 @@ pub struct OccupancyRow {
     pub high_water: u64,
     pub sockets: u64,
     pub ports: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remark: Option<String>,
 }
 
 /// The rules of `rules` that bound a socket, busiest first.
@@ -107,6 +109,7 @@ pub fn occupied(rules: &[RuleInfo], occupancy: &HashMap<u64, Occupancy>) -> Vec<
         .filter_map(|rule| {
             let o = occupancy.get(&rule.key)?;
             Some(OccupancyRow {
+                remark: rule.remark.clone(),
                 line: rule.line,
                 text: rule.text.clone(),
                 in_use: below_zero_as_zero(o.in_use),

@@ -55,6 +55,8 @@ pub struct StatusRow {
 pub struct DeniedRow {
     pub line: u32,
     pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remark: Option<String>,
     pub denied: u64,
 }
 
@@ -140,6 +142,7 @@ pub fn status_row(instance: &Instance) -> StatusRow {
                     .map(|r| DeniedRow {
                         line: r.line,
                         text: r.text,
+                        remark: r.remark,
                         denied: r.denied,
                     })
                     .collect()

@@ -91,22 +91,24 @@ impl StatusRow {
         for o in self.occupancy.iter().take(10) {
             writeln!(
                 f,
-                "  line {}: {} of {} ports in use (at most {}), {}, `{}`",
+                "  line {}: {} of {} ports in use (at most {}), {}, `{}`{}",
                 o.line,
                 o.in_use,
                 o.ports,
                 o.high_water,
                 count(o.sockets as usize, "socket"),
-                o.text
+                o.text,
+                remark(o.remark.as_deref())
             )?;
         }
         for d in &self.denied {
             writeln!(
                 f,
-                "  line {}: {} denied, `{}`",
+                "  line {}: {} denied, `{}`{}",
                 d.line,
                 count(d.denied as usize, "connect"),
-                d.text
+                d.text,
+                remark(d.remark.as_deref())
             )?;
         }
         let s = &self.service;
@@ -128,4 +130,9 @@ impl StatusRow {
         }
         Ok(())
     }
+}
+
+/// `  # REMARK` after a rule, or nothing.
+fn remark(remark: Option<&str>) -> String {
+    remark.map(|r| format!("  # {r}")).unwrap_or_default()
 }

@@ -559,8 +559,13 @@ impl Service {
                 continue;
             };
             if o.in_use * 10 >= u64::from(rule.ports) * 9 && self.occupancy.warned.insert(key) {
+                let remark = rule
+                    .remark
+                    .as_ref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default();
                 warn!(
-                    "line {} (`{}`): {} of its {} origin ports in use (high-water {}); \
+                    "line {} (`{}`{remark}): {} of its {} origin ports in use (high-water {}); \
                      connects to a destination all of them serve fail with EADDRNOTAVAIL",
                     rule.line, rule.text, o.in_use, rule.ports, o.high_water
                 );
