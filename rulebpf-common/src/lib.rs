@@ -539,9 +539,11 @@ mod tests {
         assert_eq!(size_of::<SockState>(), 40);
         assert_eq!(size_of::<Occupancy>(), 24);
         assert_eq!(size_of::<PortUse>(), 16);
-        assert_eq!(size_of::<RuleStats>(), 40);
+        assert_eq!(size_of::<RuleStats>(), 48);
         assert_eq!(Verdict::new(0, 1, 5, 9).range_size(), 5);
         assert_eq!(Verdict::new(0, 1, 0, 0).range_size(), 0);
+        assert!(Verdict::deny(0, 1).denies() && !Verdict::new(0, 1, 0, 0).denies());
+        assert_eq!(Verdict::deny(0, 1).range_size(), 0);
     }
 
     #[test]
