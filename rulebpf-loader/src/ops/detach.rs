@@ -33,9 +33,13 @@ pub fn detach(
         instance.remove()?;
         return Ok(format!("removed instance {name}"));
     };
+    // Without --name every instance on the cgroup is looked at: one whose
+    // record cannot be read is passed over (the kernel's answer below
+    // removes its hooks all the same); named, it is the error.
+    let skip_unreadable = name.is_none();
     let mut detached = false;
     for name in &names {
-        detached |= detach_one(name, &path, force, names.len() > 1)?;
+        detached |= detach_one(name, &path, force, skip_unreadable)?;
     }
     // The kernel decides what is left: any rulebpf hook still on the
     // cgroup (another instance's, a hidden one, the previous layout's) goes.

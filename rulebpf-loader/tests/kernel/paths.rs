@@ -69,7 +69,10 @@ fn a_denied_path_fails_with_eperm_before_any_packet() {
     let status = cg.status();
     assert_eq!(status["denied"][0]["line"], 1, "{status}");
     assert_eq!(status["denied"][0]["denied"], 3, "{status}");
-    assert_eq!(status["denied"][0]["remark"], "no partner there", "{status}");
+    assert_eq!(
+        status["denied"][0]["remark"], "no partner there",
+        "{status}"
+    );
 }
 
 #[test]
