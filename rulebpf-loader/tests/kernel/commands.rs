@@ -84,29 +84,19 @@ fn a_refused_run_leaves_no_instance_behind() {
     let busy = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = busy.local_addr().unwrap().to_string();
     let good = cg.rules_file("good.ini", "127.0.0.2 * : 22002\n");
-    let out = rulebpf(&[
-        "run",
-        "--name",
-        &named.name,
-        "--metrics-listen",
-        &addr,
-        good.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let run_on_busy_address = || {
+        let args = ["run", "--name", &named.name, "--metrics-listen", &addr];
+        let out = rulebpf(&[&args[..], &[good.to_str().unwrap()]].concat());
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        out
+    };
+    let out = run_on_busy_address();
     assert_eq!(named.status(), Value::Null, "{}", stderr(&out));
 
     let rules = cg.rules_file("r.ini", "127.0.0.2 * : 22003\n");
     rulebpf_ok(&["attach", "--name", &named.name, rules.to_str().unwrap()]);
     let generation = named.status()["rule_set"]["generation"].as_u64();
-    let out = rulebpf(&[
-        "run",
-        "--name",
-        &named.name,
-        "--metrics-listen",
-        &addr,
-        good.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let out = run_on_busy_address();
     assert_eq!(
         named.status()["rule_set"]["generation"].as_u64(),
         generation,
