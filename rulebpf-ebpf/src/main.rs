@@ -136,27 +136,6 @@ macro_rules! deny {
     }};
 }
 
-/// What both hooks do once the verdict is known: a denied path is refused
-/// (before anything else: whoever bound the socket, however often it
-/// connects), a socket seen before keeps its port, a rule's verdict is
-/// applied; no rule: the OS chooses.
-macro_rules! decided {
-    ($ctx:expr, $connect:expr, $verdict:expr, $dest:expr, $tuple:expr) => {{
-        let (ctx, connect, verdict, tuple): (&SockAddrContext, &Connect, Option<Verdict>, _) =
-            ($ctx, $connect, $verdict, $tuple);
-        match verdict {
-            Some(v) if v.denies() => deny!(ctx, &v, $dest, connect.port),
-            _ => match track::reconnect(ctx, connect, &tuple) {
-                Some(ret) => ret,
-                None => match verdict {
-                    Some(verdict) => apply!(ctx, connect, verdict, $dest, tuple),
-                    None => Ok(ALLOW),
-                },
-            },
-        }
-    }};
-}
-
 /// The tail both hooks share: a socket the application bound is counted
 /// (and kept, or refused); an unbound one is bound to a port of the range.
 /// A macro, not a function: aya-log's macros need the address's concrete
@@ -248,7 +227,18 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         &dest,
         connect.port,
     );
-    decided!(ctx, &connect, verdict, dest, tuple)
+    if let Some(verdict) = &verdict
+        && verdict.denies()
+    {
+        return deny!(ctx, verdict, dest, connect.port);
+    }
+    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
+        return ret;
+    }
+    let Some(verdict) = verdict else {
+        return Ok(ALLOW);
+    };
+    apply!(ctx, &connect, verdict, dest, tuple)
 }
 
 fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
@@ -284,7 +274,21 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
             connect.port,
         )
     };
-    decided!(ctx, &connect, verdict, dest, tuple)
+    if let Some(verdict) = &verdict
+        && verdict.denies()
+    {
+        return deny!(ctx, verdict, dest, connect.port);
+    }
+    // Kept apart from `apply!` (not one macro for both hooks): as early
+    // returns the verifier walks about 13,000 instructions for connect6;
+    // as one match expression, about 31,500.
+    if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
+        return ret;
+    }
+    let Some(verdict) = verdict else {
+        return Ok(ALLOW);
+    };
+    apply!(ctx, &connect, verdict, dest, tuple)
 }
 
 /// A connect() the hooks act on, as [`handled`] found it.
