@@ -1,11 +1,25 @@
 #!/usr/bin/env bash
-# Installs what building and testing rulebpf needs, idempotently, showing progress.
-# Sourced by scripts/demo.sh and scripts/test.sh; safe to run on its own.
+# Installs what rulebpf needs, idempotently, showing progress. Two sets:
+#
+#   demo  what `cargo build` and `cargo xtask demo` need (scripts/demo.sh):
+#         a C linker, LLVM for bpf-linker, the pinned nightly, bpf-linker;
+#   test  that, plus what the whole suite needs (scripts/test.sh, .ci/run):
+#         podman, qemu, mmdebstrap, nftables, ..., cargo-deb, cargo-fuzz.
+#
+# Sourced by scripts/demo.sh (`source scripts/setup.sh demo`) and
+# scripts/test.sh (`... test`); on its own, `scripts/setup.sh [demo|test]`
+# (default: test, everything).
 #
 # Why these pins: the aya 0.16 crate family needs rustc >= 1.98; the eBPF side is
 # built with nightly (build-std for bpfel-unknown-none), and bpf-linker must link
 # bitcode from the same LLVM major that rustc uses (nightly-2026-06-15 = LLVM 22).
 set -euo pipefail
+
+SETUP_SET=${1:-test}
+case $SETUP_SET in
+    demo | test) ;;
+    *) echo "usage: scripts/setup.sh [demo|test]" >&2; exit 2 ;;
+esac
 
 TOOLCHAIN=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../rust-toolchain.toml")
 BPF_LINKER_VERSION=0.13.0
@@ -14,24 +28,33 @@ CARGO_DEB_VERSION=3.8.0
 LLVM_MAJOR=22
 # `cargo xtask ci` runs the rules' libFuzzer target with `cargo fuzz`.
 CARGO_FUZZ_VERSION=0.13.2
+
+# demo: gcc + libc6-dev: the linker cargo uses (`cc`); llvm-22-dev & co: the
+# LLVM that bpf-linker is built against.
+APT_DEMO=(gcc libc6-dev llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev)
+# test, in addition:
+# g++: `cargo fuzz` builds libFuzzer (C++).
+# iproute2, nftables: the bench smoke run (network namespaces, nft SNAT).
 # qemu-system-x86, busybox-static, cpio: `cargo xtask vm-test` (other kernels in qemu).
 # mmdebstrap, zstd: `cargo xtask systemd-test` (a Debian 12 guest under systemd).
 # podman, crun, runc: the kernel suite's container tests (the OCI hook under
 # both runtimes; the image is built locally from busybox-static, no registry).
-APT_PACKAGES=(llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev
-              iproute2 nftables qemu-system-x86 busybox-static cpio mmdebstrap zstd
-              podman crun runc)
+APT_TEST=(g++ iproute2 nftables qemu-system-x86 busybox-static cpio mmdebstrap zstd
+          podman crun runc)
 
 step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 if [[ $(id -u) -ne 0 ]]; then
-    echo "setup: must run as root (installs apt packages; tests load BPF programs)" >&2
+    echo "setup: run this as root (installs apt packages; rulebpf loads BPF programs):" \
+         "sudo $0, or from a root shell" >&2
     exit 1
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
 
+packages=("${APT_DEMO[@]}")
+[[ $SETUP_SET == test ]] && packages+=("${APT_TEST[@]}")
 missing=()
-for p in "${APT_PACKAGES[@]}"; do
+for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if ((${#missing[@]})); then
@@ -66,18 +89,20 @@ else
         --version "$BPF_LINKER_VERSION" --no-default-features --features llvm-${LLVM_MAJOR}
 fi
 
-if cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
-    step "cargo-deb $CARGO_DEB_VERSION present"
-else
-    step "cargo install cargo-deb $CARGO_DEB_VERSION (for cargo xtask deb)"
-    rustup run "$TOOLCHAIN" cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
-fi
+if [[ $SETUP_SET == test ]]; then
+    if cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+        step "cargo-deb $CARGO_DEB_VERSION present"
+    else
+        step "cargo install cargo-deb $CARGO_DEB_VERSION (for cargo xtask deb)"
+        rustup run "$TOOLCHAIN" cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION"
+    fi
 
-if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
-    step "cargo-fuzz $CARGO_FUZZ_VERSION present"
-else
-    step "cargo install cargo-fuzz $CARGO_FUZZ_VERSION (the rules' fuzzer in cargo xtask ci)"
-    rustup run "$TOOLCHAIN" cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+    if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+        step "cargo-fuzz $CARGO_FUZZ_VERSION present"
+    else
+        step "cargo install cargo-fuzz $CARGO_FUZZ_VERSION (the rules' fuzzer in cargo xtask ci)"
+        rustup run "$TOOLCHAIN" cargo install --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION"
+    fi
 fi
 
 # bpffs is where `rulebpf attach` pins; cgroup v2 must exist somewhere.
