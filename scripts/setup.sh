@@ -2,7 +2,7 @@
 # Installs what rulebpf needs, idempotently, showing progress. Two sets:
 #
 #   demo  what `cargo build` and `cargo xtask demo` need (scripts/demo.sh):
-#         a C linker, LLVM for bpf-linker, the pinned nightly, bpf-linker;
+#         a C linker, libLLVM for bpf-linker, the pinned nightly, bpf-linker;
 #   test  that, plus what the whole suite needs (scripts/test.sh, .ci/run):
 #         podman, qemu, mmdebstrap, nftables, ..., cargo-deb, cargo-fuzz.
 #
@@ -29,9 +29,11 @@ LLVM_MAJOR=22
 # `cargo xtask ci` runs the rules' libFuzzer target with `cargo fuzz`.
 CARGO_FUZZ_VERSION=0.13.2
 
-# demo: gcc + libc6-dev: the linker cargo uses (`cc`); llvm-22-dev & co: the
-# LLVM that bpf-linker is built against.
-APT_DEMO=(gcc libc6-dev llvm-${LLVM_MAJOR}-dev libpolly-${LLVM_MAJOR}-dev libzstd-dev zlib1g-dev)
+# demo: gcc + libc6-dev: the linker cargo uses (`cc`); libllvm22: the libLLVM
+# that bpf-linker 0.13 links dynamically (llvm-22-dev, 100 MB more to download,
+# adds only the `libLLVM.so` link name, made below, and what bpf-linker does not
+# use: static libraries, headers, llvm-config).
+APT_DEMO=(gcc libc6-dev libllvm${LLVM_MAJOR})
 # test, in addition:
 # g++: `cargo fuzz` builds libFuzzer (C++).
 # iproute2, nftables: the bench smoke run (network namespaces, nft SNAT).
@@ -82,11 +84,17 @@ fi
 if bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     step "bpf-linker $BPF_LINKER_VERSION present"
 else
-    step "cargo install bpf-linker $BPF_LINKER_VERSION (LLVM $LLVM_MAJOR; takes a few minutes)"
-    env "LLVM_SYS_${LLVM_MAJOR}1_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}" \
-        "LLVM_PREFIX=/usr/lib/llvm-${LLVM_MAJOR}" \
+    step "cargo install bpf-linker $BPF_LINKER_VERSION (LLVM $LLVM_MAJOR)"
+    # bpf-linker links against LLVM_PREFIX/lib/libLLVM.so: a directory with
+    # that one link name, to the library libllvm22 installs, is enough.
+    llvm_prefix=$(mktemp -d)
+    mkdir "$llvm_prefix/lib"
+    ln -s "$(dpkg -L "libllvm${LLVM_MAJOR}" | grep -m1 "/libLLVM\.so\.${LLVM_MAJOR}\.")" \
+        "$llvm_prefix/lib/libLLVM.so"
+    env "LLVM_PREFIX=$llvm_prefix" \
         rustup run "$TOOLCHAIN" cargo install --locked bpf-linker \
         --version "$BPF_LINKER_VERSION" --no-default-features --features llvm-${LLVM_MAJOR}
+    rm -r "$llvm_prefix"
 fi
 
 if [[ $SETUP_SET == test ]]; then
