@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what rulebpf needs, idempotently, showing progress. Two sets:
+# Installs what rulebpf needs, idempotently, showing each step and the seconds
+# since the start. Two sets:
 #
 #   demo  what `cargo build` and `cargo xtask demo` need (scripts/demo.sh):
 #         a C linker, libLLVM for bpf-linker, the pinned nightly, bpf-linker;
@@ -44,7 +45,7 @@ APT_DEMO=(gcc libc6-dev libllvm${LLVM_MAJOR})
 APT_TEST=(g++ iproute2 nftables qemu-system-x86 busybox-static cpio mmdebstrap zstd
           podman crun runc)
 
-step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+step() { printf '\033[1m==> [%3d s] %s\033[0m\n' "$SECONDS" "$*" >&2; }
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "setup: run this as root (installs apt packages; rulebpf loads BPF programs):" \
@@ -52,33 +53,47 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v rustup >/dev/null; then
+    echo "setup: rustup not found for root; install it first (https://rustup.rs)" >&2
+    exit 1
+fi
 
+# apt and the toolchain are independent: apt runs in the background while
+# rustup installs the toolchain.
 packages=("${APT_DEMO[@]}")
 [[ $SETUP_SET == test ]] && packages+=("${APT_TEST[@]}")
 missing=()
+apt_pid=
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if ((${#missing[@]})); then
-    step "apt-get install ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    step "apt-get install ${missing[*]} (in the background)"
+    {
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    } &
+    apt_pid=$!
 else
     step "apt packages present"
 fi
 
-if ! command -v rustup >/dev/null; then
-    echo "setup: rustup not found; install it first (https://rustup.rs)" >&2
-    exit 1
-fi
 if rustup run "$TOOLCHAIN" rustc --version >/dev/null 2>&1 &&
    [[ -d $(rustup run "$TOOLCHAIN" rustc --print sysroot)/lib/rustlib/src/rust ]]; then
     step "toolchain $TOOLCHAIN present"
 else
     step "rustup toolchain install $TOOLCHAIN (+rust-src, rustfmt, clippy)"
-    rustup toolchain install "$TOOLCHAIN" --profile minimal \
-        --component rust-src --component rustfmt --component clippy
+    if ! rustup toolchain install "$TOOLCHAIN" --profile minimal \
+            --component rust-src --component rustfmt --component clippy; then
+        [[ -z $apt_pid ]] || wait "$apt_pid" || true   # leave dpkg in one piece
+        exit 1
+    fi
+fi
+
+if [[ -n $apt_pid ]]; then
+    wait "$apt_pid" || { echo "setup: apt-get install failed" >&2; exit 1; }
+    step "apt packages installed"
 fi
 
 if bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
