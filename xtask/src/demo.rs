@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail, ensure};
 use rulebpf_testkit::{Listener, Mode, ports};
 
 use crate::{
-    rulebpf::{Rulebpf, arg},
+    rulebpf::{Profile, Rulebpf, arg},
     workspace,
 };
 
@@ -27,8 +27,9 @@ const RULES: &str = "examples/tcpoport.ini";
 /// How long the listener may take to see the connections made.
 const WAIT: Duration = Duration::from_secs(5);
 
-pub fn run() -> anyhow::Result<()> {
-    let rulebpf = Rulebpf::built()?;
+/// Runs the demo with the binary `cargo build` built in `profile`.
+pub fn run(profile: Profile) -> anyhow::Result<()> {
+    let rulebpf = Rulebpf::built_in(profile)?;
     let rules = workspace().join(RULES);
     let cgroup = rulebpf.cgroup2_mount()?.join("rulebpf-demo");
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;

@@ -38,7 +38,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show rulebpf at work on this machine (needs root), then clean up.
-    Demo,
+    Demo {
+        /// Run target/debug/rulebpf (`cargo build`, as scripts/demo.sh
+        /// builds it: the quickest build; its eBPF programs are the
+        /// release build's) instead of target/release/rulebpf.
+        #[arg(long)]
+        debug: bool,
+    },
     /// Measure rulebpf against no hook and nftables SNAT (needs root, nft).
     Bench {
         /// A short run that only checks the bench works (CI).
@@ -76,7 +82,11 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Demo => demo::run(),
+        Command::Demo { debug } => demo::run(if debug {
+            rulebpf::Profile::Debug
+        } else {
+            rulebpf::Profile::Release
+        }),
         Command::Bench { smoke, out } => bench::run(
             bench::Size::pick(smoke),
             &workspace().join(out),

@@ -16,7 +16,8 @@ use std::{
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-/// `target/release/rulebpf` (under `CARGO_TARGET_DIR` when that is set).
+/// `target/release/rulebpf` (under `CARGO_TARGET_DIR` when that is set), or
+/// for the demo `target/debug/rulebpf`.
 pub struct Rulebpf {
     path: PathBuf,
 }
@@ -24,10 +25,20 @@ pub struct Rulebpf {
 impl Rulebpf {
     /// The release binary of this workspace; fails when it is not built.
     pub fn built() -> anyhow::Result<Self> {
-        let path = crate::target_dir().join("release/rulebpf");
+        Self::built_in(Profile::Release)
+    }
+
+    /// The binary `cargo build` built in `profile`; fails when it is not
+    /// built.
+    pub fn built_in(profile: Profile) -> anyhow::Result<Self> {
+        let (dir, build) = match profile {
+            Profile::Release => ("release", "cargo build --release"),
+            Profile::Debug => ("debug", "cargo build"),
+        };
+        let path = crate::target_dir().join(dir).join("rulebpf");
         ensure!(
             path.exists(),
-            "{} not built: run `cargo build --release` first",
+            "{} not built: run `{build}` first",
             path.display()
         );
         Ok(Self { path })
@@ -85,6 +96,13 @@ fn cgroup2_mount_of(kernel: &Value) -> anyhow::Result<PathBuf> {
         .as_str()
         .map(PathBuf::from)
         .context("rulebpf kernel: no cgroup2 mount in /proc/mounts (rulebpf needs cgroup v2)")
+}
+
+/// Which of cargo's builds of the binary: `target/release` or `target/debug`.
+#[derive(Clone, Copy)]
+pub enum Profile {
+    Release,
+    Debug,
 }
 
 /// A path as a CLI argument (the CLI's arguments here are all UTF-8).
