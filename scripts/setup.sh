@@ -37,12 +37,14 @@ CARGO_FUZZ_VERSION=0.13.2
 APT_DEMO=(gcc libc6-dev libllvm${LLVM_MAJOR})
 # test, in addition:
 # g++: `cargo fuzz` builds libFuzzer (C++).
-# iproute2, nftables: the bench smoke run (network namespaces, nft SNAT).
+# iproute2, nftables: the bench smoke run (network namespaces, nft SNAT), and
+# with iptables the kernel suite's firewall tests (a forwarding namespace that
+# loads what `rulebpf firewall` exported).
 # qemu-system-x86, busybox-static, cpio: `cargo xtask vm-test` (other kernels in qemu).
 # mmdebstrap, zstd: `cargo xtask systemd-test` (a Debian 12 guest under systemd).
 # podman, crun, runc: the kernel suite's container tests (the OCI hook under
 # both runtimes; the image is built locally from busybox-static, no registry).
-APT_TEST=(g++ iproute2 nftables qemu-system-x86 busybox-static cpio mmdebstrap zstd
+APT_TEST=(g++ iproute2 nftables iptables qemu-system-x86 busybox-static cpio mmdebstrap zstd
           podman crun runc)
 
 step() { printf '\033[1m==> [%3d s] %s\033[0m\n' "$SECONDS" "$*" >&2; }
