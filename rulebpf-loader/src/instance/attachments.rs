@@ -11,7 +11,7 @@ use crate::{
         layout,
         name::InstanceName,
         program::{Hook, ProgramKind},
-        records::{AttachedBy, Attachment},
+        records::{AttachedBy, Attachment, InstanceRecord},
     },
     sys::{bpf, cgroup::Cgroup, ephemeral, time::unix_now},
 };
@@ -27,7 +27,7 @@ impl Instance {
         let dir = open(cgroup)?;
         let open = OpenCgroup::new(&dir, cgroup);
         let legacy_programs = legacy::programs_on(cgroup.id)?;
-        self.refuse_stacking(&open, &legacy_programs)?;
+        self.refuse_stacking(&record, &open, &legacy_programs)?;
         // The bookkeeping programs too: also where systemd's BPFProgram=
         // attached the entry programs (it cannot attach sock_release).
         let missing = attach::missing(&open, &record.programs())?;
@@ -75,7 +75,7 @@ impl Instance {
         let record = self.record()?;
         let dir = open(cgroup)?;
         let open = OpenCgroup::new(&dir, cgroup);
-        self.refuse_stacking(&open, &[])?;
+        self.refuse_stacking(&record, &open, &[])?;
         let missing = attach::missing(&open, &record.programs())?;
         attach::attach(&self.pins, &open, &missing, How::Unlinked)?;
         Ok(missing.len())
@@ -87,7 +87,7 @@ impl Instance {
         let dir = open(cgroup)?;
         let open = OpenCgroup::new(&dir, cgroup);
         let legacy_programs = legacy::programs_on(cgroup.id)?;
-        self.refuse_stacking(&open, &legacy_programs)
+        self.refuse_stacking(&self.record()?, &open, &legacy_programs)
     }
 
     /// Refuses a cgroup whose connect hooks hold another rulebpf program
@@ -95,10 +95,10 @@ impl Instance {
     /// previous layout's, which an attach replaces).
     fn refuse_stacking(
         &self,
+        record: &InstanceRecord,
         cgroup: &OpenCgroup<'_>,
         replaceable: &[u32],
     ) -> Result<(), InstanceError> {
-        let record = self.record()?;
         for hook in Hook::ALL {
             let ours = record.entry.get(hook).id;
             let present = attach::ours_on(cgroup, hook.into())?;

@@ -32,23 +32,45 @@ impl Instance {
             .in_force()?
             .set
             .ok_or_else(|| InstanceError::NoRules(self.name.clone()))?;
-        let totals = self.read_stats(&set)?;
-        let occupancy = self.occupancy()?;
-        let rows = rule_stats::rows(&set.rules, &totals, &occupancy);
+        let occupancy = self.occupancy_of(Some(&set))?;
+        let rows = self.rows(&set, &occupancy)?;
         Ok((set, rows))
+    }
+
+    /// The per-rule rows of `set` with `occupancy` (what
+    /// [`Self::occupancy_of`] read): for a caller that has both already.
+    pub fn rows(
+        &self,
+        set: &RuleSetRecord,
+        occupancy: &HashMap<u64, Occupancy>,
+    ) -> Result<Vec<RuleRow>, InstanceError> {
+        let totals = self.read_stats(set)?;
+        Ok(rule_stats::rows(&set.rules, &totals, occupancy))
     }
 
     /// Every rule's occupancy (ports in use, high-water mark), by rule key
     /// (empty for an instance made before occupancy was kept); for the
     /// rules in force, as their ports tell it ([`rule_stats::by_ports`]).
     pub fn occupancy(&self) -> Result<HashMap<u64, Occupancy>, InstanceError> {
+        if !self.pins.contains(shared_map_names::OCCUPANCY) {
+            return Ok(Default::default());
+        }
+        self.occupancy_of(self.in_force()?.set.as_ref())
+    }
+
+    /// [`Self::occupancy`] with the set in force already read (`None`:
+    /// none is; the kernel's per-key counts alone).
+    pub fn occupancy_of(
+        &self,
+        set: Option<&RuleSetRecord>,
+    ) -> Result<HashMap<u64, Occupancy>, InstanceError> {
         use shared_map_names::{OCCUPANCY, PORT_USE, TUPLES};
         if !self.pins.contains(OCCUPANCY) {
             return Ok(Default::default());
         }
         let kernel =
             counters::read_occupancy(&self.pins.fd_path(OCCUPANCY), &self.pins.display(OCCUPANCY))?;
-        let Some(set) = self.in_force()?.set else {
+        let Some(set) = set else {
             return Ok(kernel);
         };
         let port_use = if self.pins.contains(PORT_USE) {

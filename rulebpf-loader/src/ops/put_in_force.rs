@@ -118,6 +118,7 @@ pub fn put_in_force_on(instance: &Instance, request: &Request<'_>) -> Result<Don
             attached.push(cgroup.path.clone());
         }
     }
+    // The entry programs do not change below: one read serves both.
     let record = instance.record()?;
     let reserve = request
         .reserve_ports
@@ -127,7 +128,7 @@ pub fn put_in_force_on(instance: &Instance, request: &Request<'_>) -> Result<Don
         applied,
         options,
         attached,
-        entry: instance.record()?.entry,
+        entry: record.entry,
         reserved,
     })
 }

@@ -125,18 +125,20 @@ pub fn status_row(instance: &Instance) -> StatusRow {
             standing: instance.standing(a),
         })
         .collect();
-    let occupancy = match (&in_force.set, instance.occupancy()) {
-        (Some(set), Ok(occupancy)) => rule_stats::occupied(&set.rules, &occupancy),
+    // Read once, for both the occupancy and the denied rows.
+    let by_key = instance.occupancy_of(in_force.set.as_ref());
+    let occupancy = match (&in_force.set, &by_key) {
+        (Some(set), Ok(occupancy)) => rule_stats::occupied(&set.rules, occupancy),
         (_, Err(e)) => {
-            errors.push(with_causes(&e));
+            errors.push(with_causes(e));
             vec![]
         }
         (None, _) => vec![],
     };
-    let denied = match &in_force.set {
-        Some(_) => instance
-            .stats()
-            .map(|(_, rows)| {
+    let denied = match (&in_force.set, &by_key) {
+        (Some(set), Ok(by_key)) => instance
+            .rows(set, by_key)
+            .map(|rows| {
                 rows.into_iter()
                     .filter(|r| r.denied > 0)
                     .map(|r| DeniedRow {
@@ -151,7 +153,7 @@ pub fn status_row(instance: &Instance) -> StatusRow {
                 errors.push(with_causes(&e));
                 vec![]
             }),
-        None => vec![],
+        _ => vec![],
     };
     let damage = instance.damage();
     StatusRow {

@@ -17,7 +17,7 @@ use std::{
 use rulebpf_common::Family;
 use rulebpf_rules::{
     paths::{Action, AddrMask, Dests, Entry},
-    rule::{PortRange, Protocols},
+    rule::{PortRange, Protocols, family_of},
 };
 
 /// The output formats.
@@ -320,13 +320,6 @@ impl FirewallExport {
 enum Table {
     Csv,
     Markdown,
-}
-
-fn family_of(addr: IpAddr) -> Family {
-    match addr {
-        IpAddr::V4(_) => Family::Ipv4,
-        IpAddr::V6(_) => Family::Ipv6,
-    }
 }
 
 fn name(family: Family) -> &'static str {
