@@ -104,6 +104,147 @@ pub mod shared_map_names {
     pub const ALL: [&str; 6] = [TUPLES, SOCKS, OCCUPANCY, PORT_USE, COUNTERS, SOURCES];
 }
 
+/// The decision-event maps of an instance (`rulebpf events`): created by
+/// the first rule set loaded (pinned by name in the instance's directory,
+/// like the instance maps) and shared by every rule set after it. The
+/// entry object does not declare them: an instance made before events
+/// existed gets them with its next rule set.
+pub mod event_map_names {
+    /// BPF ring buffer of [`super::Event`]s.
+    pub const EVENTS: &str = "RULEBPF_EVENTS";
+    /// `u32` array of one: [`super::EVENTS_ON`] | [`super::EVENTS_NO_MATCH`],
+    /// written by the reader. 0: nobody listens, no event is made.
+    pub const CONTROL: &str = "RULEBPF_EVENT_CONTROL";
+    /// Per-CPU `u64`s indexed by [`super::EventCount`].
+    pub const COUNTS: &str = "RULEBPF_EVENT_COUNTS";
+    pub const ALL: [&str; 3] = [EVENTS, CONTROL, COUNTS];
+}
+
+/// Whether a map of a rule-set object belongs to the instance (pinned once
+/// in the instance's directory, shared by every rule set).
+pub fn is_instance_map(name: &str) -> bool {
+    shared_map_names::ALL.contains(&name) || event_map_names::ALL.contains(&name)
+}
+
+/// Bytes of `RULEBPF_EVENTS` (a power of two): about 2,500 events a reader
+/// has not read yet before the hook counts drops.
+pub const EVENT_RING_BYTES: u32 = 256 * 1024;
+
+/// `RULEBPF_EVENT_CONTROL` bit: a reader listens; the hooks make events.
+pub const EVENTS_ON: u32 = 1;
+/// `RULEBPF_EVENT_CONTROL` bit: also make [`Outcome::NoMatch`] events.
+pub const EVENTS_NO_MATCH: u32 = 2;
+
+/// Entries of `RULEBPF_EVENT_COUNTS`, per CPU.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventCount {
+    /// Events written to the ring.
+    Written = 0,
+    /// Events lost because the ring was full (the reader fell behind).
+    Dropped = 1,
+}
+
+/// Entries of `RULEBPF_EVENT_COUNTS`.
+pub const EVENT_COUNTS: u32 = 2;
+
+/// What the hook did with one connect(): the `outcome` of an [`Event`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Bound to an origin port of the rule's range.
+    Bound = 1,
+    /// The rule says `deny`: refused with EPERM.
+    Denied = 2,
+    /// No port of the range was free: connect() failed (policy strict).
+    Exhausted = 3,
+    /// No port of the range was free: the OS chose one (policy fallback).
+    Fallback = 4,
+    /// The application bound the port itself before connect(): kept.
+    AppChose = 5,
+    /// The kernel chose the port at bind(addr, 0) or a send before connect().
+    KernelChose = 6,
+    /// The rule's origin is 0: the OS chooses.
+    Zero = 7,
+    /// No rule matched (made only when a reader asks for it).
+    NoMatch = 8,
+    /// An application-bound port outside the range, `--app-bound refuse`.
+    Refused = 9,
+}
+
+impl Outcome {
+    pub const ALL: [Self; 9] = [
+        Self::Bound,
+        Self::Denied,
+        Self::Exhausted,
+        Self::Fallback,
+        Self::AppChose,
+        Self::KernelChose,
+        Self::Zero,
+        Self::NoMatch,
+        Self::Refused,
+    ];
+
+    /// snake_case, as `rulebpf events` and the metrics name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Bound => "bound",
+            Self::Denied => "denied",
+            Self::Exhausted => "exhausted",
+            Self::Fallback => "fallback",
+            Self::AppChose => "app_chose",
+            Self::KernelChose => "kernel_chose",
+            Self::Zero => "zero",
+            Self::NoMatch => "no_match",
+            Self::Refused => "refused",
+        }
+    }
+
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| *o as u8 == value)
+    }
+}
+
+/// One decision of a connect hook, as the ring buffer carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_boot_ns()`: CLOCK_BOOTTIME, nanoseconds.
+    pub boot_ns: u64,
+    /// `bpf_get_current_cgroup_id()`: the connecting task's cgroup v2 id.
+    pub cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid (the process) in the high half.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid()`: uid in the low half.
+    pub uid_gid: u64,
+    /// `bpf_get_netns_cookie()` of the socket's network namespace.
+    pub netns_cookie: u64,
+    /// The deciding rule's [`Verdict::key`] (0: no rule).
+    pub rule_key: u64,
+    /// Destination, network order; IPv4 in the first word.
+    pub dest_addr: [u32; 4],
+    /// `bpf_get_current_comm()`: the task's name, NUL-padded.
+    pub comm: [u8; 16],
+    /// The rule's line (0: no rule).
+    pub line: u32,
+    /// Destination port, host order.
+    pub dest_port: u16,
+    /// The origin port bound or kept, host order (0: the OS chooses later).
+    pub origin_port: u16,
+    /// [`Family`] as `u8` (an IPv4-mapped destination is IPv4).
+    pub family: u8,
+    /// [`Protocol`] as `u8`.
+    pub protocol: u8,
+    /// [`Outcome`] as `u8`.
+    pub outcome: u8,
+    pub pad: u8,
+    /// The deciding rule's index in its rule set (`u32::MAX`: no rule).
+    pub rule: u32,
+}
+
+// The ring buffer's record: no padding the hook would leave unwritten.
+const _: () = assert!(core::mem::size_of::<Event>() == 96);
+
 /// Entries of `RULEBPF_TUPLES` unless the instance is created with another
 /// capacity: live shared sockets of the instance.
 pub const TUPLE_CAPACITY: u32 = 65_536;
@@ -510,6 +651,7 @@ mod pod {
     unsafe impl aya::Pod for super::Occupancy {}
     unsafe impl aya::Pod for super::PortUse {}
     unsafe impl aya::Pod for super::TupleSource {}
+    unsafe impl aya::Pod for super::Event {}
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 #![feature(core_intrinsics)]
 
 mod bind;
+mod events;
 mod runtime;
 mod shared;
 mod track;
@@ -34,8 +35,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, info, warn};
 use rulebpf_common::{
-    APP_BOUND_REFUSE, DFA_DEAD, DfaEdge, Family, POLICY_FALLBACK, PORT_KEY_BITS, PortKey, Protocol,
-    RuleStats, Selector, TupleKey, Verdict,
+    APP_BOUND_REFUSE, DFA_DEAD, DfaEdge, Family, Outcome, POLICY_FALLBACK, PORT_KEY_BITS, PortKey,
+    Protocol, RuleStats, Selector, TupleKey, Verdict,
 };
 
 use crate::{
@@ -118,16 +119,35 @@ fn answer(result: Result<i32, i32>) -> i32 {
     }
 }
 
+/// Records the decision for `rulebpf events` when a reader wants one of
+/// this outcome (one map read otherwise: see `events.rs`).
+macro_rules! record {
+    ($ctx:expr, $tuple:expr, $outcome:expr, $verdict:expr, $origin:expr) => {{
+        let outcome: Outcome = $outcome;
+        if events::wanted(outcome) {
+            let decision = events::Decision::new(outcome, $verdict, $origin);
+            events::emit($ctx, $tuple, &decision);
+        }
+    }};
+}
+
 /// A connect() on a path a rule denies: counted, logged, refused with
 /// EPERM, whoever bound the socket (a denied path is denied to an
 /// application-bound socket too, and to a socket connected before).
 macro_rules! deny {
-    ($ctx:expr, $verdict:expr, $dest:expr, $port:expr) => {{
+    ($ctx:expr, $verdict:expr, $dest:expr, $port:expr, $tuple:expr) => {{
         let (ctx, verdict): (&SockAddrContext, &Verdict) = ($ctx, $verdict);
         if let Some(stats) = rule_stats(verdict) {
             stats.matched += 1;
             stats.denied += 1;
         }
+        record!(
+            ctx,
+            $tuple,
+            Outcome::Denied,
+            Some(verdict),
+            $tuple.origin_port
+        );
         info!(
             ctx,
             "connect {:i} port {}: denied (line {})", $dest, $port, verdict.line
@@ -154,6 +174,14 @@ macro_rules! apply {
             } else {
                 "the kernel"
             };
+            let outcome = if kept.refused {
+                Outcome::Refused
+            } else if kept.app_chose {
+                Outcome::AppChose
+            } else {
+                Outcome::KernelChose
+            };
+            record!(ctx, &$tuple, outcome, Some(&verdict), connect.src_port);
             if kept.refused {
                 warn!(
                     ctx,
@@ -182,8 +210,15 @@ macro_rules! apply {
                 Ok(ALLOW)
             }
         } else {
-            match enforce(ctx, connect, &verdict, $tuple) {
+            let tuple: TupleKey = $tuple;
+            match enforce(ctx, connect, &verdict, tuple) {
                 Ok(origin) => {
+                    let outcome = if origin == 0 {
+                        Outcome::Zero
+                    } else {
+                        Outcome::Bound
+                    };
+                    record!(ctx, &tuple, outcome, Some(&verdict), origin);
                     debug!(
                         ctx,
                         "connect {:i} port {} -> line {}: origin port {} (range {}-{}; 0: the OS chooses)",
@@ -197,6 +232,12 @@ macro_rules! apply {
                     Ok(ALLOW)
                 }
                 Err(errno) => {
+                    let outcome = if fallback() {
+                        Outcome::Fallback
+                    } else {
+                        Outcome::Exhausted
+                    };
+                    record!(ctx, &tuple, outcome, Some(&verdict), 0);
                     warn!(
                         ctx,
                         "connect {:i} port {}: no origin port of {}-{} usable (line {}, errno {})",
@@ -230,12 +271,13 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
     if let Some(verdict) = &verdict
         && verdict.denies()
     {
-        return deny!(ctx, verdict, dest, connect.port);
+        return deny!(ctx, verdict, dest, connect.port, &tuple);
     }
     if let Some(ret) = track::reconnect(ctx, &connect, &tuple) {
         return ret;
     }
     let Some(verdict) = verdict else {
+        record!(ctx, &tuple, Outcome::NoMatch, None, tuple.origin_port);
         return Ok(ALLOW);
     };
     apply!(ctx, &connect, verdict, dest, tuple)
@@ -277,7 +319,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
     if let Some(verdict) = &verdict
         && verdict.denies()
     {
-        return deny!(ctx, verdict, dest, connect.port);
+        return deny!(ctx, verdict, dest, connect.port, &tuple);
     }
     // Kept apart from `apply!` (not one macro for both hooks): as early
     // returns the verifier walks about 13,000 instructions for connect6;
@@ -286,6 +328,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         return ret;
     }
     let Some(verdict) = verdict else {
+        record!(ctx, &tuple, Outcome::NoMatch, None, tuple.origin_port);
         return Ok(ALLOW);
     };
     apply!(ctx, &connect, verdict, dest, tuple)
@@ -454,11 +497,18 @@ fn app_bound(ctx: &SockAddrContext, connect: &Connect, verdict: &Verdict, tuple:
 /// let the OS choose, or fail connect() with `errno`.
 #[inline(always)]
 fn exhausted(errno: i32) -> i32 {
-    // SAFETY: plain read of a load-time constant.
-    if unsafe { core::ptr::read_volatile(&RULEBPF_POLICY) } == POLICY_FALLBACK {
+    if fallback() {
         return ALLOW;
     }
     refuse(errno)
+}
+
+/// Whether the policy lets the OS choose when no port of a range is free.
+#[inline(always)]
+fn fallback() -> bool {
+    // SAFETY: plain read of a load-time constant.
+    let policy = unsafe { core::ptr::read_volatile(&RULEBPF_POLICY) };
+    policy == POLICY_FALLBACK
 }
 
 /// Fails connect() with `errno` (with EPERM on kernels without

@@ -192,7 +192,7 @@ impl From<LimitArgs> for LoadLimits {
 }
 
 /// `4096`, `64K`, `128M`, `1G` (binary multiples) -> bytes.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub(super) fn parse_size(text: &str) -> Result<u64, String> {
     let (digits, shift) = match text.as_bytes().last() {
         Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
         Some(b'M' | b'm') => (&text[..text.len() - 1], 20),

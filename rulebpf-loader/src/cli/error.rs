@@ -24,6 +24,8 @@ pub enum CliError {
     #[error(transparent)]
     Service(#[from] ServiceError),
     #[error(transparent)]
+    Events(#[from] rulebpf_loader::service::events::EventsError),
+    #[error(transparent)]
     Enter(#[from] EnterError),
     #[error("{failed} of {count} connects failed")]
     ProbeFailed { failed: usize, count: usize },

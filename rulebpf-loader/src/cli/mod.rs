@@ -6,6 +6,7 @@ mod attach;
 mod check;
 mod detach;
 mod error;
+mod events;
 mod firewall;
 mod probe;
 mod run;
@@ -101,6 +102,11 @@ pub enum Command {
     },
     /// Per-rule counters: connects matched, ports bound, ranges exhausted.
     Stats(status::StatsArgs),
+    /// The hooks' decisions as they happen, one per connect(): who (pid,
+    /// comm, uid, cgroup), where to, the origin port, the rule and the
+    /// outcome. Any number of listeners; whether or not `run` manages the
+    /// instance.
+    Events(events::EventsArgs),
     /// Give a systemd service the rules of instance NAME at every start:
     /// writes <DIR>/<UNIT>.d/50-rulebpf-<NAME>.conf (BPFProgram= for the
     /// instance's pinned entry programs, an ExecStartPre= that attaches them
@@ -142,6 +148,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
         Command::Probe(args) => probe::probe(args),
         Command::Kernel { json } => status::kernel(json),
         Command::Stats(args) => status::stats(args),
+        Command::Events(args) => events::events(args),
         Command::SystemdDropin(args) => units::dropin(args),
         Command::SystemdAttach { name } => units::attach_own_cgroup(&name),
         Command::OciHook { stage } => units::oci_hook(stage),

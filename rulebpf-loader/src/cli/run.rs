@@ -2,7 +2,10 @@
 
 use std::net::SocketAddr;
 
-use rulebpf_loader::{service, sys::cgroup::Cgroup};
+use rulebpf_loader::{
+    service::{self, events::log_file::EventsLog},
+    sys::cgroup::Cgroup,
+};
 
 use super::{
     CliError,
@@ -25,6 +28,18 @@ pub struct RunArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Write every decision (one JSON object per line, as `rulebpf events
+    /// --json`) to this file, rotated by size; `stderr` writes them to
+    /// standard error (the journal, under systemd).
+    #[arg(long)]
+    events_log: Option<String>,
+    /// Rotate the events log before it grows past this size (bytes, or
+    /// with K, M, G).
+    #[arg(long, value_parser = super::args::parse_size, default_value = "64M")]
+    events_log_size: u64,
+    /// Rotated events logs kept (PATH.1 is the newest).
+    #[arg(long, default_value_t = 5)]
+    events_log_keep: u32,
     /// Remove the rules when the service stops.
     #[arg(long)]
     detach_on_exit: bool,
@@ -59,6 +74,10 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         dns_refresh: args.dns_refresh,
         metrics_listen: args.metrics_listen,
         detach_on_exit: args.detach_on_exit,
+        events_log: args
+            .events_log
+            .as_deref()
+            .map(|arg| EventsLog::parse(arg, args.events_log_size, args.events_log_keep)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

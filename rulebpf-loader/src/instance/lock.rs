@@ -137,7 +137,7 @@ impl Instance {
     }
 }
 
-fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
+pub(super) fn flock(file: &File, operation: libc::c_int) -> io::Result<()> {
     use std::os::fd::AsRawFd as _;
     // SAFETY: flock on a file descriptor we own.
     if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {

@@ -9,6 +9,7 @@
 //! rule_sets    the swap on the real kernel: which rule set is in force
 //! readings     counters, occupancy, instance counters of the set in force
 //! attachments  attach (linked, or for a systemd unit), detach, gc
+//! events       the decision-event ring and its reader's lock and socket
 //! legacy       instances of the previous layout, replaced without a gap
 //! ```
 //!
@@ -32,6 +33,7 @@
 //! the cgroup and checks that none is left.
 
 mod attachments;
+pub mod events;
 pub mod legacy;
 mod lock;
 mod readings;

@@ -20,7 +20,7 @@ use aya::{
     maps::{MapData, MapInfo},
     programs::ProgramInfo as KernelProgramInfo,
 };
-use rulebpf_common::shared_map_names;
+use rulebpf_common::{event_map_names, shared_map_names};
 use serde::Serialize;
 
 use super::entry;
@@ -122,6 +122,7 @@ fn map_pin(kernel_name: &str) -> Option<String> {
     let name15 = |n: &str| n.get(..15).unwrap_or(n).to_string();
     if let Some(&name) = shared_map_names::ALL
         .iter()
+        .chain(&event_map_names::ALL)
         .find(|n| name15(n) == kernel_name)
     {
         return Some(name.to_string());

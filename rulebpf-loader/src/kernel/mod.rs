@@ -6,6 +6,7 @@
 //! rule_set   one rule set's object: its connect programs and filled maps
 //! attach     one attach and one detach path for every program kind
 //! counters   the hook's counters and occupancy, read from the pinned maps
+//! events     the decision-event ring, its control word and counts
 //! integrity  an instance's pins checked against what its programs use
 //! ```
 //!
@@ -15,6 +16,7 @@
 pub mod attach;
 pub mod counters;
 pub mod entry;
+pub mod events;
 pub mod integrity;
 pub mod program;
 pub mod rule_set;

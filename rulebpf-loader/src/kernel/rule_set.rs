@@ -145,7 +145,7 @@ impl RuleSetObject {
             // `.rodata`/`.bss` globals are frozen into the programs; only the
             // named maps are read back later (stats) or kept alive. The
             // instance maps are pinned in the instance's directory already.
-            if !name.starts_with('.') && !shared_map_names::ALL.contains(&name) {
+            if !name.starts_with('.') && !rulebpf_common::is_instance_map(name) {
                 let path = dir.fd_path(name);
                 map.pin(&path)
                     .map_err(|source| ObjectError::Pin { path, source })?;
@@ -170,7 +170,7 @@ impl RuleSetObject {
     pub fn map_memlock_bytes(&self) -> u64 {
         self.ebpf
             .maps()
-            .filter(|(name, _)| !shared_map_names::ALL.contains(name))
+            .filter(|(name, _)| !rulebpf_common::is_instance_map(name))
             .map(|(_, map)| memlock_bytes(map))
             .sum()
     }

@@ -10,15 +10,21 @@ use prometheus_client::{
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::Metrics;
+use super::{EventFigures, Metrics};
 use crate::model::rule_stats::RuleRow;
 
 /// The exposition of the service's counters and, when they could be read,
 /// the per-rule `rows` of `instance`.
-pub fn exposition(instance: &str, rows: Option<&[RuleRow]>, metrics: &Metrics) -> String {
+pub fn exposition(
+    instance: &str,
+    rows: Option<&[RuleRow]>,
+    metrics: &Metrics,
+    events: &EventFigures,
+) -> String {
     let collector = Exposition {
         instance: instance.to_string(),
         rows: rows.map(<[RuleRow]>::to_vec),
+        events: events.clone(),
         service: [
             &metrics.reloads_ok,
             &metrics.reloads_failed,
@@ -121,8 +127,24 @@ const SERVICE_FAMILIES: [(&str, &str); 5] = [
 struct Exposition {
     instance: String,
     rows: Option<Vec<RuleRow>>,
+    events: EventFigures,
     service: [u64; SERVICE_FAMILIES.len()],
 }
+
+const EVENTS: (&str, &str) = (
+    "rulebpf_events",
+    "Decision events this service read (run --events-log), by outcome.",
+);
+const EVENTS_DROPPED: (&str, &str) = (
+    "rulebpf_events_dropped",
+    "Decision events lost: where=\"ring\", the hooks found the ring buffer full (whoever \
+     read it); where=\"log\", this service's log fell behind its reader.",
+);
+const NAT_REWRITES: (&str, &str) = (
+    "rulebpf_nat_rewrites",
+    "Connections whose origin port left the host rewritten by NAT (snat/masquerade), by rule \
+     line (seen by this service's events reader).",
+);
 
 impl Collector for Exposition {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -171,8 +193,35 @@ impl Collector for Exposition {
                 }
             }
         }
+        self.encode_events(&mut encoder)?;
         for ((name, help), value) in SERVICE_FAMILIES.into_iter().zip(self.service) {
             counter(value).encode(encoder.encode_descriptor(name, help, None, kind)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Exposition {
+    fn encode_events(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new;
+        let kind = counter(0u64).metric_type();
+        let instance = [("instance", self.instance.as_str())];
+        let mut metric = encoder.encode_descriptor(EVENTS.0, EVENTS.1, None, kind)?;
+        for (outcome, value) in &self.events.by_outcome {
+            let labels = (instance, [("outcome", *outcome)]);
+            counter(*value).encode(metric.encode_family(&labels)?)?;
+        }
+        let mut metric =
+            encoder.encode_descriptor(EVENTS_DROPPED.0, EVENTS_DROPPED.1, None, kind)?;
+        let ring = self.events.ring.map(|(_, dropped)| ("ring", dropped));
+        for (place, value) in ring.into_iter().chain([("log", self.events.missed)]) {
+            let labels = (instance, [("where", place)]);
+            counter(value).encode(metric.encode_family(&labels)?)?;
+        }
+        let mut metric = encoder.encode_descriptor(NAT_REWRITES.0, NAT_REWRITES.1, None, kind)?;
+        for (line, value) in &self.events.nat_rewrites {
+            let labels = (instance, [("line", *line)]);
+            counter(*value).encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
     }
@@ -203,7 +252,11 @@ mod tests {
             ports: 10,
             key: 0,
         }];
-        let text = exposition("gw", Some(&rows), &metrics);
+        metrics.event("bound", None);
+        metrics.event("bound", Some(7));
+        metrics.events_missed(4);
+        let events = metrics.event_figures(Some((10, 3)));
+        let text = exposition("gw", Some(&rows), &metrics, &events);
         for line in [
             r#"rulebpf_rule_matched_total{instance="gw",line="7",rule="a \"b\" \\ c"} 3"#,
             r#"rulebpf_rule_bound_total{instance="gw",line="7",rule="a \"b\" \\ c"} 2"#,
@@ -218,13 +271,18 @@ mod tests {
             "rulebpf_dns_refreshes_total 1",
             "rulebpf_dns_failures_total 2",
             "rulebpf_reattach_total 0",
+            r#"rulebpf_events_total{instance="gw",outcome="bound"} 2"#,
+            r#"rulebpf_events_total{instance="gw",outcome="denied"} 0"#,
+            r#"rulebpf_events_dropped_total{instance="gw",where="ring"} 3"#,
+            r#"rulebpf_events_dropped_total{instance="gw",where="log"} 4"#,
+            r#"rulebpf_nat_rewrites_total{instance="gw",line="7"} 1"#,
             "# TYPE rulebpf_reloads counter",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
         // Counters unreadable: the service's own ones still.
-        let text = exposition("gw", None, &metrics);
+        let text = exposition("gw", None, &metrics, &EventFigures::default());
         assert!(!text.contains("rulebpf_rule_"), "{text}");
         assert!(text.contains("rulebpf_reloads_total 1\n"), "{text}");
     }

@@ -25,10 +25,15 @@
 mod exposition;
 mod server;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering::Relaxed},
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
 };
+
+use rulebpf_common::Outcome;
 
 use tokio::net::TcpListener;
 
@@ -45,6 +50,12 @@ pub struct Metrics {
     dns_refreshes: AtomicU64,
     dns_failures: AtomicU64,
     reattaches: AtomicU64,
+    /// Decision events this service read (`--events-log`), by outcome.
+    events: [AtomicU64; Outcome::ALL.len()],
+    /// Events this service's log missed (it fell behind its reader).
+    events_missed: AtomicU64,
+    /// Connections whose origin port NAT rewrote, by rule line.
+    nat_rewrites: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl Metrics {
@@ -61,17 +72,70 @@ impl Metrics {
         self.reattaches.fetch_add(count, Relaxed);
     }
 
+    /// One decision event read (by its outcome's name).
+    pub fn event(&self, outcome: &str, rewritten_line: Option<u32>) {
+        if let Some(i) = Outcome::ALL.iter().position(|o| o.name() == outcome) {
+            self.events[i].fetch_add(1, Relaxed);
+        }
+        if let Some(line) = rewritten_line
+            && let Ok(mut rewrites) = self.nat_rewrites.lock()
+        {
+            *rewrites.entry(line).or_default() += 1;
+        }
+    }
+
+    pub fn events_missed(&self, count: u64) {
+        self.events_missed.fetch_add(count, Relaxed);
+    }
+
+    /// What the events families show, now (`ring`: the hooks' written and
+    /// dropped counts, when the instance has event maps).
+    fn event_figures(&self, ring: Option<(u64, u64)>) -> EventFigures {
+        EventFigures {
+            by_outcome: Outcome::ALL
+                .iter()
+                .zip(&self.events)
+                .map(|(o, n)| (o.name(), n.load(Relaxed)))
+                .collect(),
+            missed: self.events_missed.load(Relaxed),
+            ring,
+            nat_rewrites: self
+                .nat_rewrites
+                .lock()
+                .map(|r| r.iter().map(|(l, n)| (*l, *n)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn dns_refreshed(&self, failures: u64) {
         self.dns_refreshes.fetch_add(1, Relaxed);
         self.dns_failures.fetch_add(failures, Relaxed);
     }
 }
 
+/// The decision-event counters of one scrape.
+#[derive(Clone, Debug, Default)]
+pub struct EventFigures {
+    pub by_outcome: Vec<(&'static str, u64)>,
+    /// Lines this service's reader could not keep up with.
+    pub missed: u64,
+    /// The hooks' events written and dropped (ring full).
+    pub ring: Option<(u64, u64)>,
+    /// Rule line -> connections whose origin port NAT rewrote.
+    pub nat_rewrites: Vec<(u32, u64)>,
+}
+
 /// Answers scrapes for `instance` until the task is dropped.
 pub async fn serve(listener: TcpListener, instance: Arc<Instance>, metrics: Arc<Metrics>) {
     let render = move || {
         let rows = instance.stats().map(|(_, rows)| rows);
-        exposition(instance.name().as_str(), rows.as_deref().ok(), &metrics)
+        let events = metrics.event_figures(instance.event_counts().ok().flatten());
+        exposition(
+            instance.name().as_str(),
+            rows.as_deref().ok(),
+            &metrics,
+            &events,
+        )
     };
     server::serve_with(listener, Limits::default(), render).await
 }

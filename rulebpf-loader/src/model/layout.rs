@@ -62,6 +62,28 @@ pub const OWNER_FILE: &str = "owner";
 pub fn command_lock(name: &str) -> String {
     format!(".lock.{name}")
 }
+/// In the top record directory: the lock the reader of instance `name`'s
+/// decision events holds (one reader per instance, `rulebpf events`).
+pub fn events_lock(name: &str) -> String {
+    format!(".events.{name}")
+}
+
+/// In the top record directory: the socket where the reader of instance
+/// `name`'s events serves every other listener. Named after the instance
+/// when the path fits a socket address (108 bytes, reached through
+/// `/proc/self/fd/N/`), else after a hash of its name.
+pub fn events_socket(name: &str) -> String {
+    if name.len() <= 64 {
+        return format!("events.{name}.sock");
+    }
+    // FNV-1a: stable across releases (a listener and a reader of two
+    // versions must agree).
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("events.{hash:016x}.sock")
+}
+
 /// In the top record directory: what the kernel answered to the sharing
 /// probe, with the boot's id (a dot file: no instance).
 pub const KERNEL_CACHE: &str = ".kernel";

@@ -2,6 +2,7 @@
 //! records kept in `/run/rulebpf`, instance names, every path and pin name
 //! (`layout`), and the per-rule rows the reports show.
 
+pub mod event;
 pub mod layout;
 pub mod name;
 pub mod options;

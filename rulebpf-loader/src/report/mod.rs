@@ -10,10 +10,12 @@
 //! stats    per-rule counters
 //! probe    what each connect() of a probe got
 //! kernel   what the kernel offers
+//! events   one decision per line
 //! ```
 
 mod attach;
 mod check;
+pub mod events;
 pub mod firewall;
 mod kernel;
 mod probe;

@@ -52,6 +52,7 @@ use crate::{
     sys::{ephemeral, notify::notify_systemd, time::unix_now},
 };
 
+pub mod events;
 mod follow;
 mod kernel_log;
 mod watch;
@@ -80,6 +81,8 @@ pub struct Options {
     pub tuple_capacity: u32,
     /// How large a rules file and its compiled maps may be.
     pub limits: LoadLimits,
+    /// `--events-log`: every decision, one JSON line each.
+    pub events_log: Option<events::log_file::EventsLog>,
 }
 
 /// Why the service could not start, or a change was refused.
@@ -101,6 +104,12 @@ pub enum ServiceError {
     Signal(&'static str, #[source] std::io::Error),
     #[error("instance {0} was removed by another command (detach --force); stopping")]
     Removed(InstanceName),
+    #[error("the events log {path}")]
+    EventsLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How many 1 s checks apart the occupancy warning is checked.
@@ -178,6 +187,22 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
         )),
         None => None,
     };
+    // The events log too: a path that cannot be written refuses the start.
+    let events_log = match &options.events_log {
+        Some(log) => Some(
+            events::log_file::LogWriter::open(log.clone())
+                .map_err(|source| ServiceError::EventsLog {
+                    path: format!("{log:?}"),
+                    source,
+                })
+                .inspect_err(|_| {
+                    if !existed {
+                        drop_new_instance(&instance);
+                    }
+                })?,
+        ),
+        None => None,
+    };
     info!(
         "{} instance {} with {}",
         if adopting { "adopting" } else { "starting" },
@@ -239,6 +264,10 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
         ));
     }
     let mut logger = service.kernel_logger();
+    let _events = match events_log {
+        Some(log) => events_to_log(&service.options.name, log, Arc::clone(&service.metrics)).await,
+        None => None,
+    };
     notify_systemd("READY=1");
     info!(
         "ready: instance {} in force, following {} cgroup path(s)",
@@ -311,6 +340,46 @@ pub async fn run(options: Options) -> Result<(), ServiceError> {
         info!("exiting; the rules stay in force");
     }
     Ok(())
+}
+
+/// Starts writing the instance's decisions to `log` and waits (at most
+/// 2 s) until they reach it, so that `ready` means recorded. The task ends
+/// with the returned guard.
+async fn events_to_log(
+    name: &InstanceName,
+    mut log: events::log_file::LogWriter,
+    metrics: Arc<Metrics>,
+) -> Option<events::Stop> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    let name = name.clone();
+    let task = tokio::spawn(async move {
+        let sink = |wire: crate::model::event::Wire| {
+            match wire {
+                crate::model::event::Wire::Record(record) => {
+                    let rewritten = record.nat_port.and(record.line);
+                    metrics.event(&record.outcome, rewritten);
+                    let line = serde_json::to_string(&record).unwrap_or_default();
+                    if let Err(e) = log.write_line(&line) {
+                        warn!("events log: {e}");
+                    }
+                }
+                crate::model::event::Wire::Dropped { dropped } => metrics.events_missed(dropped),
+            }
+            true
+        };
+        let ready = |role| {
+            info!("events: logging decisions ({role})");
+            if let Some(tx) = ready_tx.take() {
+                let _ = tx.send(());
+            }
+        };
+        if let Err(e) = events::listen(&name, events::Wants::default(), sink, ready).await {
+            error!("events: {}", crate::with_causes(&e));
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), ready_rx).await;
+    Some(events::Stop(task))
 }
 
 /// Puts `set` in force in the service's instance with the settings in

@@ -1,0 +1,138 @@
+//! From a raw [`Event`] to the [`DecisionRecord`] listeners see: the wall
+//! clock, the cgroup's path, the rule's remark.
+
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
+};
+
+use rulebpf_common::Event;
+
+use crate::{
+    instance::Instance,
+    model::event::{self, DecisionRecord},
+};
+
+/// How often an unknown cgroup id may send the resolver walking the whole
+/// cgroup tree again (a cgroup gone before its event was read stays
+/// unknown).
+const REWALK_EVERY: Duration = Duration::from_secs(1);
+/// Deepest cgroup the walk descends to (systemd and container runtimes
+/// nest a handful of levels).
+const WALK_DEPTH: usize = 12;
+
+pub struct Enricher {
+    instance: String,
+    cgroup_root: Option<PathBuf>,
+    /// Cgroup id (the directory's inode on cgroup2) -> path from the root.
+    cgroups: HashMap<u64, String>,
+    walked: Option<Instant>,
+    /// Rule key -> remark, for the rule set last read.
+    remarks: HashMap<u64, Option<String>>,
+}
+
+impl Enricher {
+    pub fn new(instance: &str, cgroup_root: Option<PathBuf>) -> Self {
+        Self {
+            instance: instance.to_string(),
+            cgroup_root,
+            cgroups: HashMap::new(),
+            walked: None,
+            remarks: HashMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, event: &Event, instance: &Instance) -> DecisionRecord {
+        let uid = event.uid_gid as u32;
+        DecisionRecord {
+            time: wall_clock(event.boot_ns),
+            instance: self.instance.clone(),
+            cgroup: self.cgroup(event.cgroup_id),
+            pid: (event.pid_tgid >> 32) as u32,
+            comm: event::comm(event),
+            uid,
+            protocol: event::protocol(event).to_string(),
+            destination: event::destination(event).to_string(),
+            origin_port: event.origin_port,
+            line: (event.line != 0).then_some(event.line),
+            remark: self.remark(event.rule_key, instance),
+            outcome: event::outcome(event).to_string(),
+            nat_port: None,
+        }
+    }
+
+    fn remark(&mut self, key: u64, instance: &Instance) -> Option<String> {
+        if key == 0 {
+            return None;
+        }
+        if !self.remarks.contains_key(&key) {
+            // A rule this reader has not seen: a new set is in force.
+            if let Ok(in_force) = instance.in_force()
+                && let Some(set) = in_force.set
+            {
+                self.remarks = set.rules.into_iter().map(|r| (r.key, r.remark)).collect();
+            }
+            // Unknown still (a set swapped out again): asked once.
+            self.remarks.entry(key).or_insert(None);
+        }
+        self.remarks.get(&key).cloned().flatten()
+    }
+
+    fn cgroup(&mut self, id: u64) -> String {
+        if let Some(path) = self.cgroups.get(&id) {
+            return path.clone();
+        }
+        let due = self.walked.is_none_or(|t| t.elapsed() >= REWALK_EVERY);
+        if due && let Some(root) = self.cgroup_root.clone() {
+            self.walked = Some(Instant::now());
+            walk(&root, &root, WALK_DEPTH, &mut self.cgroups);
+        }
+        self.cgroups
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("(cgroup id {id})"))
+    }
+}
+
+/// Every cgroup directory under `dir`, by id. Links are never followed
+/// (cgroupfs has none; `symlink_metadata` keeps it so).
+fn walk(root: &Path, dir: &Path, depth: usize, into: &mut HashMap<u64, String>) {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    let relative = dir.strip_prefix(root).unwrap_or(dir);
+    into.insert(meta.ino(), format!("/{}", relative.display()));
+    if depth == 0 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk(root, &entry.path(), depth - 1, into);
+        }
+    }
+}
+
+/// CLOCK_BOOTTIME nanoseconds (what the hook stamps) as RFC 3339 UTC.
+fn wall_clock(boot_ns: u64) -> String {
+    let boot_now = clock_ns(libc::CLOCK_BOOTTIME);
+    let ago = Duration::from_nanos(boot_now.saturating_sub(boot_ns));
+    let at = SystemTime::now()
+        .checked_sub(ago)
+        .unwrap_or(SystemTime::now());
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
