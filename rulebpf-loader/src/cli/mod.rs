@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 use rulebpf_loader::{
     integrations::oci,
     model::{name::InstanceName, options::Sharing},
-    sys::{cgroup::Cgroup, ephemeral},
+    sys::{cgroup::Cgroup, ephemeral, nat},
 };
 use rulebpf_rules::ruleset::RuleSet;
 
@@ -160,6 +160,9 @@ pub fn run(command: Command) -> Result<(), CliError> {
 fn warn_ports(set: &RuleSet, sharing: Sharing, reserving: bool) {
     let mut stderr = io::stderr().lock();
     for warning in ephemeral::warnings(set, sharing == Sharing::On, reserving) {
+        let _ = writeln!(stderr, "warning: {warning}");
+    }
+    for warning in nat::warnings(set) {
         let _ = writeln!(stderr, "warning: {warning}");
     }
 }

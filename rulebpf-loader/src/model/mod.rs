@@ -5,6 +5,7 @@
 pub mod event;
 pub mod layout;
 pub mod name;
+pub mod nat;
 pub mod options;
 pub mod program;
 pub mod records;

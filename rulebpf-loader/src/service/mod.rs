@@ -49,7 +49,7 @@ use crate::{
         records::{AttachedBy, Reload, RuleInfo},
     },
     ops::put_in_force::{Done, Request, Settings, put_in_force_on},
-    sys::{ephemeral, notify::notify_systemd, time::unix_now},
+    sys::{ephemeral, nat, notify::notify_systemd, time::unix_now},
 };
 
 pub mod events;
@@ -541,7 +541,10 @@ impl Service {
                 self.in_force = Some(r.programs.connect4.id);
                 let sharing = self.load.sharing == Sharing::On;
                 let reserve = self.reserve_ports;
-                for warning in ephemeral::warnings(&set, sharing, reserve) {
+                for warning in ephemeral::warnings(&set, sharing, reserve)
+                    .into_iter()
+                    .chain(nat::warnings(&set))
+                {
                     warn!("{warning}");
                 }
                 if reserve {

@@ -8,6 +8,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod ephemeral;
 pub mod features;
+pub mod nat;
 pub mod notify;
 pub mod securedir;
 pub mod time;

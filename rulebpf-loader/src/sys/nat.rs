@@ -1,0 +1,48 @@
+//! This network namespace's source NAT, as nftables holds it: read with
+//! `nft -j list ruleset` (iptables-nft's rules included; rules of the
+//! legacy iptables backend are not there, and are not seen).
+
+use std::process::Command;
+
+use rulebpf_rules::ruleset::RuleSet;
+
+use crate::model::nat::{self, NatRule};
+
+/// Where Debian and others install nft; never looked up in `PATH` (root
+/// runs this).
+const NFT: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
+
+/// The NAT rules that could rewrite a connection's source here; `Err`
+/// says why the ruleset could not be read.
+pub fn nat_rules() -> Result<Vec<NatRule>, String> {
+    let nft = NFT
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .ok_or("nft is not installed (the nftables package): NAT not checked")?;
+    let output = Command::new(nft)
+        .args(["-j", "list", "ruleset"])
+        .output()
+        .map_err(|e| format!("running {nft}: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{nft} -j list ruleset: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    // An empty ruleset prints nothing at all with some versions.
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(vec![]);
+    }
+    let json = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("{nft} -j list ruleset printed what this version cannot read: {e}"))?;
+    Ok(nat::nat_rules(&json))
+}
+
+/// What an operator should know about `set` and this namespace's NAT, one
+/// line each.
+pub fn warnings(set: &RuleSet) -> Vec<String> {
+    match nat_rules() {
+        Ok(rules) => nat::warnings(&set.path.display().to_string(), &set.rules, &rules),
+        Err(why) => vec![why],
+    }
+}
