@@ -62,6 +62,8 @@ impl fmt::Display for PortSlot {
     }
 }
 
+/// `rulebpf-loader/tests/kernel/events.rs` (decision events, NAT).
+pub const EVENT_TESTS: PortSlot = PortSlot::new("event tests", 17000, 17999);
 /// `rulebpf-loader/tests/kernel/paths.rs` (deny, `*`, remarks).
 pub const PATH_TESTS: PortSlot = PortSlot::new("path tests", 18000, 18999);
 /// `rulebpf-loader/tests/kernel/faults.rs` (swaps under load, leaks, half-written files).
@@ -91,7 +93,8 @@ pub const SHARING_TESTS: PortSlot = PortSlot::new("sharing tests", 23500, 23999)
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 12] = [
+pub const ALL: [PortSlot; 13] = [
+    EVENT_TESTS,
     PATH_TESTS,
     FAULT_TESTS,
     DEMO,

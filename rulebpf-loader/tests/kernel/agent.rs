@@ -70,6 +70,11 @@ impl Agent {
         agent
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a command; returns the answer without its `agent: ` prefix.
     fn ask(&mut self, command: &str) -> String {
         writeln!(self.stdin, "{command}").unwrap();

@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod containers;
 mod enforcement;
+mod events;
 mod families;
 mod faults;
 mod firewall;
