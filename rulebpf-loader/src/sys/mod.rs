@@ -6,6 +6,7 @@ pub mod addresses;
 pub mod bpf;
 pub mod btf;
 pub mod cgroup;
+pub mod conntrack;
 pub mod ephemeral;
 pub mod features;
 pub mod nat;

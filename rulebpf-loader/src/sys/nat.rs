@@ -2,7 +2,11 @@
 //! `nft -j list ruleset` (iptables-nft's rules included; rules of the
 //! legacy iptables backend are not there, and are not seen).
 
-use std::process::Command;
+use std::{
+    fs::File,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    process::Command,
+};
 
 use rulebpf_rules::ruleset::RuleSet;
 
@@ -17,11 +21,31 @@ const NFT: [&str; 3] = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"];
 /// package) nothing is checked, and nothing said: a host without it
 /// rarely has nftables NAT (README: "NAT").
 pub fn nat_rules() -> Result<Vec<NatRule>, String> {
+    nat_rules_in(None)
+}
+
+/// [`nat_rules`] of the network namespace `netns` (an open
+/// `/proc/PID/ns/net`; `None`: ours): nft runs in it.
+pub fn nat_rules_in(netns: Option<&File>) -> Result<Vec<NatRule>, String> {
     let Some(nft) = NFT.iter().find(|p| std::path::Path::new(p).exists()) else {
         return Ok(vec![]);
     };
-    let output = Command::new(nft)
-        .args(["-j", "list", "ruleset"])
+    let mut command = Command::new(nft);
+    command.args(["-j", "list", "ruleset"]);
+    if let Some(netns) = netns {
+        let fd = netns.as_raw_fd();
+        // SAFETY: setns(2) between fork and exec touches no memory of the
+        // parent; `fd` stays open until `output()` returns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+    }
+    let output = command
         .output()
         .map_err(|e| format!("running {nft}: {e}"))?;
     if !output.status.success() {

@@ -20,7 +20,7 @@ use crate::{agent::Agent, harness::*};
 const EPERM: i32 = 1;
 
 /// A `rulebpf events` process whose output lines arrive on a channel.
-struct Events {
+pub(crate) struct Events {
     child: Child,
     lines: mpsc::Receiver<String>,
     stderr: std::path::PathBuf,
@@ -28,7 +28,7 @@ struct Events {
 
 impl Events {
     /// Starts `rulebpf events ARGS` and waits until events reach it.
-    fn start(cg: &TestCgroup, tag: &str, args: &[&str]) -> Self {
+    pub(crate) fn start(cg: &TestCgroup, tag: &str, args: &[&str]) -> Self {
         let stderr = cg.rules_file(&format!("events-{tag}.err"), "");
         let mut child = Command::new(RULEBPF)
             .arg("events")
@@ -66,7 +66,7 @@ impl Events {
     }
 
     /// The next line as JSON (within 5 s).
-    fn next(&self) -> Value {
+    pub(crate) fn next(&self) -> Value {
         let line = self
             .lines
             .recv_timeout(Duration::from_secs(5))

@@ -24,28 +24,32 @@ use std::{
 use crate::{agent::Agent, harness::*};
 
 const EPERM: i32 = 1;
-const GATEWAY: &str = "198.51.100.2";
-const SERVER: &str = "203.0.113.2";
+pub(crate) const GATEWAY: &str = "198.51.100.2";
+pub(crate) const SERVER: &str = "203.0.113.2";
 
 /// The three namespaces and their links; removed on drop.
-struct Net {
+pub(crate) struct Net {
     names: [String; 3],
 }
 
 impl Net {
-    fn gateway(&self) -> PathBuf {
+    pub(crate) fn gateway(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.names[0])
+    }
+
+    pub(crate) fn names(&self) -> &[String; 3] {
+        &self.names
     }
 
     fn firewall(&self) -> &str {
         &self.names[1]
     }
 
-    fn server(&self) -> PathBuf {
+    pub(crate) fn server(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.names[2])
     }
 
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         let id = std::process::id() % 1_000_000;
         let names = ["g", "f", "s"].map(|n| format!("rb{tag}{id}{n}"));
         let net = Self { names };
@@ -118,7 +122,7 @@ fn run(program: &str, args: &[&str]) {
 }
 
 /// Runs `command` in network namespace `ns` (nsenter: no remount of /sys).
-fn in_netns(ns: &str, command: &[&str]) {
+pub(crate) fn in_netns(ns: &str, command: &[&str]) {
     let net = format!("--net=/run/netns/{ns}");
     let mut args = vec![net.as_str(), "--"];
     args.extend_from_slice(command);
@@ -127,17 +131,17 @@ fn in_netns(ns: &str, command: &[&str]) {
 
 /// The server: TCP listeners and a UDP echo in the server namespace, each
 /// writing down the source ports it saw.
-type Seen = Arc<Mutex<Vec<u16>>>;
+pub(crate) type Seen = Arc<Mutex<Vec<u16>>>;
 
-struct Server {
-    tcp: Vec<(u16, Seen)>,
+pub(crate) struct Server {
+    pub(crate) tcp: Vec<(u16, Seen)>,
     udp: Vec<(u16, Seen)>,
 }
 
 impl Server {
     /// Listeners on `tcp` and `udp` ports of the server address (0: any
     /// free port).
-    fn start(netns: PathBuf, tcp: &[u16], udp: &[u16]) -> Self {
+    pub(crate) fn start(netns: PathBuf, tcp: &[u16], udp: &[u16]) -> Self {
         let (tcp, udp) = (tcp.to_vec(), udp.to_vec());
         thread::spawn(move || {
             // This thread only: the namespace is per thread.
@@ -187,11 +191,11 @@ impl Server {
         .unwrap()
     }
 
-    fn addr(port: u16) -> SocketAddr {
+    pub(crate) fn addr(port: u16) -> SocketAddr {
         format!("{SERVER}:{port}").parse().unwrap()
     }
 
-    fn seen(list: &Seen) -> Vec<u16> {
+    pub(crate) fn seen(list: &Seen) -> Vec<u16> {
         list.lock().unwrap().clone()
     }
 }

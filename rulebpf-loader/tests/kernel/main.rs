@@ -16,6 +16,7 @@ mod firewall;
 mod hardening;
 mod harness;
 mod instances;
+mod nat;
 mod paths;
 mod service;
 mod sharing;

@@ -82,8 +82,8 @@ pub fn run(kernels: &[Series], filter: Option<&str>, console: Console) -> anyhow
     let mut test_command = vec![tests.display().to_string(), "--test-threads=2".to_string()];
     test_command.extend(filter.map(str::to_string));
     // The guest is a busybox initramfs: no podman, no container runtime,
-    // no nft or iptables for the firewall namespace.
-    for host_only in ["containers::", "firewall::"] {
+    // no nft or iptables for the firewall namespace and the NAT.
+    for host_only in ["containers::", "firewall::", "nat::"] {
         test_command.extend(["--skip".to_string(), host_only.to_string()]);
     }
     let initrd = dir.join("initramfs.cpio.gz");

@@ -20,6 +20,7 @@
 
 mod enrich;
 pub mod log_file;
+mod nat;
 
 use std::{
     os::fd::{AsRawFd, RawFd},
@@ -255,6 +256,8 @@ async fn read(
     let (joined_tx, mut joined) = mpsc::channel::<Listener>(16);
     let mut listeners: Vec<Listener> = Vec::new();
     let mut wanted = Wanted::default();
+    let mut watch = nat::NatWatch::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         let now = Wanted {
             on: true,
@@ -283,27 +286,38 @@ async fn read(
                 }
             }
             Some(listener) = joined.recv() => listeners.push(listener),
+            _ = tick.tick(), if !watch.is_empty() => {}
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EventsError::Ring)?;
                 while let Some(event) = guard.get_inner_mut().0.next_event() {
                     let Some(event) = event else { continue };
-                    let record = enricher.record(&event, &instance);
-                    let line: Arc<str> = match serde_json::to_string(&record) {
-                        Ok(mut json) => {
-                            json.push('\n');
-                            json.into()
-                        }
-                        Err(_) => continue,
-                    };
-                    listeners.retain_mut(|l| !l.wants.takes(&record) || l.offer(&line));
-                    if wants.takes(&record) && !sink(Wire::Record(Box::new(record))) {
-                        return Ok(false);
-                    }
+                    watch.admit(enricher.record(&event, &instance), &event);
                 }
                 guard.clear_ready();
             }
         }
+        for record in watch.ready() {
+            if !hand_out(record, wants, &mut listeners, sink) {
+                return Ok(false);
+            }
+        }
     }
+}
+
+/// Gives `record` to every listener that wants it and to the reader's own
+/// sink; false when the sink is done.
+fn hand_out(
+    record: DecisionRecord,
+    wants: Wants,
+    listeners: &mut Vec<Listener>,
+    sink: &mut impl FnMut(Wire) -> bool,
+) -> bool {
+    if let Ok(mut json) = serde_json::to_string(&record) {
+        json.push('\n');
+        let line: Arc<str> = json.into();
+        listeners.retain_mut(|l| !l.wants.takes(&record) || l.offer(&line));
+    }
+    !wants.takes(&record) || sink(Wire::Record(Box::new(record)))
 }
 
 /// A new listener: its peer must be root; its first line says what it
