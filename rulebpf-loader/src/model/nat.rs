@@ -118,29 +118,52 @@ pub fn nat_rules(ruleset: &Value) -> Vec<NatRule> {
     let items = ruleset["nftables"]
         .as_array()
         .map_or(&[][..], Vec::as_slice);
-    // (family, table, chain) of every postrouting nat chain.
-    let chains: Vec<(&str, &str, &str)> = items
+    let rules: Vec<&Value> = items.iter().filter_map(|item| item.get("rule")).collect();
+    let key = |v: &Value| -> Option<(String, String, String)> {
+        Some((
+            v["family"].as_str()?.to_string(),
+            v["table"].as_str()?.to_string(),
+            v["chain"].as_str().or(v["name"].as_str())?.to_string(),
+        ))
+    };
+    // (family, table, chain) of every postrouting nat chain, then every
+    // chain those jump or go to (iptables-nft, Docker, CNI and kube-proxy
+    // put their masquerade in such chains).
+    let mut chains: Vec<(String, String, String)> = items
         .iter()
         .filter_map(|item| item.get("chain"))
         .filter(|c| c["type"] == "nat" && c["hook"] == "postrouting")
-        .filter_map(|c| {
-            Some((
-                c["family"].as_str()?,
-                c["table"].as_str()?,
-                c["name"].as_str()?,
-            ))
-        })
+        .filter_map(key)
         .collect();
-    items
+    let mut i = 0;
+    while i < chains.len() {
+        let (family, table, _) = chains[i].clone();
+        for rule in &rules {
+            if key(rule).as_ref() != Some(&chains[i]) {
+                continue;
+            }
+            for expr in rule["expr"].as_array().map_or(&[][..], Vec::as_slice) {
+                let target = expr["jump"]["target"]
+                    .as_str()
+                    .or(expr["goto"]["target"].as_str());
+                if let Some(target) = target {
+                    let next = (family.clone(), table.clone(), target.to_string());
+                    if !chains.contains(&next) {
+                        chains.push(next);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    rules
         .iter()
-        .filter_map(|item| item.get("rule"))
         .filter_map(|rule| {
-            let key = (
-                rule["family"].as_str()?,
-                rule["table"].as_str()?,
-                rule["chain"].as_str()?,
-            );
-            chains.contains(&key).then(|| nat_rule(key, rule)).flatten()
+            let k = key(rule)?;
+            chains
+                .contains(&k)
+                .then(|| nat_rule((&k.0, &k.1, &k.2), rule))
+                .flatten()
         })
         .collect()
 }
@@ -305,7 +328,14 @@ mod tests {
       {"rule": {"family": "ip", "table": "t", "chain": "post", "handle": 5, "expr": [
         {"snat": {"addr": "192.0.2.1", "port": {"range": [1024, 2048]}}}]}},
       {"rule": {"family": "ip", "table": "t", "chain": "other", "handle": 6, "expr": [
-        {"masquerade": {"flags": "random"}}]}}
+        {"masquerade": {"flags": "random"}}]}},
+      {"chain": {"family": "ip", "table": "t", "name": "CNI-1", "handle": 7}},
+      {"rule": {"family": "ip", "table": "t", "chain": "post", "handle": 8, "expr": [
+        {"jump": {"target": "CNI-1"}}]}},
+      {"rule": {"family": "ip", "table": "t", "chain": "CNI-1", "handle": 9, "expr": [
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                   "right": "198.51.100.1"}},
+        {"xt": {"type": "target", "name": "MASQUERADE"}}]}}
     ]}"#;
 
     fn rules(text: &str) -> Vec<Rule> {
@@ -318,7 +348,11 @@ mod tests {
     #[test]
     fn finds_what_rewrites_and_which_rules_it_meets() {
         let nat = nat_rules(&serde_json::from_str(RULESET).unwrap());
-        assert_eq!(nat.len(), 3, "{nat:?}");
+        // The chain `other` is no postrouting chain and nothing jumps to
+        // it; CNI-1 is reached by a jump.
+        assert_eq!(nat.len(), 4, "{nat:?}");
+        assert_eq!(nat[3].fate, PortFate::Unknown);
+        assert_eq!(nat[3].place, "table ip t chain CNI-1 handle 9");
         assert_eq!(nat[0].fate, PortFate::Rewritten);
         assert_eq!(nat[0].action, "masquerade fully-random");
         assert_eq!(nat[1].fate, PortFate::KeptUnlessClash);

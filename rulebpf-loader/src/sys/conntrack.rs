@@ -23,6 +23,7 @@ const NLMSG_DONE: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_TIMEOUT: u16 = 7;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -51,6 +52,10 @@ pub struct Tuple {
 pub struct Entry {
     pub original: Tuple,
     pub reply: Tuple,
+    /// Seconds left before the entry expires: of two entries with the same
+    /// original tuple but for the source address (a TIME_WAIT one from an
+    /// earlier connection), the newer has more.
+    pub timeout: u32,
 }
 
 /// A ctnetlink socket, bound to the network namespace it was made in.
@@ -224,6 +229,11 @@ fn entry(bytes: &[u8]) -> Option<Entry> {
         match kind {
             CTA_TUPLE_ORIG => entry.original = tuple(payload),
             CTA_TUPLE_REPLY => entry.reply = tuple(payload),
+            CTA_TIMEOUT => {
+                if let Ok(bytes) = <[u8; 4]>::try_from(payload) {
+                    entry.timeout = u32::from_be_bytes(bytes);
+                }
+            }
             _ => {}
         }
     }
@@ -317,7 +327,7 @@ mod tests {
                 [198, 51, 100, 1],
                 40123,
             ),
-            attr(12, &[0, 0, 0, 1]),
+            attr(CTA_TIMEOUT, &120u32.to_be_bytes()),
         ]
         .concat();
         let e = entry(&bytes).unwrap();
@@ -327,5 +337,6 @@ mod tests {
         assert_eq!(e.reply.dst_port, 40123);
         assert_eq!(e.reply.dst, Some("198.51.100.1".parse().unwrap()));
         assert_eq!(e.original.protocol, 6);
+        assert_eq!(e.timeout, 120);
     }
 }

@@ -184,13 +184,24 @@ fn podman_command(
     instance: Option<&str>,
     script: &str,
 ) -> Command {
+    podman_command_on("host", hooks, runtime, instance, script)
+}
+
+/// [`podman_command`] on podman network `network` (`host`, `bridge`).
+fn podman_command_on(
+    network: &str,
+    hooks: &HooksDir,
+    runtime: &str,
+    instance: Option<&str>,
+    script: &str,
+) -> Command {
     let mut cmd = Command::new(containers_dir().join("podman-cgroup2.sh"));
     cmd.arg("podman")
         .arg("--hooks-dir")
         .arg(&hooks.0)
         // No systemd to ask for scopes (PID 1 need not be systemd).
         .args(["--cgroup-manager", "cgroupfs", "--runtime", runtime])
-        .args(["run", "--rm", "--network", "host"])
+        .args(["run", "--rm", "--network", network])
         // A hybrid host's cgroup2 hierarchy has no pids controller (it is
         // bound to v1); podman's default pids limit would need it.
         .args(["--pids-limit", "-1"])
@@ -374,5 +385,132 @@ fn only_port_of(seen: &[u16]) -> u16 {
     match seen {
         [port] => *port,
         other => panic!("expected one connection, saw {other:?}"),
+    }
+}
+
+/// A server beyond the host: a network namespace behind a veth pair
+/// (host 203.0.113.1/24, server 203.0.113.2/24, documentation addresses), so
+/// that a bridged container's connection to it is forwarded by the host,
+/// where podman's network masquerades it.
+struct Beyond {
+    netns: String,
+    host_link: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u16>>>,
+    port: u16,
+}
+
+impl Beyond {
+    const SERVER: &str = "203.0.113.2";
+
+    fn new() -> Self {
+        let id = std::process::id() % 1_000_000;
+        let (netns, host_link, far) =
+            (format!("rbb{id}"), format!("rbb{id}h"), format!("rbb{id}s"));
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+        };
+        ip(&["netns", "add", &netns]);
+        ip(&[
+            "link", "add", &host_link, "type", "veth", "peer", "name", &far,
+        ]);
+        ip(&["link", "set", &far, "netns", &netns]);
+        ip(&["addr", "add", "203.0.113.1/24", "dev", &host_link]);
+        ip(&["link", "set", &host_link, "up"]);
+        ip(&["-n", &netns, "addr", "add", "203.0.113.2/24", "dev", &far]);
+        ip(&["-n", &netns, "link", "set", &far, "up"]);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let path = format!("/run/netns/{netns}");
+        let record = std::sync::Arc::clone(&seen);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            let ns = fs::File::open(path).unwrap();
+            // SAFETY: setns on this thread only, with a namespace file.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let listener = std::net::TcpListener::bind((Self::SERVER, 0)).unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            for stream in listener.incoming().flatten() {
+                record
+                    .lock()
+                    .unwrap()
+                    .push(stream.peer_addr().unwrap().port());
+            }
+        });
+        let port = rx.recv().unwrap();
+        Self {
+            netns,
+            host_link,
+            seen,
+            port,
+        }
+    }
+
+    fn seen(&self) -> Vec<u16> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Beyond {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+#[test]
+fn behind_the_bridge_masquerade_each_event_has_the_port_the_wire_saw() {
+    let named = Named::new("oci-nat");
+    let Setup {
+        runtimes, hooks, ..
+    } = setup("nat");
+    let beyond = Beyond::new();
+    let files = TestCgroup::new("c-nat");
+    let rules = files.rules_file(
+        "r.ini",
+        &format!("{} {} : 21650-21659\n", Beyond::SERVER, beyond.port),
+    );
+    rulebpf_ok(&["attach", "--name", &named.name, rules.to_str().unwrap()]);
+    let events = crate::events::Events::start(&files, "bridge", &["--name", &named.name, "--json"]);
+    let script = format!("nc {} {} </dev/null", Beyond::SERVER, beyond.port);
+    for i in 0..3 {
+        let out = podman_command_on("bridge", &hooks, runtimes[0], Some(&named.name), &script)
+            .output()
+            .expect("running podman");
+        assert!(out.status.success(), "container {i}: {}", text(&out));
+    }
+    wait_until(
+        "the server to see 3 connections",
+        Duration::from_secs(5),
+        || beyond.seen().len() == 3,
+    );
+    for (i, on_wire) in beyond.seen().into_iter().enumerate() {
+        let event = events.next();
+        let origin = event["origin_port"].as_u64().unwrap() as u16;
+        assert!((21650..=21659).contains(&origin), "container {i}: {event}");
+        assert_eq!(event["comm"], "nc", "{event}");
+        assert!(
+            event["cgroup"].as_str().unwrap().contains("libpod"),
+            "{event}"
+        );
+        // The bridge's masquerade keeps the port unless the translated
+        // source already uses it toward the server; either way the event
+        // says what left the host.
+        let expected = if on_wire == origin {
+            Value::Null
+        } else {
+            Value::from(on_wire)
+        };
+        assert_eq!(
+            event["nat_port"], expected,
+            "container {i}: {event}, wire {on_wire}"
+        );
     }
 }

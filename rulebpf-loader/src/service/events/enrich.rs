@@ -17,8 +17,8 @@ use crate::{
 
 /// How often an unknown cgroup id may send the resolver walking the whole
 /// cgroup tree again (a cgroup gone before its event was read stays
-/// unknown).
-const REWALK_EVERY: Duration = Duration::from_secs(1);
+/// unknown, unless the instance's record names it).
+const REWALK_EVERY: Duration = Duration::from_millis(200);
 /// Deepest cgroup the walk descends to (systemd and container runtimes
 /// nest a handful of levels).
 const WALK_DEPTH: usize = 12;
@@ -49,7 +49,7 @@ impl Enricher {
         DecisionRecord {
             time: wall_clock(event.boot_ns),
             instance: self.instance.clone(),
-            cgroup: self.cgroup(event.cgroup_id),
+            cgroup: self.cgroup(event.cgroup_id, instance),
             pid: (event.pid_tgid >> 32) as u32,
             comm: event::comm(event),
             uid,
@@ -80,9 +80,28 @@ impl Enricher {
         self.remarks.get(&key).cloned().flatten()
     }
 
-    fn cgroup(&mut self, id: u64) -> String {
+    fn cgroup(&mut self, id: u64, instance: &Instance) -> String {
         if let Some(path) = self.cgroups.get(&id) {
             return path.clone();
+        }
+        // A cgroup the instance is attached to (a container's, attached by
+        // the OCI hook) is in its record, even once gone.
+        if let Ok(record) = instance.record()
+            && let Some(root) = &self.cgroup_root
+        {
+            for a in record.attachments {
+                // Recorded by the OCI hook in the runtime's mount namespace,
+                // the path may start at /sys/fs/cgroup rather than our mount.
+                let relative = [root.as_path(), Path::new("/sys/fs/cgroup")]
+                    .iter()
+                    .find_map(|r| a.cgroup.strip_prefix(r).ok())
+                    .unwrap_or(&a.cgroup);
+                let shown = format!("/{}", relative.display());
+                self.cgroups.insert(a.cgroup_id, shown.replace("//", "/"));
+            }
+            if let Some(path) = self.cgroups.get(&id) {
+                return path.clone();
+            }
         }
         let due = self.walked.is_none_or(|t| t.elapsed() >= REWALK_EVERY);
         if due && let Some(root) = self.cgroup_root.clone() {

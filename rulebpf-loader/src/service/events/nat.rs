@@ -97,7 +97,15 @@ impl NatWatch {
             );
         let mut spaces = Vec::new();
         if ported {
-            self.refresh(self.own, None);
+            let new_space = !self.spaces.contains_key(&event.netns_cookie);
+            if new_space {
+                // A new namespace is often a new container, whose runtime
+                // has just added its masquerade rules here (CNI, netavark):
+                // look again now rather than at the next recheck.
+                self.force_refresh(self.own);
+            } else {
+                self.refresh(self.own, None);
+            }
             if event.netns_cookie != self.own {
                 self.learn(event.netns_cookie, event.pid_tgid);
             }
@@ -141,6 +149,12 @@ impl NatWatch {
                     break;
                 }
             }
+            debug!(
+                "conntrack: {} from port {}: {}",
+                head.record.destination,
+                head.record.origin_port,
+                found.map_or("not found".to_string(), |p| format!("left as port {p}"))
+            );
             match found {
                 Some(port) => {
                     head.record.nat_port = (port != head.record.origin_port).then_some(port);
@@ -151,6 +165,14 @@ impl NatWatch {
             out.push(self.pending.pop_front().unwrap().record);
         }
         out
+    }
+
+    /// Rechecks our own namespace's NAT rules now.
+    fn force_refresh(&mut self, cookie: u64) {
+        if let Some(space) = self.spaces.get_mut(&cookie) {
+            space.nat = Space::check(None);
+            space.checked = Instant::now();
+        }
     }
 
     /// Rechecks a known namespace's NAT rules when due.
@@ -174,6 +196,16 @@ impl NatWatch {
         {
             return;
         }
+        // Until found (the thread may be gone already): no NAT of its
+        // own known, asked again after RECHECK.
+        self.spaces.insert(
+            cookie,
+            Space {
+                nat: false,
+                checked: Instant::now(),
+                conntrack: None,
+            },
+        );
         let Ok(netns) = File::open(format!("/proc/{tgid}/task/{tid}/ns/net")) else {
             return;
         };
@@ -181,7 +213,7 @@ impl NatWatch {
         let Ok((conntrack, found)) = Conntrack::open_in(copy) else {
             return;
         };
-        // The pid may have been reused by a process elsewhere.
+        // The thread id may have been reused by a thread elsewhere.
         if found != cookie {
             return;
         }
@@ -197,17 +229,21 @@ impl NatWatch {
 }
 
 /// The origin port the connection of `record` has in `table`'s reply
-/// tuple, if the table has it.
+/// tuple, if the table has it. The event has no source address (the route
+/// picks it after the hook), so an earlier connection from the same port
+/// to the same destination (another container's, in TIME_WAIT) matches
+/// too: the entry with the most time left is the newest.
 fn wire_port(record: &DecisionRecord, table: &[Entry]) -> Option<u16> {
     let dest: SocketAddr = record.destination.parse().ok()?;
     let protocol = if record.protocol == "udp" { 17 } else { 6 };
     table
         .iter()
-        .find(|e| {
+        .filter(|e| {
             e.original.protocol == protocol
                 && e.original.src_port == record.origin_port
                 && e.original.dst == Some(dest.ip())
                 && e.original.dst_port == dest.port()
         })
+        .max_by_key(|e| e.timeout)
         .map(|e| e.reply.dst_port)
 }
