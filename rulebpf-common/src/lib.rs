@@ -266,6 +266,9 @@ pub mod global_names {
     /// `u32`: the byte offset of `tw_substate` in the kernel's `struct
     /// tcp_timewait_sock` (from its BTF), 0 when unknown.
     pub const TW_SUBSTATE: &str = "RULEBPF_TW_SUBSTATE";
+    /// `u32`: 1 (the default) when the hooks may make decision events; 0
+    /// removes their code at load (the verifier drops the branch).
+    pub const EVENTS_ON: &str = "RULEBPF_EVENTS_ON";
 }
 
 /// A socket the application bound outside the rule's range keeps its port.

@@ -16,10 +16,11 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     btf_maps::{Array, PerCpuArray, RingBuf},
     helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_ktime_get_boot_ns,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_ktime_get_boot_ns, bpf_ringbuf_query,
     },
     macros::btf_map,
     programs::SockAddrContext,
@@ -28,6 +29,12 @@ use rulebpf_common::{
     EVENT_COUNTS, EVENT_RING_BYTES, EVENTS_NO_MATCH, EVENTS_ON, Event, EventCount, Outcome,
     TupleKey, Verdict,
 };
+
+/// 1: events may be made; 0: their code is dead, and the verifier removes
+/// it (a branch on a frozen read-only global), as if compiled out. Set by
+/// the loader.
+#[unsafe(no_mangle)]
+static RULEBPF_EVENTS_ON: u32 = 1;
 
 #[btf_map(pin_by_name)]
 static RULEBPF_EVENTS: RingBuf<Event, { EVENT_RING_BYTES as usize }> = RingBuf::new();
@@ -42,6 +49,10 @@ static RULEBPF_EVENT_COUNTS: PerCpuArray<u64, { EVENT_COUNTS as usize }> = PerCp
 /// connect pays when nobody listens.
 #[inline(always)]
 pub(crate) fn wanted(outcome: Outcome) -> bool {
+    // SAFETY: plain read of a load-time constant.
+    if unsafe { core::ptr::read_volatile(&RULEBPF_EVENTS_ON) } == 0 {
+        return false;
+    }
     let Some(flags) = RULEBPF_EVENT_CONTROL.get(0) else {
         return false;
     };
@@ -115,8 +126,25 @@ pub(crate) fn emit(ctx: &SockAddrContext, tuple: &TupleKey, decision: &Decision)
         (*event).pad = 0;
         (*event).rule = decision.rule;
     }
-    entry.submit(0);
+    entry.submit(wakeup());
     count(EventCount::Written);
+}
+
+/// `bpf_ringbuf_submit` flags: the reader is not woken per event (a
+/// wakeup per connect would cost more than the event: a context switch on
+/// a busy core); it drains the ring every few milliseconds, and is woken
+/// at once when a quarter of the ring is waiting.
+/// https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/ringbuf.c (bpf_ringbuf_commit)
+#[inline(always)]
+fn wakeup() -> u64 {
+    let ring = core::ptr::from_ref(&RULEBPF_EVENTS).cast_mut().cast();
+    // SAFETY: the ring buffer map, as the helper wants it.
+    let waiting = unsafe { bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA.into()) };
+    if waiting >= u64::from(EVENT_RING_BYTES / 4) {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    }
 }
 
 #[inline(always)]

@@ -48,6 +48,13 @@ impl Rulebpf {
         &self.path
     }
 
+    /// `rulebpf ARGS` to spawn as the caller needs.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.path);
+        command.args(args);
+        command
+    }
+
     /// Runs `rulebpf ARGS` with its output on the terminal; fails unless it
     /// exits 0.
     pub fn show(&self, args: &[&str]) -> anyhow::Result<()> {

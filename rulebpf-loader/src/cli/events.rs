@@ -10,7 +10,7 @@ use rulebpf_loader::{
     instance::Instance,
     model::{event::Wire, name::InstanceName},
     report::events::EventLine,
-    service::events::{self, Wants},
+    service::events::{self, Delivery, Wants},
     sys::cgroup::Cgroup,
 };
 
@@ -69,9 +69,24 @@ pub fn events(args: EventsArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let mut left = args.count;
-    let mut stdout = io::stdout().lock();
+    // Flushed at the end of each batch the reader hands out.
+    let mut stdout = io::BufWriter::with_capacity(64 * 1024, io::stdout().lock());
     let mut failed: Option<io::Error> = None;
-    let sink = |wire: Wire| -> bool {
+    let sink = |delivery: Delivery| -> bool {
+        let wire = match delivery {
+            Delivery::Wire(wire) => wire,
+            Delivery::Flush => {
+                return match stdout.flush() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::BrokenPipe {
+                            failed = Some(e);
+                        }
+                        false
+                    }
+                };
+            }
+        };
         let record = match wire {
             Wire::Record(record) => record,
             Wire::Dropped { dropped: 0 } => return true,
@@ -94,8 +109,7 @@ pub fn events(args: EventsArgs) -> Result<(), CliError> {
                 .and_then(|json| writeln!(stdout, "{json}"))
         } else {
             writeln!(stdout, "{}", EventLine(&record))
-        }
-        .and_then(|()| stdout.flush());
+        };
         if let Err(e) = written {
             // A closed pipe (`| head`) ends the listener quietly.
             if e.kind() != io::ErrorKind::BrokenPipe {
@@ -105,7 +119,10 @@ pub fn events(args: EventsArgs) -> Result<(), CliError> {
         }
         if let Some(left) = &mut left {
             *left -= 1;
-            return *left > 0;
+            if *left == 0 {
+                let _ = stdout.flush();
+                return false;
+            }
         }
         true
     };

@@ -79,6 +79,9 @@ impl RuleSetObject {
         } else {
             0
         };
+        // For measuring what events cost (`cargo xtask bench`): the set
+        // loads with their code removed.
+        let events_on = u32::from(std::env::var_os(layout::NO_EVENTS_ENV).is_none());
         // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
         let log_level = options.kernel_log as usize as u8;
         let ebpf = EbpfLoader::new()
@@ -95,6 +98,7 @@ impl RuleSetObject {
             .override_global(global_names::SHARING, &sharing, true)
             .override_global(global_names::APP_BOUND, &app_bound, true)
             .override_global(global_names::TW_SUBSTATE, &tw_substate, true)
+            .override_global(global_names::EVENTS_ON, &events_on, true)
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)
             .map_err(ObjectError::CreateMaps)?;

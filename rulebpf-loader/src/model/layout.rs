@@ -35,6 +35,9 @@ pub const RUN_DIR: &str = "/run/rulebpf";
 /// still be on bpffs and meets the same checks).
 pub const PIN_DIR_ENV: &str = "RULEBPF_PIN_DIR";
 pub const RUN_DIR_ENV: &str = "RULEBPF_RUN_DIR";
+/// Set (to anything): rule sets load without the decision-event code, as
+/// if compiled out (what `cargo xtask bench` compares events against).
+pub const NO_EVENTS_ENV: &str = "RULEBPF_NO_EVENTS";
 
 /// The top pin directory, as the environment sets it.
 pub fn pin_dir() -> PathBuf {

@@ -354,7 +354,16 @@ async fn events_to_log(
     let mut ready_tx = Some(ready_tx);
     let name = name.clone();
     let task = tokio::spawn(async move {
-        let sink = |wire: crate::model::event::Wire| {
+        let sink = |delivery: events::Delivery| {
+            let wire = match delivery {
+                events::Delivery::Wire(wire) => wire,
+                events::Delivery::Flush => {
+                    if let Err(e) = log.flush() {
+                        warn!("events log: {e}");
+                    }
+                    return true;
+                }
+            };
             match wire {
                 crate::model::event::Wire::Record(record) => {
                     let rewritten = record.nat_port.and(record.line);

@@ -7,6 +7,10 @@
 //! * rulebpf with an allow-list of 1,000 paths: 999 filler paths, the
 //!   measured one, then `* * : deny tcp+udp` (what a gateway whose file
 //!   lists every path it may open runs);
+//! * rulebpf with 1 rule and its decision events: compiled out (the
+//!   verifier removes their code), with `rulebpf events` reading them, with
+//!   `rulebpf run --events-log` writing them to a file (with nobody
+//!   listening, the plain 1-rule row);
 //! * nft SNAT: the peer ([`super::nft`]).
 //!
 //! Only one configuration is on at a time; whatever happens, the [`Rig`]
@@ -15,8 +19,13 @@
 use std::{
     fmt::Write as _,
     fs,
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::Mutex,
 };
+
+use anyhow::{Context as _, bail};
 
 use serde_json::Value;
 
@@ -30,7 +39,20 @@ pub enum Config {
     Rulebpf(u32),
     /// An allow-list of this many paths.
     AllowList(u32),
+    /// 1 rule, what decision events cost.
+    Events(Events),
     NftSnat,
+}
+
+/// The decision events of a 1-rule instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Events {
+    /// Loaded without their code (`RULEBPF_NO_EVENTS`).
+    CompiledOut,
+    /// `rulebpf events --json` reads them (to /dev/null).
+    Read,
+    /// `rulebpf run --events-log FILE` writes them.
+    Logged,
 }
 
 impl Config {
@@ -39,6 +61,7 @@ impl Config {
         let mut configs = vec![Self::NoHook];
         configs.extend(RULE_COUNTS.iter().map(|&n| Self::Rulebpf(n)));
         configs.push(Self::AllowList(ALLOW_LIST_PATHS));
+        configs.extend([Events::CompiledOut, Events::Read, Events::Logged].map(Self::Events));
         configs.push(Self::NftSnat);
         configs
     }
@@ -48,6 +71,9 @@ impl Config {
             Self::NoHook => "no hook".into(),
             Self::Rulebpf(n) => format!("rulebpf {n} rules"),
             Self::AllowList(n) => format!("rulebpf allow-list {n} paths"),
+            Self::Events(Events::CompiledOut) => "rulebpf 1 rule, events compiled out".into(),
+            Self::Events(Events::Read) => "rulebpf 1 rule, rulebpf events reading".into(),
+            Self::Events(Events::Logged) => "rulebpf 1 rule, run --events-log".into(),
             Self::NftSnat => "nft SNAT".into(),
         }
     }
@@ -59,6 +85,8 @@ pub struct Rig {
     rulebpf: Rulebpf,
     cgroup: PathBuf,
     rules_dir: PathBuf,
+    /// The `rulebpf events` or `rulebpf run` of an events configuration.
+    reader: Mutex<Option<Child>>,
 }
 
 impl Rig {
@@ -67,6 +95,7 @@ impl Rig {
             rulebpf,
             cgroup,
             rules_dir,
+            reader: Mutex::new(None),
         }
     }
 
@@ -133,7 +162,66 @@ impl Rig {
             Config::NoHook => Ok(()),
             Config::Rulebpf(n) => self.attach(&self.rules_path(*n)).map(drop),
             Config::AllowList(n) => self.attach(&self.allow_list_path(*n)).map(drop),
+            Config::Events(events) => self.events_on(*events),
             Config::NftSnat => nft::add(),
+        }
+    }
+
+    fn events_on(&self, events: Events) -> anyhow::Result<()> {
+        let rules = self.rules_path(1);
+        let cgroup = arg(&self.cgroup)?;
+        let (mut command, ready) = match events {
+            Events::CompiledOut => {
+                let mut command = self.rulebpf.command(&["attach", "--cgroup", cgroup]);
+                command.arg(&rules).env("RULEBPF_NO_EVENTS", "1");
+                let out = command.output()?;
+                if !out.status.success() {
+                    bail!("attach: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                return Ok(());
+            }
+            Events::Read => {
+                self.attach(&rules)?;
+                let command = self
+                    .rulebpf
+                    .command(&["events", "--json", "--cgroup", cgroup]);
+                (command, "listening to instance")
+            }
+            Events::Logged => {
+                let log = self.rules_dir.join("events.log");
+                let _ = fs::remove_file(&log);
+                let mut command = self.rulebpf.command(&["run", "--cgroup", cgroup]);
+                command.arg("--events-log").arg(&log).arg(&rules);
+                (command, "ready: instance")
+            }
+        };
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the events reader")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let started = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains(ready));
+        // Drain the rest, so the reader never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        *self.reader.lock().unwrap() = Some(child);
+        if !started {
+            bail!("the events reader ended before it was ready");
+        }
+        Ok(())
+    }
+
+    /// Stops the reader of an events configuration (SIGTERM: `run` leaves
+    /// the rules in force; they are detached next).
+    fn reader_off(&self) {
+        if let Some(mut child) = self.reader.lock().unwrap().take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
         }
     }
 
@@ -141,11 +229,16 @@ impl Rig {
         match config {
             Config::NoHook => {}
             Config::Rulebpf(_) | Config::AllowList(_) => self.detach(),
+            Config::Events(_) => {
+                self.reader_off();
+                self.detach();
+            }
             Config::NftSnat => nft::delete(),
         }
     }
 
     pub fn all_off(&self) {
+        self.reader_off();
         self.detach();
         nft::delete();
     }

@@ -31,6 +31,10 @@ pub struct Enricher {
     walked: Option<Instant>,
     /// Rule key -> remark, for the rule set last read.
     remarks: HashMap<u64, Option<String>>,
+    /// The last cgroup resolved (runs of events come from one cgroup).
+    last_cgroup: Option<(u64, String)>,
+    /// CLOCK_REALTIME - CLOCK_BOOTTIME, nanoseconds, read per batch.
+    boot_to_wall: i128,
 }
 
 impl Enricher {
@@ -41,13 +45,22 @@ impl Enricher {
             cgroups: HashMap::new(),
             walked: None,
             remarks: HashMap::new(),
+            last_cgroup: None,
+            boot_to_wall: 0,
         }
+    }
+
+    /// Reads the clocks once for the batch of events about to be turned
+    /// into records (not twice per event).
+    pub fn new_batch(&mut self) {
+        self.boot_to_wall =
+            i128::from(clock_ns(libc::CLOCK_REALTIME)) - i128::from(clock_ns(libc::CLOCK_BOOTTIME));
     }
 
     pub fn record(&mut self, event: &Event, instance: &Instance) -> DecisionRecord {
         let uid = event.uid_gid as u32;
         DecisionRecord {
-            time: wall_clock(event.boot_ns),
+            time: self.wall_clock(event.boot_ns),
             instance: self.instance.clone(),
             cgroup: self.cgroup(event.cgroup_id, instance),
             pid: (event.pid_tgid >> 32) as u32,
@@ -81,6 +94,17 @@ impl Enricher {
     }
 
     fn cgroup(&mut self, id: u64, instance: &Instance) -> String {
+        if let Some((last, path)) = &self.last_cgroup
+            && *last == id
+        {
+            return path.clone();
+        }
+        let path = self.resolve_cgroup(id, instance);
+        self.last_cgroup = Some((id, path.clone()));
+        path
+    }
+
+    fn resolve_cgroup(&mut self, id: u64, instance: &Instance) -> String {
         if let Some(path) = self.cgroups.get(&id) {
             return path.clone();
         }
@@ -136,14 +160,13 @@ fn walk(root: &Path, dir: &Path, depth: usize, into: &mut HashMap<u64, String>) 
     }
 }
 
-/// CLOCK_BOOTTIME nanoseconds (what the hook stamps) as RFC 3339 UTC.
-fn wall_clock(boot_ns: u64) -> String {
-    let boot_now = clock_ns(libc::CLOCK_BOOTTIME);
-    let ago = Duration::from_nanos(boot_now.saturating_sub(boot_ns));
-    let at = SystemTime::now()
-        .checked_sub(ago)
-        .unwrap_or(SystemTime::now());
-    humantime::format_rfc3339_millis(at).to_string()
+impl Enricher {
+    /// CLOCK_BOOTTIME nanoseconds (what the hook stamps) as RFC 3339 UTC.
+    fn wall_clock(&self, boot_ns: u64) -> String {
+        let wall = (i128::from(boot_ns) + self.boot_to_wall).max(0);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(wall as u64);
+        humantime::format_rfc3339_millis(at).to_string()
+    }
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {

@@ -4,7 +4,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, Write},
+    io::{self, BufWriter, Write},
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
@@ -40,7 +40,9 @@ impl EventsLog {
 /// Writes lines to an [`EventsLog`].
 pub struct LogWriter {
     log: EventsLog,
-    file: Option<File>,
+    /// Written out at each [`Self::flush`] (the end of a batch of events)
+    /// and before a rotation.
+    file: Option<BufWriter<File>>,
     size: u64,
 }
 
@@ -54,7 +56,7 @@ impl LogWriter {
         if let EventsLog::File { path, .. } = &writer.log {
             let file = open(path)?;
             writer.size = file.metadata()?.len();
-            writer.file = Some(file);
+            writer.file = Some(BufWriter::with_capacity(64 * 1024, file));
         }
         Ok(writer)
     }
@@ -71,14 +73,26 @@ impl LogWriter {
         };
         let len = line.len() as u64 + 1;
         if self.size > 0 && self.size + len > *max_bytes {
+            if let Some(file) = &mut self.file {
+                file.flush()?;
+            }
             rotate(path, *keep)?;
-            self.file = Some(open(path)?);
+            self.file = Some(BufWriter::with_capacity(64 * 1024, open(path)?));
             self.size = 0;
         }
         let file = self.file.as_mut().expect("a file log has its file");
-        file.write_all(format!("{line}\n").as_bytes())?;
+        file.write_all(line.as_bytes())?;
+        file.write_all(b"\n")?;
         self.size += len;
         Ok(())
+    }
+
+    /// Writes out what is buffered.
+    pub fn flush(&mut self) -> io::Result<()> {
+        match &mut self.file {
+            Some(file) => file.flush(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -130,6 +144,7 @@ mod tests {
         for i in 0..10 {
             log.write_line(&format!("line {i:04}")).unwrap(); // 10 bytes each
         }
+        log.flush().unwrap();
         let read = |p: &Path| std::fs::read_to_string(p).unwrap();
         assert_eq!(read(&path), "line 0008\nline 0009\n");
         assert_eq!(

@@ -95,6 +95,19 @@ impl Wants {
     }
 }
 
+/// What a listener's sink gets.
+#[derive(Debug)]
+pub enum Delivery {
+    Wire(Wire),
+    /// The end of a batch: write out what was buffered.
+    Flush,
+}
+
+/// How often the reader drains the ring: the hooks wake it only when a
+/// quarter of the ring waits (`rulebpf-ebpf/src/events.rs`), so this is
+/// the latency of an event on a quiet host.
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
+
 /// How a listener gets the events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -125,7 +138,7 @@ const ADMITTED: &str = "{\"dropped\":0}\n";
 pub async fn listen(
     name: &InstanceName,
     wants: Wants,
-    mut sink: impl FnMut(Wire) -> bool,
+    mut sink: impl FnMut(Delivery) -> bool,
     mut ready: impl FnMut(Role),
 ) -> Result<(), EventsError> {
     loop {
@@ -162,7 +175,7 @@ async fn connect(name: &InstanceName, wants: Wants) -> std::io::Result<UnixStrea
 /// sink is done (false).
 async fn follow(
     stream: UnixStream,
-    sink: &mut impl FnMut(Wire) -> bool,
+    sink: &mut impl FnMut(Delivery) -> bool,
     ready: &mut impl FnMut(Role),
 ) -> bool {
     let mut lines = BufReader::new(stream).lines();
@@ -174,11 +187,15 @@ async fn follow(
         }
         match serde_json::from_str::<Wire>(&line) {
             Ok(wire) => {
-                if !sink(wire) {
+                if !sink(Delivery::Wire(wire)) {
                     return false;
                 }
             }
             Err(e) => warn!("events: a line from the reader this version cannot read: {e}"),
+        }
+        // Nothing more read already: the end of what the reader sent.
+        if lines.get_ref().buffer().is_empty() && !sink(Delivery::Flush) {
+            return false;
         }
     }
     true
@@ -233,7 +250,7 @@ impl AsRawFd for Readable {
 async fn read(
     name: &InstanceName,
     wants: Wants,
-    sink: &mut impl FnMut(Wire) -> bool,
+    sink: &mut impl FnMut(Delivery) -> bool,
     ready: &mut impl FnMut(Role),
     _lock: ReaderLock,
 ) -> Result<bool, EventsError> {
@@ -257,7 +274,8 @@ async fn read(
     let mut listeners: Vec<Listener> = Vec::new();
     let mut wanted = Wanted::default();
     let mut watch = nat::NatWatch::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now = Wanted {
             on: true,
@@ -286,9 +304,16 @@ async fn read(
                 }
             }
             Some(listener) = joined.recv() => listeners.push(listener),
-            _ = tick.tick(), if !watch.is_empty() => {}
+            _ = tick.tick() => {
+                enricher.new_batch();
+                while let Some(event) = ring.get_mut().0.next_event() {
+                    let Some(event) = event else { continue };
+                    watch.admit(enricher.record(&event, &instance), &event);
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EventsError::Ring)?;
+                enricher.new_batch();
                 while let Some(event) = guard.get_inner_mut().0.next_event() {
                     let Some(event) = event else { continue };
                     watch.admit(enricher.record(&event, &instance), &event);
@@ -296,10 +321,15 @@ async fn read(
                 guard.clear_ready();
             }
         }
-        for record in watch.ready() {
+        let ready = watch.ready();
+        let any = !ready.is_empty();
+        for record in ready {
             if !hand_out(record, wants, &mut listeners, sink) {
                 return Ok(false);
             }
+        }
+        if any && !sink(Delivery::Flush) {
+            return Ok(false);
         }
     }
 }
@@ -310,14 +340,16 @@ fn hand_out(
     record: DecisionRecord,
     wants: Wants,
     listeners: &mut Vec<Listener>,
-    sink: &mut impl FnMut(Wire) -> bool,
+    sink: &mut impl FnMut(Delivery) -> bool,
 ) -> bool {
-    if let Ok(mut json) = serde_json::to_string(&record) {
+    if !listeners.is_empty()
+        && let Ok(mut json) = serde_json::to_string(&record)
+    {
         json.push('\n');
         let line: Arc<str> = json.into();
         listeners.retain_mut(|l| !l.wants.takes(&record) || l.offer(&line));
     }
-    !wants.takes(&record) || sink(Wire::Record(Box::new(record)))
+    !wants.takes(&record) || sink(Delivery::Wire(Wire::Record(Box::new(record))))
 }
 
 /// A new listener: its peer must be root; its first line says what it
@@ -345,8 +377,17 @@ async fn admit(stream: UnixStream, joined: mpsc::Sender<Listener>) {
     {
         return;
     }
+    // What is queued goes out in one write.
+    let mut batch = Vec::new();
     while let Some(line) = queue.recv().await {
-        if write_half.write_all(line.as_bytes()).await.is_err() {
+        batch.clear();
+        batch.extend_from_slice(line.as_bytes());
+        while batch.len() < 64 * 1024
+            && let Ok(line) = queue.try_recv()
+        {
+            batch.extend_from_slice(line.as_bytes());
+        }
+        if write_half.write_all(&batch).await.is_err() {
             return;
         }
     }

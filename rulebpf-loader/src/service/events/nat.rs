@@ -84,10 +84,6 @@ impl NatWatch {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
     /// Queues `record` (of `event`); what is ready comes out of [`Self::ready`].
     pub fn admit(&mut self, record: DecisionRecord, event: &Event) {
         let ported = event.origin_port != 0

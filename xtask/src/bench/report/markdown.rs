@@ -70,6 +70,7 @@ pub fn render(j: &Value) -> anyhow::Result<String> {
         attach,
     )?;
     targets(j, &mut md)?;
+    events(j, &mut md)?;
     writeln!(
         md,
         "\n![connects/s and attach time against rule count](BENCHMARKS.svg)"
@@ -322,6 +323,61 @@ fn targets(j: &Value, md: &mut String) -> anyhow::Result<()> {
          connect with 100,000 rules.",
         spread.0, spread.1
     )?;
+    Ok(())
+}
+
+/// What decision events cost: the 1-rule rows against events compiled
+/// out, per round (absent from runs made before events existed).
+fn events(j: &Value, md: &mut String) -> anyhow::Result<()> {
+    let results = j["results"].as_array().unwrap();
+    let rounds = |name: &str| -> Option<Vec<f64>> {
+        let row = results.iter().find(|r| r["config"] == name)?;
+        row["connects_per_sec_rounds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+    };
+    let Some(out) = rounds("rulebpf 1 rule, events compiled out") else {
+        return Ok(());
+    };
+    let against = |name: &str| -> Option<f64> {
+        let r = rounds(name)?;
+        Some(super::median(
+            &r.iter().zip(&out).map(|(a, b)| a / b).collect::<Vec<_>>(),
+        ))
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    writeln!(
+        md,
+        "\nDecision events (`rulebpf events`): connects/s of the 1-rule instance against the same \
+         instance with the event code compiled out (the verifier removes it), per round:\n"
+    )?;
+    writeln!(md, "| events | vs compiled out | target | |")?;
+    writeln!(md, "|---|---:|---:|---|")?;
+    for (name, label, target) in [
+        (
+            "rulebpf 1 rules",
+            "nobody listening (one map read per connect)",
+            0.99,
+        ),
+        (
+            "rulebpf 1 rule, rulebpf events reading",
+            "`rulebpf events --json` reading",
+            0.95,
+        ),
+        (
+            "rulebpf 1 rule, run --events-log",
+            "`run --events-log FILE` writing",
+            0.95,
+        ),
+    ] {
+        if let Some(ratio) = against(name) {
+            writeln!(
+                md,
+                "| {label} | {ratio:.3} | >= {target:.2} | {} |",
+                verdict(ratio >= target)
+            )?;
+        }
+    }
     Ok(())
 }
 
