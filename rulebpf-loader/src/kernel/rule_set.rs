@@ -81,7 +81,10 @@ impl RuleSetObject {
         };
         // For measuring what events cost (`cargo xtask bench`): the set
         // loads with their code removed.
-        let events_on = u32::from(std::env::var_os(layout::NO_EVENTS_ENV).is_none());
+        // And on a kernel that lacks what they need, the set loads without
+        // them (the verifier would refuse the helpers).
+        let events_on =
+            u32::from(support.events() && std::env::var_os(layout::NO_EVENTS_ENV).is_none());
         // aya-log levels: Error = 1 .. Trace = 5, as log::LevelFilter; 0 = off.
         let log_level = options.kernel_log as usize as u8;
         let ebpf = EbpfLoader::new()

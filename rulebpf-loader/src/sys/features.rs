@@ -59,6 +59,7 @@ static PROBE_OBJECT: &[u8] =
 
 const SHARING: &str = "SO_REUSEADDR/SO_REUSEPORT from a connect hook";
 const TIMEWAIT_SUBSTATE: &str = "bpf_skc_to_tcp_timewait_sock + kernel BTF";
+const EVENTS: &str = "ring buffer + task helpers in connect hooks";
 
 impl Support {
     /// The probed support of the running kernel, probed once per process:
@@ -123,6 +124,25 @@ impl Support {
                     required: false,
                 },
                 Feature {
+                    name: EVENTS,
+                    since: "6.1",
+                    role: "decision events, `rulebpf events` (ring buffer 5.8; the \
+                           connecting task's pid, uid and name in connect hooks 6.1; \
+                           without them: no events, the rules work the same)",
+                    present: [
+                        BpfHelper::BPF_FUNC_ringbuf_reserve,
+                        BpfHelper::BPF_FUNC_ringbuf_query,
+                        BpfHelper::BPF_FUNC_get_current_pid_tgid,
+                        BpfHelper::BPF_FUNC_get_current_uid_gid,
+                        BpfHelper::BPF_FUNC_get_current_comm,
+                        BpfHelper::BPF_FUNC_get_current_cgroup_id,
+                    ]
+                    .into_iter()
+                    .map(helper)
+                    .try_fold(true, |all, h| h.map(|h| all && h)),
+                    required: false,
+                },
+                Feature {
                     name: SHARING,
                     since: "6.0",
                     role: "origin ports shared among destinations (bpf_setsockopt; \
@@ -147,6 +167,13 @@ impl Support {
         self.features
             .iter()
             .any(|f| f.name == TIMEWAIT_SUBSTATE && f.present == Some(true))
+    }
+
+    /// Whether the hooks can make decision events.
+    pub fn events(&self) -> bool {
+        self.features
+            .iter()
+            .any(|f| f.name == EVENTS && f.present == Some(true))
     }
 
     /// Whether the hook may call `bpf_set_retval`.
@@ -180,6 +207,14 @@ impl Support {
                 "this kernel cannot set connect()'s errno from BPF (bpf_set_retval, Linux \
                  5.18): with --policy strict an exhausted range fails connect() with EPERM \
                  instead of EADDRNOTAVAIL"
+                    .to_string(),
+            );
+        }
+        if !self.events() {
+            out.push(
+                "this kernel does not give connect hooks a ring buffer and the connecting \
+                 task's pid, uid and name (Linux 6.1): no decision events (`rulebpf events` \
+                 stays silent); the rules work the same"
                     .to_string(),
             );
         }

@@ -7,10 +7,10 @@
 //! * rulebpf with an allow-list of 1,000 paths: 999 filler paths, the
 //!   measured one, then `* * : deny tcp+udp` (what a gateway whose file
 //!   lists every path it may open runs);
-//! * rulebpf with 1 rule and its decision events: compiled out (the
-//!   verifier removes their code), with `rulebpf events` reading them, with
-//!   `rulebpf run --events-log` writing them to a file (with nobody
-//!   listening, the plain 1-rule row);
+//! * rulebpf with 1 rule and its decision events (`super::events`):
+//!   compiled out (the verifier removes their code), with `rulebpf events`
+//!   reading them, with `rulebpf run --events-log` writing them to a file
+//!   (with nobody listening, the plain 1-rule configuration);
 //! * nft SNAT: the peer ([`super::nft`]).
 //!
 //! Only one configuration is on at a time; whatever happens, the [`Rig`]
@@ -56,12 +56,12 @@ pub enum Events {
 }
 
 impl Config {
-    /// In the order each round runs them (and the report lists them).
+    /// In the order each main round runs them (and the report lists them);
+    /// the events configurations have rounds of their own (`events.rs`).
     pub fn all() -> Vec<Self> {
         let mut configs = vec![Self::NoHook];
         configs.extend(RULE_COUNTS.iter().map(|&n| Self::Rulebpf(n)));
         configs.push(Self::AllowList(ALLOW_LIST_PATHS));
-        configs.extend([Events::CompiledOut, Events::Read, Events::Logged].map(Self::Events));
         configs.push(Self::NftSnat);
         configs
     }
@@ -212,6 +212,9 @@ impl Rig {
         if !started {
             bail!("the events reader ended before it was ready");
         }
+        // A reader runs for months: measure it settled, not its start
+        // (`run`'s first checks, nft read once for the NAT watch).
+        std::thread::sleep(std::time::Duration::from_millis(500));
         Ok(())
     }
 

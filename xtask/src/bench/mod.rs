@@ -15,12 +15,14 @@
 //!   no hook, rulebpf with and without port sharing, and nft SNAT, each in a
 //!   fresh network namespace; the connect cost with 90 % of a 1,000-port
 //!   range held; the IPv6 connect rate against no hook.
+//! * Last, what decision events cost ([`events`]), in rounds of their own.
 //!
 //! | module | its one job |
 //! |---|---|
 //! | this one | the run: attach cost per rule count, the rounds, then capacity and costs |
 //! | [`capacity`] | the capacity scenario, the busy range, the IPv6 row (network namespaces) |
 //! | [`config`] | the configurations, switching each on and off, the rule files |
+//! | [`events`] | what decision events cost: compiled out, nobody listening, read, logged |
 //! | [`nft`] | the nft SNAT peer: its ruleset and why it is set up that way |
 //! | [`server`] | the loopback server: a port-recording listener per destination port (and `bench-server`, in a namespace) |
 //! | [`client`] | the client process inside the bench cgroup, and running it |
@@ -35,6 +37,7 @@
 mod capacity;
 pub mod client;
 mod config;
+mod events;
 mod nft;
 mod report;
 pub mod server;
@@ -159,7 +162,10 @@ impl Bench {
             size.capacity_rounds,
         )?;
         let costs = capacity::costs(&self.rig, &self.client, size)?;
-        Ok(Report::new(size, &configs, &measured, attach).with(capacity, costs))
+        let events = events::measure(self, size)?;
+        Ok(Report::new(size, &configs, &measured, attach)
+            .with(capacity, costs)
+            .with_events(events))
     }
 
     /// Attach cost and footprint per rule count; writes the rule files the

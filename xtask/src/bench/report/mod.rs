@@ -71,6 +71,12 @@ impl Report {
         self
     }
 
+    /// With what decision events cost.
+    pub fn with_events(mut self, events: Value) -> Self {
+        self.json["events"] = events;
+        self
+    }
+
     /// Writes BENCHMARKS.{json,svg,md} into `out_dir`.
     pub fn write(&self, out_dir: &Path, echo: Echo) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(&self.json)?;

@@ -1,0 +1,88 @@
+//! What decision events cost per connect: the 1-rule instance with their
+//! code compiled out, with nobody listening, with `rulebpf events` reading
+//! and with `rulebpf run --events-log` writing, and no hook, alternated
+//! round after round (A B C D E A B C D E ...) so that each ratio pairs
+//! configurations measured seconds apart: on a VM whose speed drifts from
+//! round to round, pairing is what makes a 1 % difference visible.
+
+use serde_json::{Value, json};
+
+use super::{
+    Bench, Size,
+    config::{Config, Events},
+    report::median,
+};
+
+/// Destination ports of these rounds (after the main rounds' ports).
+const FIRST_PORT: u16 = 7500;
+
+/// In the order each round runs them.
+fn configs() -> [Config; 5] {
+    [
+        Config::NoHook,
+        Config::Events(Events::CompiledOut),
+        Config::Rulebpf(1),
+        Config::Events(Events::Read),
+        Config::Events(Events::Logged),
+    ]
+}
+
+/// What each configuration measured per counted round, and the medians of
+/// the paired ratios.
+pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
+    let configs = configs();
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut last = vec![0.0; configs.len()];
+    let mut port = FIRST_PORT;
+    let rounds = size.cost_rounds * 2;
+    for round in 0..=rounds {
+        for (i, config) in configs.iter().enumerate() {
+            bench.rig.on(config)?;
+            let outcome = (|| {
+                if round == 0 {
+                    bench.prove(config, port)?;
+                    port += 1;
+                }
+                let rate = bench.connect_rate(port, size.cost_connects)?;
+                port += 1;
+                anyhow::Ok(rate)
+            })();
+            bench.rig.off(config);
+            let rate = outcome?;
+            last[i] = rate;
+            if round > 0 {
+                rates[i].push(rate);
+            }
+            anyhow::ensure!(port < super::BULK_PORT, "out of fresh destination ports");
+        }
+        eprintln!(
+            "round {round} events: {}",
+            configs
+                .iter()
+                .zip(&last)
+                .map(|(c, r)| format!("{} {r:.0}/s", c.name()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let paired =
+        |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>());
+    let rows: Vec<Value> = configs
+        .iter()
+        .zip(&rates)
+        .map(|(config, r)| {
+            json!({
+                "config": config.name(),
+                "connects_per_sec": median(r),
+                "ratio_to_no_hook": paired(r, &rates[0]),
+                "ratio_to_compiled_out": paired(r, &rates[1]),
+                "connects_per_sec_rounds": r,
+            })
+        })
+        .collect();
+    Ok(json!({
+        "rounds": rounds,
+        "connects_per_round": size.cost_connects,
+        "results": rows,
+    }))
+}
