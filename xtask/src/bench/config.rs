@@ -218,6 +218,20 @@ impl Rig {
         Ok(())
     }
 
+    /// CPU time the reader of an events configuration has used so far
+    /// (nanoseconds, all its threads: `/proc/PID/task/*/schedstat`).
+    pub fn reader_cpu_ns(&self) -> Option<u64> {
+        let pid = self.reader.lock().unwrap().as_ref()?.id();
+        let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        Some(
+            tasks
+                .flatten()
+                .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split(' ').next()?.parse::<u64>().ok())
+                .sum(),
+        )
+    }
+
     /// Stops the reader of an events configuration (SIGTERM: `run` leaves
     /// the rules in force; they are detached next).
     fn reader_off(&self) {

@@ -33,8 +33,11 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
     let configs = configs();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     let mut last = vec![0.0; configs.len()];
+    // Per configuration with a reader: its CPU nanoseconds and the events
+    // it was given, over the counted rounds.
+    let mut reader = vec![(0u64, 0u64); configs.len()];
     let mut port = FIRST_PORT;
-    let rounds = size.cost_rounds * 2;
+    let rounds = size.cost_rounds * 3;
     for round in 0..=rounds {
         for (i, config) in configs.iter().enumerate() {
             bench.rig.on(config)?;
@@ -43,15 +46,21 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
                     bench.prove(config, port)?;
                     port += 1;
                 }
+                let before = bench.rig.reader_cpu_ns();
                 let rate = bench.connect_rate(port, size.cost_connects)?;
+                let cpu = before.zip(bench.rig.reader_cpu_ns()).map(|(a, b)| b - a);
                 port += 1;
-                anyhow::Ok(rate)
+                anyhow::Ok((rate, cpu))
             })();
             bench.rig.off(config);
-            let rate = outcome?;
+            let (rate, cpu) = outcome?;
             last[i] = rate;
             if round > 0 {
                 rates[i].push(rate);
+                if let Some(cpu) = cpu {
+                    reader[i].0 += cpu;
+                    reader[i].1 += u64::from(size.cost_connects);
+                }
             }
             anyhow::ensure!(port < super::BULK_PORT, "out of fresh destination ports");
         }
@@ -70,13 +79,16 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
     let rows: Vec<Value> = configs
         .iter()
         .zip(&rates)
-        .map(|(config, r)| {
+        .zip(&reader)
+        .map(|((config, r), &(cpu_ns, events))| {
             json!({
                 "config": config.name(),
                 "connects_per_sec": median(r),
                 "ratio_to_no_hook": paired(r, &rates[0]),
                 "ratio_to_compiled_out": paired(r, &rates[1]),
                 "connects_per_sec_rounds": r,
+                // The reader's own CPU per event (null: no reader).
+                "reader_cpu_ns_per_event": (events > 0).then(|| cpu_ns as f64 / events as f64),
             })
         })
         .collect();
