@@ -13,8 +13,10 @@ use super::{
     report::median,
 };
 
-/// Destination ports of these rounds (after the main rounds' ports).
-const FIRST_PORT: u16 = 7500;
+/// Destination ports of these rounds: after the main rounds' (7400 and
+/// up: 8 rounds of 7 configurations and 7 proofs end at 7462), before the
+/// bulk port (22 rounds of 5 and 5 proofs end at 7584).
+const FIRST_PORT: u16 = 7470;
 
 /// In the order each round runs them.
 fn configs() -> [Config; 5] {
