@@ -218,6 +218,18 @@ impl Rig {
         Ok(())
     }
 
+    /// The pin of the bench instance's entry connect4 program (the
+    /// instance is named after the cgroup, as `systemd-escape --path`
+    /// does: `rulebpf-bench` is `rulebpf\x2dbench`).
+    pub fn entry_connect4_pin(&self) -> PathBuf {
+        let leaf = self
+            .cgroup
+            .file_name()
+            .map(|n| n.to_string_lossy().replace('-', r"\x2d"))
+            .unwrap_or_default();
+        Path::new("/sys/fs/bpf/rulebpf").join(leaf).join("connect4")
+    }
+
     /// CPU time the reader of an events configuration has used so far
     /// (nanoseconds, all its threads: `/proc/PID/task/*/schedstat`).
     pub fn reader_cpu_ns(&self) -> Option<u64> {

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bench, Size,
+    bpf_stats::{Program, StatsOn},
     config::{Config, Events},
     report::median,
 };
@@ -38,6 +39,10 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
     // Per configuration with a reader: its CPU nanoseconds and the events
     // it was given, over the counted rounds.
     let mut reader = vec![(0u64, 0u64); configs.len()];
+    // Per hooked configuration: the hook's nanoseconds and runs (the
+    // entry program's, which covers the rule set it tail-calls).
+    let mut hook = vec![(0u64, 0u64); configs.len()];
+    let _stats = StatsOn::new()?;
     let mut port = FIRST_PORT;
     let rounds = size.cost_rounds * 3;
     for round in 0..=rounds {
@@ -48,17 +53,30 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
                     bench.prove(config, port)?;
                     port += 1;
                 }
+                let program = match config {
+                    Config::NoHook => None,
+                    _ => Some(Program::open(&bench.rig.entry_connect4_pin())?),
+                };
+                let hook_before = program.as_ref().map(Program::counters).transpose()?;
                 let before = bench.rig.reader_cpu_ns();
                 let rate = bench.connect_rate(port, size.cost_connects)?;
                 let cpu = before.zip(bench.rig.reader_cpu_ns()).map(|(a, b)| b - a);
+                let hook_after = program.as_ref().map(Program::counters).transpose()?;
+                let ran = hook_before
+                    .zip(hook_after)
+                    .map(|((t0, n0), (t1, n1))| (t1 - t0, n1 - n0));
                 port += 1;
-                anyhow::Ok((rate, cpu))
+                anyhow::Ok((rate, cpu, ran))
             })();
             bench.rig.off(config);
-            let (rate, cpu) = outcome?;
+            let (rate, cpu, ran) = outcome?;
             last[i] = rate;
             if round > 0 {
                 rates[i].push(rate);
+                if let Some((ns, runs)) = ran {
+                    hook[i].0 += ns;
+                    hook[i].1 += runs;
+                }
                 if let Some(cpu) = cpu {
                     reader[i].0 += cpu;
                     reader[i].1 += u64::from(size.cost_connects);
@@ -82,7 +100,8 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
         .iter()
         .zip(&rates)
         .zip(&reader)
-        .map(|((config, r), &(cpu_ns, events))| {
+        .zip(&hook)
+        .map(|(((config, r), &(cpu_ns, events)), &(hook_ns, runs))| {
             json!({
                 "config": config.name(),
                 "connects_per_sec": median(r),
@@ -91,6 +110,8 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
                 "connects_per_sec_rounds": r,
                 // The reader's own CPU per event (null: no reader).
                 "reader_cpu_ns_per_event": (events > 0).then(|| cpu_ns as f64 / events as f64),
+                // The hook's own time per connect (bpf_stats; null: no hook).
+                "hook_ns_per_connect": (runs > 0).then(|| hook_ns as f64 / runs as f64),
             })
         })
         .collect();

@@ -23,6 +23,7 @@
 //! | [`capacity`] | the capacity scenario, the busy range, the IPv6 row (network namespaces) |
 //! | [`config`] | the configurations, switching each on and off, the rule files |
 //! | [`events`] | what decision events cost: compiled out, nobody listening, read, logged |
+//! | [`bpf_stats`] | the kernel's run time of a pinned program (`kernel.bpf_stats_enabled`) |
 //! | [`nft`] | the nft SNAT peer: its ruleset and why it is set up that way |
 //! | [`server`] | the loopback server: a port-recording listener per destination port (and `bench-server`, in a namespace) |
 //! | [`client`] | the client process inside the bench cgroup, and running it |
@@ -34,6 +35,7 @@
 //! range, so "no hook" is told apart by the port alone, and apart from the
 //! ranges of the demo and the kernel tests, which CI runs just before.
 
+mod bpf_stats;
 mod capacity;
 pub mod client;
 mod config;

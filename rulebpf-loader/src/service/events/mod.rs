@@ -289,14 +289,16 @@ async fn read(
             wanted = now;
         }
         // Told only now that the hooks make what it asked for.
-        let admitted: Arc<str> = ADMITTED.into();
-        listeners.retain_mut(|l| {
-            l.admitted
-                || (l.offer(&admitted) && {
-                    l.admitted = true;
-                    true
-                })
-        });
+        if listeners.iter().any(|l| !l.admitted) {
+            let admitted: Arc<str> = ADMITTED.into();
+            listeners.retain_mut(|l| {
+                l.admitted
+                    || (l.offer(&admitted) && {
+                        l.admitted = true;
+                        true
+                    })
+            });
+        }
         tokio::select! {
             accepted = server.accept() => {
                 if let Ok((stream, _)) = accepted {
