@@ -100,10 +100,10 @@ impl Peer {
 
 /// A network namespace of its own, deleted on drop (its sockets go when
 /// the last process in it ends).
-struct Netns(String);
+pub struct Netns(pub String);
 
 impl Netns {
-    fn fresh(tag: &str) -> anyhow::Result<Self> {
+    pub fn fresh(tag: &str) -> anyhow::Result<Self> {
         let name = format!("rulebpf-bench-{}-{tag}", std::process::id());
         let ip = |args: &[&str]| -> anyhow::Result<()> {
             let status = Command::new("ip").args(args).status().context("ip")?;
@@ -124,10 +124,14 @@ impl Drop for Netns {
 }
 
 /// `xtask bench-server` in a network namespace, until dropped.
-struct Server(Child);
+pub struct Server(Child);
 
 impl Server {
-    fn start(netns: &Netns, listen: &[(IpAddr, u16)], client_closes: bool) -> anyhow::Result<Self> {
+    pub fn start(
+        netns: &Netns,
+        listen: &[(IpAddr, u16)],
+        client_closes: bool,
+    ) -> anyhow::Result<Self> {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net=/run/netns/{}", netns.0))

@@ -170,7 +170,7 @@ impl Rig {
     fn events_on(&self, events: Events) -> anyhow::Result<()> {
         let rules = self.rules_path(1);
         let cgroup = arg(&self.cgroup)?;
-        let (mut command, ready) = match events {
+        let (command, ready) = match events {
             Events::CompiledOut => {
                 let mut command = self.rulebpf.command(&["attach", "--cgroup", cgroup]);
                 command.arg(&rules).env("RULEBPF_NO_EVENTS", "1");
@@ -182,10 +182,7 @@ impl Rig {
             }
             Events::Read => {
                 self.attach(&rules)?;
-                let command = self
-                    .rulebpf
-                    .command(&["events", "--json", "--cgroup", cgroup]);
-                (command, "listening to instance")
+                return self.events_reader();
             }
             Events::Logged => {
                 let log = self.rules_dir.join("events.log");
@@ -195,6 +192,13 @@ impl Rig {
                 (command, "ready: instance")
             }
         };
+        self.spawn_reader(command, ready)
+    }
+
+    /// Starts `command` (a `rulebpf events` or `rulebpf run`) as the
+    /// reader of an events configuration and waits until its stderr says
+    /// `ready`, then lets it settle.
+    fn spawn_reader(&self, mut command: std::process::Command, ready: &str) -> anyhow::Result<()> {
         let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -218,16 +222,24 @@ impl Rig {
         Ok(())
     }
 
-    /// The pin of the bench instance's entry connect4 program (the
-    /// instance is named after the cgroup, as `systemd-escape --path`
-    /// does: `rulebpf-bench` is `rulebpf\x2dbench`).
-    pub fn entry_connect4_pin(&self) -> PathBuf {
+    /// The pin `name` of the bench instance (named after the cgroup, as
+    /// `systemd-escape --path` does: `rulebpf-bench` is
+    /// `rulebpf\x2dbench`): `connect4` is the entry program.
+    pub fn pin(&self, name: &str) -> PathBuf {
         let leaf = self
             .cgroup
             .file_name()
             .map(|n| n.to_string_lossy().replace('-', r"\x2d"))
             .unwrap_or_default();
-        Path::new("/sys/fs/bpf/rulebpf").join(leaf).join("connect4")
+        Path::new("/sys/fs/bpf/rulebpf").join(leaf).join(name)
+    }
+
+    /// `rulebpf events --json` for the bench cgroup, as a reader.
+    pub fn events_reader(&self) -> anyhow::Result<()> {
+        let command = self
+            .rulebpf
+            .command(&["events", "--json", "--cgroup", arg(&self.cgroup)?]);
+        self.spawn_reader(command, "listening to instance")
     }
 
     /// CPU time the reader of an events configuration has used so far
@@ -246,7 +258,7 @@ impl Rig {
 
     /// Stops the reader of an events configuration (SIGTERM: `run` leaves
     /// the rules in force; they are detached next).
-    fn reader_off(&self) {
+    pub fn reader_off(&self) {
         if let Some(mut child) = self.reader.lock().unwrap().take() {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bench, Size,
-    bpf_stats::{Program, StatsOn},
+    bpf::{Program, StatsOn},
     config::{Config, Events},
     report::median,
 };
@@ -55,7 +55,7 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
                 }
                 let program = match config {
                     Config::NoHook => None,
-                    _ => Some(Program::open(&bench.rig.entry_connect4_pin())?),
+                    _ => Some(Program::open(&bench.rig.pin("connect4"))?),
                 };
                 let hook_before = program.as_ref().map(Program::counters).transpose()?;
                 let before = bench.rig.reader_cpu_ns();

@@ -15,7 +15,8 @@
 //!   no hook, rulebpf with and without port sharing, and nft SNAT, each in a
 //!   fresh network namespace; the connect cost with 90 % of a 1,000-port
 //!   range held; the IPv6 connect rate against no hook.
-//! * Last, what decision events cost ([`events`]), in rounds of their own.
+//! * Last, what decision events cost ([`events`]), and each piece of the
+//!   hook on its own ([`pieces`]), in rounds of their own.
 //!
 //! | module | its one job |
 //! |---|---|
@@ -23,7 +24,8 @@
 //! | [`capacity`] | the capacity scenario, the busy range, the IPv6 row (network namespaces) |
 //! | [`config`] | the configurations, switching each on and off, the rule files |
 //! | [`events`] | what decision events cost: compiled out, nobody listening, read, logged |
-//! | [`bpf_stats`] | the kernel's run time of a pinned program (`kernel.bpf_stats_enabled`) |
+//! | [`bpf`] | pinned BPF objects: a program's run time (`kernel.bpf_stats_enabled`), a jump slot emptied |
+//! | [`pieces`] | each piece of the hook on its own, IPv4 and IPv6, with the ns of each program |
 //! | [`nft`] | the nft SNAT peer: its ruleset and why it is set up that way |
 //! | [`server`] | the loopback server: a port-recording listener per destination port (and `bench-server`, in a namespace) |
 //! | [`client`] | the client process inside the bench cgroup, and running it |
@@ -35,12 +37,13 @@
 //! range, so "no hook" is told apart by the port alone, and apart from the
 //! ranges of the demo and the kernel tests, which CI runs just before.
 
-mod bpf_stats;
+mod bpf;
 mod capacity;
 pub mod client;
 mod config;
 mod events;
 mod nft;
+mod pieces;
 mod report;
 pub mod server;
 
@@ -165,9 +168,11 @@ impl Bench {
         )?;
         let costs = capacity::costs(&self.rig, &self.client, size)?;
         let events = events::measure(self, size)?;
+        let pieces = pieces::measure(self, size)?;
         Ok(Report::new(size, &configs, &measured, attach)
             .with(capacity, costs)
-            .with_events(events))
+            .with_events(events)
+            .with_pieces(pieces))
     }
 
     /// Attach cost and footprint per rule count; writes the rule files the
@@ -274,4 +279,5 @@ const _: () = {
         ORIGIN.lo <= r.lo && r.hi <= ORIGIN.hi
     }
     assert!(inside(capacity::RANGE) && inside(capacity::WIDE) && inside(capacity::V6));
+    assert!(inside(pieces::V4_RANGE) && inside(pieces::V6_RANGE));
 };

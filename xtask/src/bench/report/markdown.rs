@@ -71,6 +71,7 @@ pub fn render(j: &Value) -> anyhow::Result<String> {
     )?;
     targets(j, &mut md)?;
     events(j, &mut md)?;
+    pieces(j, &mut md)?;
     writeln!(
         md,
         "\n![connects/s and attach time against rule count](BENCHMARKS.svg)"
@@ -396,6 +397,59 @@ fn events(j: &Value, md: &mut String) -> anyhow::Result<()> {
          measured, not inferred from rates. On this 2-core VM, whose rounds vary by a third from \
          one to the next, they are the steadier figures of what events cost."
     )?;
+    Ok(())
+}
+
+/// Each piece of the hook on its own (absent from runs made before).
+fn pieces(j: &Value, md: &mut String) -> anyhow::Result<()> {
+    let Some(results) = j["pieces"]["results"].as_array() else {
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "\nEach piece of the hook on its own, in a network namespace of its own: pieces alternated \
+         over {} rounds of {} connects per family (the server closes first), connect rates as \
+         medians of per-round ratios to no hook, and the kernel's run time of each program per \
+         connect (`kernel.bpf_stats_enabled`; the entry program's time covers the rule set it \
+         tail-calls; `sockops` runs at every TCP callback of every socket of the cgroup, the \
+         server's included when it is in the cgroup: here it is not).\n",
+        j["pieces"]["rounds"], j["pieces"]["connects_per_round"]
+    )?;
+    writeln!(
+        md,
+        "| piece | IPv4 vs no hook | IPv6 vs no hook | connect ns (v4 / v6) | sockops ns (runs) | release ns | hook ns per connect (v4 / v6) |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    for r in results {
+        let f = |family: &str, k: &str| r[family][k].as_f64().unwrap_or(0.0);
+        let ns = |family: &str, program: &str| {
+            r[family]["programs"][program]["ns_per_connect"]
+                .as_f64()
+                .unwrap_or(0.0)
+        };
+        let total = |family: &str| {
+            ["connect", "sock_ops", "sock_release"]
+                .iter()
+                .map(|p| ns(family, p))
+                .sum::<f64>()
+        };
+        writeln!(
+            md,
+            "| {} | {:.3} | {:.3} | {:.0} / {:.0} | {:.0} ({:.1}) | {:.0} | {:.0} / {:.0} |",
+            r["piece"].as_str().unwrap_or("?"),
+            f("ipv4", "ratio_to_no_hook"),
+            f("ipv6", "ratio_to_no_hook"),
+            ns("ipv4", "connect"),
+            ns("ipv6", "connect"),
+            ns("ipv4", "sock_ops"),
+            r["ipv4"]["programs"]["sock_ops"]["runs_per_connect"]
+                .as_f64()
+                .unwrap_or(0.0),
+            ns("ipv4", "sock_release"),
+            total("ipv4"),
+            total("ipv6"),
+        )?;
+    }
     Ok(())
 }
 

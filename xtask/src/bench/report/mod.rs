@@ -77,6 +77,12 @@ impl Report {
         self
     }
 
+    /// With each piece of the hook on its own.
+    pub fn with_pieces(mut self, pieces: Value) -> Self {
+        self.json["pieces"] = pieces;
+        self
+    }
+
     /// Writes BENCHMARKS.{json,svg,md} into `out_dir`.
     pub fn write(&self, out_dir: &Path, echo: Echo) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(&self.json)?;

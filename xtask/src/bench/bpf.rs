@@ -1,4 +1,7 @@
-//! The kernel's own account of a BPF program's cost: with
+//! The BPF objects the bench reads or pokes through their pins: the
+//! kernel's own account of a program's cost, and a jump slot emptied.
+//!
+//! With
 //! `kernel.bpf_stats_enabled` on, every run adds its duration to the
 //! program's `run_time_ns` and one to `run_cnt`, shown in the fdinfo of a
 //! descriptor of the program. A hook's nanoseconds per connect, free of
@@ -17,7 +20,62 @@ use std::{
 use anyhow::{Context as _, ensure};
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
+
+/// A descriptor of the object pinned at `pin` (`BPF_OBJ_GET`).
+fn open_pin(pin: &Path) -> anyhow::Result<OwnedFd> {
+    let path = CString::new(pin.as_os_str().as_encoded_bytes())?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 2];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: bpf(2) with an attr the size it reads; `path` outlives it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    ensure!(
+        fd >= 0,
+        "opening {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Empties slot 0 of the program array pinned at `pin`: the entry program
+/// then tail-calls nothing and falls through (what an instance without a
+/// rule set does).
+pub fn empty_jump_slot(pin: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let map = open_pin(pin)?;
+    let key: u32 = 0;
+    // union bpf_attr for BPF_MAP_*_ELEM: map_fd, pad, key, value, flags.
+    let mut attr = [0u64; 4];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = (&raw const key) as u64;
+    // SAFETY: bpf(2) with an attr the size it reads; `key` outlives it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            attr.as_mut_ptr(),
+            size_of_val(&attr) as u32,
+        )
+    };
+    ensure!(
+        ret == 0,
+        "emptying {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
 
 /// Stats on while it lives; what was there before comes back after.
 pub struct StatsOn {
@@ -43,27 +101,7 @@ pub struct Program(OwnedFd);
 
 impl Program {
     pub fn open(pin: &Path) -> anyhow::Result<Self> {
-        let path = CString::new(pin.as_os_str().as_encoded_bytes())?;
-        // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-        let mut attr = [0u64; 2];
-        attr[0] = path.as_ptr() as u64;
-        // SAFETY: bpf(2) with an attr the size it reads; `path` outlives it.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET,
-                attr.as_mut_ptr(),
-                size_of_val(&attr) as u32,
-            )
-        };
-        ensure!(
-            fd >= 0,
-            "opening {}: {}",
-            pin.display(),
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a descriptor the kernel just gave us.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
+        open_pin(pin).map(Self)
     }
 
     /// `(run_time_ns, run_cnt)` so far.
