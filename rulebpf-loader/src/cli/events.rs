@@ -95,18 +95,18 @@ pub fn events(args: EventsArgs) -> Result<(), CliError> {
                 return true;
             }
         };
-        if !outcomes.is_empty() && !outcomes.contains(&record.outcome.as_str()) {
+        if !outcomes.is_empty() && !outcomes.contains(&record.outcome.as_ref()) {
             return true;
         }
         if let Some(under) = &under
-            && !(record.cgroup == *under || record.cgroup.starts_with(&format!("{under}/")))
+            && !(*record.cgroup == **under || record.cgroup.starts_with(&format!("{under}/")))
         {
             return true;
         }
         let written = if args.json {
-            serde_json::to_string(&record)
+            serde_json::to_writer(&mut stdout, &record)
                 .map_err(io::Error::other)
-                .and_then(|json| writeln!(stdout, "{json}"))
+                .and_then(|()| stdout.write_all(b"\n"))
         } else {
             writeln!(stdout, "{}", EventLine(&record))
         };

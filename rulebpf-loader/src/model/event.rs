@@ -1,25 +1,31 @@
 //! One decision of the connect hooks as `rulebpf events --json` prints it
 //! and as the reader hands it to every listener (one JSON object per line).
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::{
+    borrow::Cow,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use rulebpf_common::{Event, Family, Outcome, Protocol};
 use serde::{Deserialize, Serialize};
 
-/// The keys `--json` promises, in this order, and nothing else.
+/// The keys `--json` promises, in this order, and nothing else. What runs
+/// of events share (the instance, a cgroup, a millisecond, a remark) is
+/// shared, not copied: the reader makes one per connect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionRecord {
     /// RFC 3339, UTC, milliseconds.
-    pub time: String,
-    pub instance: String,
+    pub time: Arc<str>,
+    pub instance: Arc<str>,
     /// The connecting task's cgroup, from the cgroup2 root (`/` first).
-    pub cgroup: String,
+    pub cgroup: Arc<str>,
     /// The process (thread group) id.
     pub pid: u32,
     pub comm: String,
     pub uid: u32,
     /// `tcp` or `udp`.
-    pub protocol: String,
+    pub protocol: Cow<'static, str>,
     /// `ip:port`, IPv6 in brackets.
     pub destination: String,
     /// The origin port bound or kept (0: the OS chooses).
@@ -28,9 +34,9 @@ pub struct DecisionRecord {
     pub line: Option<u32>,
     /// The deciding rule's remark, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub remark: Option<String>,
+    pub remark: Option<Arc<str>>,
     /// [`Outcome::name`].
-    pub outcome: String,
+    pub outcome: Cow<'static, str>,
     /// The origin port the wire saw when NAT rewrote it; `null` otherwise.
     pub nat_port: Option<u16>,
 }

@@ -15,7 +15,7 @@ impl fmt::Display for EventLine<'_> {
             "{} {} pid {} ({}) uid {} {}: {} {} ",
             r.time, r.instance, r.pid, r.comm, r.uid, r.cgroup, r.protocol, r.destination
         )?;
-        match r.outcome.as_str() {
+        match r.outcome.as_ref() {
             "bound" => write!(f, "from port {}: bound", r.origin_port)?,
             "app_chose" | "kernel_chose" | "refused" => {
                 write!(f, "from port {}: {}", r.origin_port, r.outcome)?

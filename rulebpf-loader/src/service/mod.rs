@@ -354,6 +354,7 @@ async fn events_to_log(
     let mut ready_tx = Some(ready_tx);
     let name = name.clone();
     let task = tokio::spawn(async move {
+        let mut line = Vec::new();
         let sink = |delivery: events::Delivery| {
             let wire = match delivery {
                 events::Delivery::Wire(wire) => wire,
@@ -368,8 +369,9 @@ async fn events_to_log(
                 crate::model::event::Wire::Record(record) => {
                     let rewritten = record.nat_port.and(record.line);
                     metrics.event(&record.outcome, rewritten);
-                    let line = serde_json::to_string(&record).unwrap_or_default();
-                    if let Err(e) = log.write_line(&line) {
+                    line.clear();
+                    let _ = serde_json::to_writer(&mut line, &record);
+                    if let Err(e) = log.write_line(&String::from_utf8_lossy(&line)) {
                         warn!("events log: {e}");
                     }
                 }

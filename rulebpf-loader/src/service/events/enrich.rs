@@ -2,9 +2,11 @@
 //! clock, the cgroup's path, the rule's remark.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -24,15 +26,17 @@ const REWALK_EVERY: Duration = Duration::from_millis(200);
 const WALK_DEPTH: usize = 12;
 
 pub struct Enricher {
-    instance: String,
+    instance: Arc<str>,
     cgroup_root: Option<PathBuf>,
     /// Cgroup id (the directory's inode on cgroup2) -> path from the root.
-    cgroups: HashMap<u64, String>,
+    cgroups: HashMap<u64, Arc<str>>,
     walked: Option<Instant>,
     /// Rule key -> remark, for the rule set last read.
-    remarks: HashMap<u64, Option<String>>,
+    remarks: HashMap<u64, Option<Arc<str>>>,
     /// The last cgroup resolved (runs of events come from one cgroup).
-    last_cgroup: Option<(u64, String)>,
+    last_cgroup: Option<(u64, Arc<str>)>,
+    /// The last millisecond formatted, and its text.
+    last_time: Option<(u64, Arc<str>)>,
     /// CLOCK_REALTIME - CLOCK_BOOTTIME, nanoseconds, read per batch.
     boot_to_wall: i128,
 }
@@ -40,12 +44,13 @@ pub struct Enricher {
 impl Enricher {
     pub fn new(instance: &str, cgroup_root: Option<PathBuf>) -> Self {
         Self {
-            instance: instance.to_string(),
+            instance: instance.into(),
             cgroup_root,
             cgroups: HashMap::new(),
             walked: None,
             remarks: HashMap::new(),
             last_cgroup: None,
+            last_time: None,
             boot_to_wall: 0,
         }
     }
@@ -61,22 +66,22 @@ impl Enricher {
         let uid = event.uid_gid as u32;
         DecisionRecord {
             time: self.wall_clock(event.boot_ns),
-            instance: self.instance.clone(),
+            instance: Arc::clone(&self.instance),
             cgroup: self.cgroup(event.cgroup_id, instance),
             pid: (event.pid_tgid >> 32) as u32,
             comm: event::comm(event),
             uid,
-            protocol: event::protocol(event).to_string(),
+            protocol: Cow::Borrowed(event::protocol(event)),
             destination: event::destination(event).to_string(),
             origin_port: event.origin_port,
             line: (event.line != 0).then_some(event.line),
             remark: self.remark(event.rule_key, instance),
-            outcome: event::outcome(event).to_string(),
+            outcome: Cow::Borrowed(event::outcome(event)),
             nat_port: None,
         }
     }
 
-    fn remark(&mut self, key: u64, instance: &Instance) -> Option<String> {
+    fn remark(&mut self, key: u64, instance: &Instance) -> Option<Arc<str>> {
         if key == 0 {
             return None;
         }
@@ -85,7 +90,11 @@ impl Enricher {
             if let Ok(in_force) = instance.in_force()
                 && let Some(set) = in_force.set
             {
-                self.remarks = set.rules.into_iter().map(|r| (r.key, r.remark)).collect();
+                self.remarks = set
+                    .rules
+                    .into_iter()
+                    .map(|r| (r.key, r.remark.map(Arc::from)))
+                    .collect();
             }
             // Unknown still (a set swapped out again): asked once.
             self.remarks.entry(key).or_insert(None);
@@ -93,18 +102,18 @@ impl Enricher {
         self.remarks.get(&key).cloned().flatten()
     }
 
-    fn cgroup(&mut self, id: u64, instance: &Instance) -> String {
+    fn cgroup(&mut self, id: u64, instance: &Instance) -> Arc<str> {
         if let Some((last, path)) = &self.last_cgroup
             && *last == id
         {
-            return path.clone();
+            return Arc::clone(path);
         }
         let path = self.resolve_cgroup(id, instance);
-        self.last_cgroup = Some((id, path.clone()));
+        self.last_cgroup = Some((id, Arc::clone(&path)));
         path
     }
 
-    fn resolve_cgroup(&mut self, id: u64, instance: &Instance) -> String {
+    fn resolve_cgroup(&mut self, id: u64, instance: &Instance) -> Arc<str> {
         if let Some(path) = self.cgroups.get(&id) {
             return path.clone();
         }
@@ -121,7 +130,8 @@ impl Enricher {
                     .find_map(|r| a.cgroup.strip_prefix(r).ok())
                     .unwrap_or(&a.cgroup);
                 let shown = format!("/{}", relative.display());
-                self.cgroups.insert(a.cgroup_id, shown.replace("//", "/"));
+                self.cgroups
+                    .insert(a.cgroup_id, shown.replace("//", "/").into());
             }
             if let Some(path) = self.cgroups.get(&id) {
                 return path.clone();
@@ -135,18 +145,18 @@ impl Enricher {
         self.cgroups
             .get(&id)
             .cloned()
-            .unwrap_or_else(|| format!("(cgroup id {id})"))
+            .unwrap_or_else(|| format!("(cgroup id {id})").into())
     }
 }
 
 /// Every cgroup directory under `dir`, by id. Links are never followed
 /// (cgroupfs has none; `symlink_metadata` keeps it so).
-fn walk(root: &Path, dir: &Path, depth: usize, into: &mut HashMap<u64, String>) {
+fn walk(root: &Path, dir: &Path, depth: usize, into: &mut HashMap<u64, Arc<str>>) {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return;
     };
     let relative = dir.strip_prefix(root).unwrap_or(dir);
-    into.insert(meta.ino(), format!("/{}", relative.display()));
+    into.insert(meta.ino(), format!("/{}", relative.display()).into());
     if depth == 0 {
         return;
     }
@@ -161,11 +171,20 @@ fn walk(root: &Path, dir: &Path, depth: usize, into: &mut HashMap<u64, String>) 
 }
 
 impl Enricher {
-    /// CLOCK_BOOTTIME nanoseconds (what the hook stamps) as RFC 3339 UTC.
-    fn wall_clock(&self, boot_ns: u64) -> String {
-        let wall = (i128::from(boot_ns) + self.boot_to_wall).max(0);
-        let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(wall as u64);
-        humantime::format_rfc3339_millis(at).to_string()
+    /// CLOCK_BOOTTIME nanoseconds (what the hook stamps) as RFC 3339 UTC,
+    /// formatted once per millisecond.
+    fn wall_clock(&mut self, boot_ns: u64) -> Arc<str> {
+        let wall = (i128::from(boot_ns) + self.boot_to_wall).max(0) as u64;
+        let ms = wall / 1_000_000;
+        if let Some((last, text)) = &self.last_time
+            && *last == ms
+        {
+            return Arc::clone(text);
+        }
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let text: Arc<str> = humantime::format_rfc3339_millis(at).to_string().into();
+        self.last_time = Some((ms, Arc::clone(&text)));
+        text
     }
 }
 

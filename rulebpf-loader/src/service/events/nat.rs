@@ -88,7 +88,7 @@ impl NatWatch {
     pub fn admit(&mut self, record: DecisionRecord, event: &Event) {
         let ported = event.origin_port != 0
             && matches!(
-                record.outcome.as_str(),
+                record.outcome.as_ref(),
                 "bound" | "app_chose" | "kernel_chose"
             );
         let mut spaces = Vec::new();
