@@ -115,10 +115,7 @@ fn open(pins: &SecureDir, name: &'static str) -> Result<Map, EventMapsError> {
     if !pins.contains(name) {
         return Err(EventMapsError::Missing(name));
     }
-    let data = MapData::from_pin(pins.fd_path(name)).map_err(|e| EventMapsError::Open {
-        path: pins.display(name).display().to_string(),
-        source: e,
-    })?;
+    let data = MapData::from_pin(pins.fd_path(name)).map_err(open_error(pins, name))?;
     Map::from_map_data(data).map_err(open_error(pins, name))
 }
 

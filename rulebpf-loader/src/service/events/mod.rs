@@ -306,20 +306,10 @@ async fn read(
                 }
             }
             Some(listener) = joined.recv() => listeners.push(listener),
-            _ = tick.tick() => {
-                enricher.new_batch();
-                while let Some(event) = ring.get_mut().0.next_event() {
-                    let Some(event) = event else { continue };
-                    watch.admit(enricher.record(&event, &instance), &event);
-                }
-            }
+            _ = tick.tick() => drain(&mut ring.get_mut().0, &mut enricher, &mut watch, &instance),
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EventsError::Ring)?;
-                enricher.new_batch();
-                while let Some(event) = guard.get_inner_mut().0.next_event() {
-                    let Some(event) = event else { continue };
-                    watch.admit(enricher.record(&event, &instance), &event);
-                }
+                drain(&mut guard.get_inner_mut().0, &mut enricher, &mut watch, &instance);
                 guard.clear_ready();
             }
         }
@@ -333,6 +323,21 @@ async fn read(
         if any && !sink(Delivery::Flush) {
             return Ok(false);
         }
+    }
+}
+
+/// Turns what waits in the ring into records, queued in `watch` (which
+/// holds those whose NAT it must look up first).
+fn drain(
+    ring: &mut EventRing,
+    enricher: &mut enrich::Enricher,
+    watch: &mut nat::NatWatch,
+    instance: &Instance,
+) {
+    enricher.new_batch();
+    while let Some(event) = ring.next_event() {
+        let Some(event) = event else { continue };
+        watch.admit(enricher.record(&event, instance), &event);
     }
 }
 
