@@ -38,6 +38,16 @@
 pub const PROGRAM_CONNECT4: &str = "rulebpf_connect4";
 /// Name of the connect6 program in the object file.
 pub const PROGRAM_CONNECT6: &str = "rulebpf_connect6";
+/// The same hooks for kernels without `bpf_loop` (before 5.17): the port
+/// search tries at most [`BOUNDED_CANDIDATES`] ports per connect.
+pub const PROGRAM_CONNECT4_BOUNDED: &str = "rulebpf_connect4_bounded";
+/// See [`PROGRAM_CONNECT4_BOUNDED`].
+pub const PROGRAM_CONNECT6_BOUNDED: &str = "rulebpf_connect6_bounded";
+/// How many ports one connect tries without `bpf_loop`: a loop the verifier
+/// walks iteration by iteration. A range of at most this many ports is
+/// searched whole by every connect, as with `bpf_loop`; a larger one from
+/// the rule's cursor on, which every search moves past what it tried.
+pub const BOUNDED_CANDIDATES: u32 = 1024;
 
 /// The stable entry programs of an instance (object `rulebpf-entry`): what
 /// is attached to cgroups (and named in systemd's `BPFProgram=`). Each one
@@ -269,6 +279,9 @@ pub mod global_names {
     /// `u32`: 1 (the default) when the hooks may make decision events; 0
     /// removes their code at load (the verifier drops the branch).
     pub const EVENTS_ON: &str = "RULEBPF_EVENTS_ON";
+    /// `u32` (entry object): 1 when sock_ops programs may call
+    /// `bpf_get_netns_cookie` (5.15+), else 0.
+    pub const SOCKOPS_NETNS: &str = "RULEBPF_SOCKOPS_NETNS";
 }
 
 /// A socket the application bound outside the rule's range keeps its port.

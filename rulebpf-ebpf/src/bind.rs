@@ -39,6 +39,16 @@
 //! 3. `bpf_bind()`; `-EADDRINUSE` (a socket that does not share, a listener)
 //!    takes the tuple back: next port.
 //!
+//! **Without `bpf_loop`** (before 5.17; the `_bounded` programs, chosen by
+//! the loader from its probe) the search is a plain loop, which the
+//! verifier walks iteration by iteration: it tries at most
+//! [`BOUNDED_CANDIDATES`] ports from the cursor, and a failed search moves
+//! the cursor past all it tried, so successive connects still cover the
+//! whole range. A range of up to that many ports is searched whole by every
+//! connect; in a larger one a connect can fail while a port is free
+//! elsewhere, when the candidates it tries are all in use. Those kernels
+//! cannot share ports (6.0), so that loop binds without sharing.
+//!
 //! A tuple found busy may belong to a connection that is gone: its close
 //! went unseen (the bookkeeping programs were detached while it was
 //! closing) or it was kept for a FIN_WAIT2 timewait socket (see the entry
@@ -73,7 +83,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_bind, bpf_loop, bpf_setsockopt},
     programs::SockAddrContext,
 };
-use rulebpf_common::{Counter, Protocol, TupleKey, Verdict};
+use rulebpf_common::{BOUNDED_CANDIDATES, Counter, Protocol, TupleKey, Verdict};
 
 use crate::{
     RULEBPF_CURSOR,
@@ -161,11 +171,12 @@ pub(crate) struct Bound {
 
 /// Binds the socket to a free port of `verdict`'s range at `source` (the
 /// address the application bound, or "any"), sharing ports among
-/// destinations when `sharing`. On failure returns the errno for
-/// connect(): `EADDRNOTAVAIL` when every port is in use (or busy toward the
-/// destination).
+/// destinations when `sharing`. `EVERY_PORT`: the search tries every port
+/// of the range (`bpf_loop`); else at most [`BOUNDED_CANDIDATES`], without
+/// sharing. On failure returns the errno for connect(): `EADDRNOTAVAIL`
+/// when every port tried is in use (or busy toward the destination).
 #[inline(always)]
-pub(crate) fn bind_in_range(
+pub(crate) fn bind_in_range<const EVERY_PORT: bool>(
     ctx: &SockAddrContext,
     source: SockAddr,
     verdict: &Verdict,
@@ -189,6 +200,58 @@ pub(crate) fn bind_in_range(
         }
         None => 0,
     };
+    // checked_rem: no division-by-zero panic path for the verifier to see.
+    let start = start.checked_rem(u64::from(size)).unwrap_or(0) as u32;
+    let (result, skipped, tuple, tracked) = if EVERY_PORT {
+        search_every_port(
+            ctx,
+            source,
+            verdict.key,
+            lo,
+            size,
+            start,
+            protocol,
+            tuple,
+            sharing,
+        )
+    } else {
+        let mut tuple = tuple;
+        let (result, skipped, port) = search_candidates(ctx.sock_addr, source, lo, size, start);
+        tuple.origin_port = port;
+        (result, skipped, tuple, false)
+    };
+    // What this search skipped (all it tried, when it failed), the next
+    // one need not try again. (Looked up again: one pointer kept across
+    // the search would double what the verifier walks.)
+    if (result == 0 || !EVERY_PORT)
+        && let Some(ptr) = RULEBPF_CURSOR.get_ptr_mut(verdict.rule)
+    {
+        // SAFETY: as above.
+        unsafe { atomic_add(ptr, u64::from(skipped)) };
+    }
+    match result {
+        0 => Ok(Bound { tuple, tracked }),
+        r if r == -EADDRINUSE => Err(EADDRNOTAVAIL),
+        r => Err(-r),
+    }
+}
+
+/// The search with `bpf_loop` (5.17+): every port of the range, one
+/// connect. Returns the last result (0: bound), the index of the port
+/// bound, the tuple with that port, and whether the tuple is recorded.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn search_every_port(
+    ctx: &SockAddrContext,
+    source: SockAddr,
+    key: u64,
+    lo: u32,
+    size: u32,
+    start: u32,
+    protocol: Protocol,
+    tuple: TupleKey,
+    sharing: bool,
+) -> (i32, u32, TupleKey, bool) {
     // A kernel that refuses the option (before 6.0) still gets the tuples
     // recorded: harmless, the socket just does not share its port.
     if sharing {
@@ -197,12 +260,11 @@ pub(crate) fn bind_in_range(
     let mut search = Search {
         ctx: ctx.sock_addr,
         tuple,
-        key: verdict.key,
+        key,
         addr: source,
         lo,
         size,
-        // checked_rem: no division-by-zero panic path for the verifier to see.
-        start: start.checked_rem(u64::from(size)).unwrap_or(0) as u32,
+        start,
         sharing: u32::from(sharing),
         protocol: protocol as u32,
         result: -EADDRINUSE,
@@ -218,23 +280,52 @@ pub(crate) fn bind_in_range(
             0,
         )
     };
-    match search.result {
-        0 => {
-            // What this search skipped, the next one need not try again.
-            // (Looked up again: one pointer kept across the search would
-            // double what the verifier walks.)
-            if let Some(ptr) = RULEBPF_CURSOR.get_ptr_mut(verdict.rule) {
-                // SAFETY: as above.
-                unsafe { atomic_add(ptr, u64::from(search.index)) };
-            }
-            Ok(Bound {
-                tuple: search.tuple,
-                tracked: search.sharing == 1,
-            })
+    (
+        search.result,
+        search.index,
+        search.tuple,
+        search.sharing == 1,
+    )
+}
+
+/// The search without `bpf_loop`: at most [`BOUNDED_CANDIDATES`] ports
+/// from `start`, each bound with `bpf_bind` until one is free, without
+/// sharing. Returns the last result (0: bound), how many ports the cursor
+/// may skip (the index of the port bound, or all tried), and the port.
+#[inline(always)]
+fn search_candidates(
+    ctx: *mut bpf_sock_addr,
+    mut addr: SockAddr,
+    lo: u32,
+    size: u32,
+    start: u32,
+) -> (i32, u32, u16) {
+    let mut result = -EADDRINUSE;
+    let mut index = 0;
+    let mut port = 0;
+    // A constant bound, so the 5.10 verifier sees the loop end; the range
+    // size ends it earlier.
+    while index < BOUNDED_CANDIDATES && index < size {
+        let mut offset = start + index;
+        if offset >= size {
+            offset -= size;
         }
-        r if r == -EADDRINUSE => Err(EADDRNOTAVAIL),
-        r => Err(-r),
+        port = (lo + offset) as u16;
+        addr.port_be = port.to_be();
+        // SAFETY: the hook's context and an address on the stack.
+        result = unsafe {
+            bpf_bind(
+                ctx,
+                (&raw mut addr).cast::<sockaddr>(),
+                size_of::<SockAddr>() as i32,
+            )
+        } as i32;
+        if result != -EADDRINUSE {
+            return (result, index, port);
+        }
+        index += 1;
     }
+    (result, index, port)
 }
 
 /// Sets (or clears) the option that lets the socket share its port:

@@ -77,6 +77,14 @@ const ALLOW: i32 = 1;
 #[unsafe(no_mangle)]
 static mut RULEBPF_JUMP_KEY: u32 = JUMP_SLOT;
 
+/// 1 when sock_ops programs may call `bpf_get_netns_cookie` (5.15+); set by
+/// the loader. With 0 a connection's source is written with namespace 0,
+/// which no connect matches, so its tuple is never taken back early (only
+/// shared tuples have sources, and sharing needs 6.0). A frozen constant:
+/// the verifier never checks the dead call.
+#[unsafe(no_mangle)]
+static RULEBPF_SOCKOPS_NETNS: u32 = 1;
+
 /// The key of the tail call, read at run time.
 #[inline(always)]
 fn jump_key() -> u32 {
@@ -276,11 +284,17 @@ pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
             let word = |i: usize| unsafe { ptr::read_volatile(&(*ctx.ops).local_ip6[i]) };
             [word(0), word(1), word(2), word(3)]
         };
-        // SAFETY: the helpers take the sock_ops context.
+        // SAFETY: a plain read of a load-time constant; the helpers take
+        // the sock_ops context.
         let source = unsafe {
+            let netns_known = ptr::read_volatile(&raw const RULEBPF_SOCKOPS_NETNS) == 1;
             TupleSource {
                 addr,
-                netns: bpf_get_netns_cookie(ctx.ops.cast()),
+                netns: if netns_known {
+                    bpf_get_netns_cookie(ctx.ops.cast())
+                } else {
+                    0
+                },
                 socket: bpf_get_socket_cookie(ctx.ops.cast()),
             }
         };

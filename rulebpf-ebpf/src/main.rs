@@ -98,14 +98,29 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const EPERM: i32 = 1;
 
+// The hooks twice: searching every port of a range with `bpf_loop`
+// (5.17+), or at most `BOUNDED_CANDIDATES` ports without it (`bind.rs`). The
+// loader loads one pair; the other is never shown to the kernel (a program
+// that references a `bpf_loop` callback does not even load before 5.13).
+
 #[cgroup_sock_addr(connect4)]
 pub fn rulebpf_connect4(ctx: SockAddrContext) -> i32 {
-    answer(try_connect4(&ctx))
+    answer(try_connect4::<true>(&ctx))
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn rulebpf_connect6(ctx: SockAddrContext) -> i32 {
-    answer(try_connect6(&ctx))
+    answer(try_connect6::<true>(&ctx))
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn rulebpf_connect4_bounded(ctx: SockAddrContext) -> i32 {
+    answer(try_connect4::<false>(&ctx))
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn rulebpf_connect6_bounded(ctx: SockAddrContext) -> i32 {
+    answer(try_connect6::<false>(&ctx))
 }
 
 /// The program's return value, 1 or 0, as the verifier wants to see it
@@ -161,7 +176,7 @@ macro_rules! deny {
 /// A macro, not a function: aya-log's macros need the address's concrete
 /// type (`[u8; 4]` or `[u8; 16]`).
 macro_rules! apply {
-    ($ctx:expr, $connect:expr, $verdict:expr, $dest:expr, $tuple:expr) => {{
+    ($every_port:ident, $ctx:expr, $connect:expr, $verdict:expr, $dest:expr, $tuple:expr) => {{
         let (ctx, connect, verdict, dest): (&SockAddrContext, &Connect, Verdict, _) =
             ($ctx, $connect, $verdict, $dest);
         let port = connect.port;
@@ -211,7 +226,7 @@ macro_rules! apply {
             }
         } else {
             let tuple: TupleKey = $tuple;
-            match enforce(ctx, connect, &verdict, tuple) {
+            match enforce::<$every_port>(ctx, connect, &verdict, tuple) {
                 Ok(origin) => {
                     let outcome = if origin == 0 {
                         Outcome::Zero
@@ -255,7 +270,7 @@ macro_rules! apply {
     }};
 }
 
-fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
+fn try_connect4<const EVERY_PORT: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(connect) = handled(ctx, AF_INET) else {
         return Ok(ALLOW);
     };
@@ -280,10 +295,10 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i32> {
         record!(ctx, &tuple, Outcome::NoMatch, None, tuple.origin_port);
         return Ok(ALLOW);
     };
-    apply!(ctx, &connect, verdict, dest, tuple)
+    apply!(EVERY_PORT, ctx, &connect, verdict, dest, tuple)
 }
 
-fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
+fn try_connect6<const EVERY_PORT: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(connect) = handled(ctx, AF_INET6) else {
         return Ok(ALLOW);
     };
@@ -331,7 +346,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i32> {
         record!(ctx, &tuple, Outcome::NoMatch, None, tuple.origin_port);
         return Ok(ALLOW);
     };
-    apply!(ctx, &connect, verdict, dest, tuple)
+    apply!(EVERY_PORT, ctx, &connect, verdict, dest, tuple)
 }
 
 /// A connect() the hooks act on, as [`handled`] found it.
@@ -409,7 +424,7 @@ fn rule_stats(verdict: &Verdict) -> Option<&'static mut RuleStats> {
 /// `Ok(port)`: the origin port bound (0: the rule lets the OS choose);
 /// `Err(errno)`: no port of the range could be bound.
 #[inline(always)]
-fn enforce(
+fn enforce<const EVERY_PORT: bool>(
     ctx: &SockAddrContext,
     connect: &Connect,
     verdict: &Verdict,
@@ -436,7 +451,8 @@ fn enforce(
     };
     // SAFETY: plain read of a load-time constant.
     let sharing = unsafe { core::ptr::read_volatile(&RULEBPF_SHARING) } == 1;
-    let bound = bind::bind_in_range(ctx, source, verdict, connect.protocol, tuple, sharing);
+    let bound =
+        bind::bind_in_range::<EVERY_PORT>(ctx, source, verdict, connect.protocol, tuple, sharing);
     // Looked up again rather than kept across the search: the verifier
     // would walk the search once for each outcome of the first lookup.
     if let Some(stats) = rule_stats(verdict) {

@@ -10,7 +10,7 @@
 //!    committed in `rulebpf-loader/rules/fuzz/corpus`): runs and exec/s;
 //! 4. `bench --smoke` into `target/bench-smoke`: the bench still works (the
 //!    figures are BENCHMARKS.md's, from a full run); only where it wrote is shown;
-//! 5. `vm-test --kernel all`: the kernel suite on Linux 6.1 and 6.12 in qemu,
+//! 5. `vm-test --kernel all`: the kernel suite on Linux 5.10, 6.1 and 6.12 in qemu,
 //!    passing tests not shown, then its wall time;
 //! 6. `systemd-test`: the Debian package on Debian 12 under systemd in qemu,
 //!    one test per gateway start, then its wall time;
@@ -97,7 +97,9 @@ fn bench_and_vm(options: &Options, guests: &mut Counts) -> anyhow::Result<()> {
         step("vm-test skipped (--skip-vm)");
         return Ok(());
     }
-    step("cargo xtask vm-test --kernel all (the kernel suite on Linux 6.1 and 6.12, in qemu)");
+    step(
+        "cargo xtask vm-test --kernel all (the kernel suite on Linux 5.10, 6.1 and 6.12, in qemu)",
+    );
     let start = Instant::now();
     let result = vm::run(&vm::Series::ALL, None, vm::Console::HidePasses);
     println!("vm-test wall time: {} s", start.elapsed().as_secs());

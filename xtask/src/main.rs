@@ -4,7 +4,7 @@
 //!   inside it to a loopback listener, print the origin ports it saw, clean up.
 //! * `bench` — connects/s and bulk throughput with no hook, rulebpf (1 to
 //!   100,000 rules) and nftables SNAT, interleaved; attach time and memory.
-//! * `vm-test` — the kernel integration suite on Linux 6.1 and 6.12 in qemu.
+//! * `vm-test` — the kernel integration suite on Linux 5.10, 6.1 and 6.12 in qemu.
 //! * `deb` — the Debian package (cargo-deb): binary, `rulebpf@.service`,
 //!   examples, OCI hooks.
 //! * `systemd-test` — that package on Debian 12 under systemd, in qemu: the
@@ -57,7 +57,7 @@ enum Command {
     /// Run the kernel integration suite on other kernels in qemu (needs
     /// qemu-system-x86, busybox-static, cpio; apt for the kernels).
     VmTest {
-        /// Which kernels: 6.1, 6.12 or all.
+        /// Which kernels: 5.10, 6.1, 6.12 or all.
         #[arg(long, default_value = "all")]
         kernel: String,
         /// Only tests whose name contains this (as for cargo test).

@@ -35,7 +35,7 @@ use aya::{
     maps::{Map, MapData, ProgramArray},
     programs::ProgramFd,
 };
-use rulebpf_common::{JUMP_SLOT, jump_names, shared_map_names};
+use rulebpf_common::{JUMP_SLOT, global_names, jump_names, shared_map_names};
 
 use super::{ObjectError, program};
 use crate::{
@@ -44,7 +44,7 @@ use crate::{
         program::{Hook, PerHook, PerTracker, ProgramKind},
         records::ProgramInfo,
     },
-    sys::{bpf, securedir::SecureDir},
+    sys::{bpf, features::Support, securedir::SecureDir},
 };
 
 /// The entry object built by build.rs.
@@ -88,7 +88,9 @@ pub struct EntryPrograms {
 /// Returns what the kernel says about the pinned programs.
 pub fn create(dir: &SecureDir, tuple_capacity: u32) -> Result<EntryPrograms, ObjectError> {
     let capacity = tuple_capacity_of(dir)?.unwrap_or(tuple_capacity);
+    let sockops_netns = u32::from(Support::get().sockops_netns());
     let mut ebpf = EbpfLoader::new()
+        .override_global(global_names::SOCKOPS_NETNS, &sockops_netns, true)
         .default_map_pin_directory(map_pin_dir(dir))
         .map_max_entries(shared_map_names::TUPLES, capacity.max(1))
         .map_max_entries(shared_map_names::SOURCES, capacity.max(1))

@@ -39,6 +39,20 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ru
 /// attached yet.
 pub struct RuleSetObject {
     ebpf: Ebpf,
+    /// Which pair of the object's programs was loaded: the search of every
+    /// port (`bpf_loop`, 5.17+) or the bounded one.
+    every_port: bool,
+}
+
+/// The name in the object file of `hook`'s program: the one that searches
+/// every port of a range with `bpf_loop`, or the one for kernels without it.
+const fn object_program_name(hook: Hook, every_port: bool) -> &'static str {
+    match (hook, every_port) {
+        (Hook::Connect4, true) => rulebpf_common::PROGRAM_CONNECT4,
+        (Hook::Connect6, true) => rulebpf_common::PROGRAM_CONNECT6,
+        (Hook::Connect4, false) => rulebpf_common::PROGRAM_CONNECT4_BOUNDED,
+        (Hook::Connect6, false) => rulebpf_common::PROGRAM_CONNECT6_BOUNDED,
+    }
 }
 
 impl RuleSetObject {
@@ -67,7 +81,12 @@ impl RuleSetObject {
         // Where the kernel cannot set SO_REUSEADDR from the hook (before
         // 6.0) every connect would try and fail: the sockets are bound
         // without sharing from the start (the degradation says so).
-        let sharing = u32::from(options.sharing == Sharing::On && support.sharing() != Some(false));
+        // The bounded search (no bpf_loop, before 5.17) never shares: no
+        // kernel without bpf_loop lets the hook set SO_REUSEADDR (6.0).
+        let every_port = support.every_port();
+        let sharing = u32::from(
+            options.sharing == Sharing::On && support.sharing() != Some(false) && every_port,
+        );
         let app_bound = match options.app_bound {
             AppBound::Keep => rulebpf_common::APP_BOUND_KEEP,
             AppBound::Refuse => rulebpf_common::APP_BOUND_REFUSE,
@@ -105,10 +124,10 @@ impl RuleSetObject {
             .override_global(aya_log::LEVEL, &log_level, true)
             .load(OBJECT)
             .map_err(ObjectError::CreateMaps)?;
-        let mut object = Self { ebpf };
+        let mut object = Self { ebpf, every_port };
         object.fill(compiled, &identity::keys_of(&set.rules))?;
         for hook in Hook::ALL {
-            let name = hook.program_name();
+            let name = object_program_name(hook, every_port);
             let program = object
                 .ebpf
                 .program_mut(name)
@@ -120,7 +139,7 @@ impl RuleSetObject {
 
     /// One of the two programs.
     pub fn program(&mut self, hook: Hook) -> Result<&mut CgroupSockAddr, ObjectError> {
-        let name = hook.program_name();
+        let name = object_program_name(hook, self.every_port);
         self.ebpf
             .program_mut(name)
             .ok_or(ObjectError::Missing(name))?
@@ -159,7 +178,7 @@ impl RuleSetObject {
             }
         }
         PerHook::try_from_fn(|hook| {
-            let name = hook.program_name();
+            let name = object_program_name(hook, self.every_port);
             let program = self
                 .ebpf
                 .program_mut(name)

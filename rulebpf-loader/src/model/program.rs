@@ -17,14 +17,6 @@ pub enum Hook {
 impl Hook {
     pub const ALL: [Self; 2] = [Self::Connect4, Self::Connect6];
 
-    /// The program's name in the object file.
-    pub const fn program_name(self) -> &'static str {
-        match self {
-            Self::Connect4 => rulebpf_common::PROGRAM_CONNECT4,
-            Self::Connect6 => rulebpf_common::PROGRAM_CONNECT6,
-        }
-    }
-
     /// Short name, used for pins and reports.
     pub const fn name(self) -> &'static str {
         match self {

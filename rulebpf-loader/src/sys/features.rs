@@ -49,6 +49,9 @@ pub struct Support {
 /// Set to `1` to act as if `bpf_set_retval` were missing (tests the
 /// fallback on kernels that have it).
 pub const ASSUME_NO_SET_RETVAL: &str = "RULEBPF_ASSUME_NO_SET_RETVAL";
+/// Set to `1` to act as if `bpf_loop` were missing (Linux < 5.17): the
+/// bounded search runs, and ports are bound without sharing.
+pub const ASSUME_NO_LOOP: &str = "RULEBPF_ASSUME_NO_LOOP";
 /// Set to `1` to act as if a connect hook could not set `SO_REUSEADDR`
 /// (Linux < 6.0): ports are then bound without sharing.
 pub const ASSUME_NO_SHARING: &str = "RULEBPF_ASSUME_NO_SHARING";
@@ -60,6 +63,8 @@ static PROBE_OBJECT: &[u8] =
 const SHARING: &str = "SO_REUSEADDR/SO_REUSEPORT from a connect hook";
 const TIMEWAIT_SUBSTATE: &str = "bpf_skc_to_tcp_timewait_sock + kernel BTF";
 const EVENTS: &str = "ring buffer + task helpers in connect hooks";
+const EVERY_PORT: &str = "bpf_loop";
+const SOCKOPS_NETNS: &str = "bpf_get_netns_cookie in sock_ops";
 
 impl Support {
     /// The probed support of the running kernel, probed once per process:
@@ -76,6 +81,10 @@ impl Support {
         let mut set_retval = helper(BpfHelper::BPF_FUNC_set_retval);
         if assumed(ASSUME_NO_SET_RETVAL) {
             set_retval = Some(false);
+        }
+        let mut every_port = helper(BpfHelper::BPF_FUNC_loop);
+        if assumed(ASSUME_NO_LOOP) {
+            every_port = Some(false);
         }
         let sharing = if assumed(ASSUME_NO_SHARING) {
             Some(false)
@@ -99,11 +108,13 @@ impl Support {
                     required: true,
                 },
                 Feature {
-                    name: "bpf_loop",
+                    name: EVERY_PORT,
                     since: "5.17",
-                    role: "tries every port of a range in one connect()",
-                    present: helper(BpfHelper::BPF_FUNC_loop),
-                    required: true,
+                    role: "tries every port of a range in one connect() (without it: at most \
+                           1024 ports from the rule's cursor, so a connect can fail while a \
+                           port of a larger range is free elsewhere)",
+                    present: every_port,
+                    required: false,
                 },
                 Feature {
                     name: "bpf_set_retval",
@@ -143,6 +154,19 @@ impl Support {
                     required: false,
                 },
                 Feature {
+                    name: SOCKOPS_NETNS,
+                    since: "5.15",
+                    role: "names the network namespace of a shared port's connection, so a \
+                           connect can take back a tuple whose close went unseen (without it: \
+                           such a tuple stays busy until its socket is released)",
+                    present: is_helper_supported(
+                        ProgramType::SockOps,
+                        BpfHelper::BPF_FUNC_get_netns_cookie,
+                    )
+                    .ok(),
+                    required: false,
+                },
+                Feature {
                     name: SHARING,
                     since: "6.0",
                     role: "origin ports shared among destinations (bpf_setsockopt; \
@@ -164,23 +188,33 @@ impl Support {
 
     /// Whether the hook can read a timewait socket's substate.
     pub fn timewait_substate(&self) -> bool {
-        self.features
-            .iter()
-            .any(|f| f.name == TIMEWAIT_SUBSTATE && f.present == Some(true))
+        self.present(TIMEWAIT_SUBSTATE)
     }
 
     /// Whether the hooks can make decision events.
     pub fn events(&self) -> bool {
+        self.present(EVENTS)
+    }
+
+    /// Whether one connect can try every port of a range (`bpf_loop`).
+    pub fn every_port(&self) -> bool {
+        self.present(EVERY_PORT)
+    }
+
+    /// Whether sock_ops programs can name a connection's namespace.
+    pub fn sockops_netns(&self) -> bool {
+        self.present(SOCKOPS_NETNS)
+    }
+
+    fn present(&self, name: &str) -> bool {
         self.features
             .iter()
-            .any(|f| f.name == EVENTS && f.present == Some(true))
+            .any(|f| f.name == name && f.present == Some(true))
     }
 
     /// Whether the hook may call `bpf_set_retval`.
     pub fn set_retval(&self) -> bool {
-        self.features
-            .iter()
-            .any(|f| f.name == "bpf_set_retval" && f.present == Some(true))
+        self.present("bpf_set_retval")
     }
 
     /// The required features this kernel lacks, as one sentence, if any.
@@ -193,7 +227,7 @@ impl Support {
             .collect();
         (!missing.is_empty()).then(|| {
             format!(
-                "this kernel lacks {}; rulebpf needs Linux 5.17 or later",
+                "this kernel lacks {}; rulebpf needs Linux 5.10 or later",
                 missing.join(", ")
             )
         })
@@ -202,6 +236,15 @@ impl Support {
     /// What works differently on this kernel, one line each.
     pub fn degradations(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if !self.every_port() {
+            out.push(format!(
+                "this kernel has no bpf_loop (Linux 5.17): a connect tries at most {} ports of \
+                 a range, from the rule's cursor on; a range of more ports can refuse a \
+                 connect while a port is free elsewhere in it (the next connects go on \
+                 from there)",
+                rulebpf_common::BOUNDED_CANDIDATES
+            ));
+        }
         if !self.set_retval() {
             out.push(
                 "this kernel cannot set connect()'s errno from BPF (bpf_set_retval, Linux \

@@ -15,6 +15,10 @@
 //!
 //! | slot | ports | used by |
 //! |---|---|---|
+//! | [`SEARCH_TESTS`] | 12000-16999 | `rulebpf-loader/tests/kernel/search.rs` |
+//! | [`EVENT_TESTS`] | 17000-17999 | `rulebpf-loader/tests/kernel/events.rs` |
+//! | [`PATH_TESTS`] | 18000-18999 | `rulebpf-loader/tests/kernel/paths.rs` |
+//! | [`FAULT_TESTS`] | 19000-19999 | `rulebpf-loader/tests/kernel/faults.rs` |
 //! | [`DEMO`] | 20000-20099 | `examples/tcpoport.ini`, which `cargo xtask demo` attaches |
 //! | [`KERNEL_TESTS`] | 20100-21599 | `rulebpf-loader/tests/kernel/main.rs` |
 //! | [`RESERVED`] | 21600-22099 | nobody yet: room for more kernel tests |
@@ -62,6 +66,9 @@ impl fmt::Display for PortSlot {
     }
 }
 
+/// `rulebpf-loader/tests/kernel/search.rs` (the port search without
+/// `bpf_loop`: ranges larger than one connect's candidates).
+pub const SEARCH_TESTS: PortSlot = PortSlot::new("search tests", 12000, 16999);
 /// `rulebpf-loader/tests/kernel/events.rs` (decision events, NAT).
 pub const EVENT_TESTS: PortSlot = PortSlot::new("event tests", 17000, 17999);
 /// `rulebpf-loader/tests/kernel/paths.rs` (deny, `*`, remarks).
@@ -93,7 +100,8 @@ pub const SHARING_TESTS: PortSlot = PortSlot::new("sharing tests", 23500, 23999)
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 13] = [
+pub const ALL: [PortSlot; 14] = [
+    SEARCH_TESTS,
     EVENT_TESTS,
     PATH_TESTS,
     FAULT_TESTS,

@@ -59,6 +59,47 @@ fn cgroup2_root() -> PathBuf {
     cgroup2_mount().unwrap()
 }
 
+/// Whether the kernel under test has `feature` (a name of `rulebpf kernel
+/// --json`), as rulebpf probed it; read once. Tests of behaviour that
+/// depends on a feature assert what happens without it, never skip.
+pub fn kernel_has(feature: &str) -> bool {
+    static FEATURES: std::sync::OnceLock<Vec<(String, bool)>> = std::sync::OnceLock::new();
+    let features = FEATURES.get_or_init(|| {
+        let v: Value = serde_json::from_str(&rulebpf_ok(&["kernel", "--json"])).unwrap();
+        v["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let name = f["name"].as_str().unwrap().to_string();
+                (name, f["present"] == true)
+            })
+            .collect()
+    });
+    features
+        .iter()
+        .find(|(name, _)| name == feature)
+        .unwrap_or_else(|| panic!("`rulebpf kernel` lists no feature {feature}"))
+        .1
+}
+
+/// The errno of a connect() refused because no port of its range was
+/// usable: EADDRNOTAVAIL, or EPERM where the hook cannot set it
+/// (`bpf_set_retval`, Linux 5.18).
+pub fn exhausted_errno() -> i32 {
+    if kernel_has("bpf_set_retval") {
+        libc::EADDRNOTAVAIL
+    } else {
+        libc::EPERM
+    }
+}
+
+/// Whether origin ports are shared among destinations on this kernel
+/// (Linux 6.0, and `bpf_loop`: the bounded search never shares).
+pub fn kernel_shares_ports() -> bool {
+    kernel_has("SO_REUSEADDR/SO_REUSEPORT from a connect hook") && kernel_has("bpf_loop")
+}
+
 /// Runs the CLI; returns its output (any exit status).
 pub fn rulebpf(args: &[&str]) -> Output {
     Command::new(RULEBPF)

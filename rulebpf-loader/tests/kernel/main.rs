@@ -18,5 +18,6 @@ mod harness;
 mod instances;
 mod nat;
 mod paths;
+mod search;
 mod service;
 mod sharing;

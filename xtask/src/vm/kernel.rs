@@ -4,6 +4,13 @@
 //! package is only a place to take `boot/vmlinuz-*` from. The cloud flavour
 //! has everything the suite needs built in (BPF, cgroup BPF, IPv6, 8250
 //! console), so the guest needs no modules.
+//!
+//! 6.1 and 6.12 come from the host's own apt sources (bookworm). 5.10 is
+//! bullseye's: its package lists are fetched into a private apt state under
+//! the cache ([`Apt::private`]), so the host's apt configuration is never
+//! touched. The newest package of a series may be listed but gone from the
+//! mirror (a security update withdrawn after the next one): the next newest
+//! is tried.
 
 use std::{
     fs,
@@ -16,26 +23,38 @@ use anyhow::{Context as _, bail};
 /// A kernel series of the matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Series {
+    V5_10,
     V6_1,
     V6_12,
 }
 
 impl Series {
-    pub const ALL: [Self; 2] = [Self::V6_1, Self::V6_12];
+    pub const ALL: [Self; 3] = [Self::V5_10, Self::V6_1, Self::V6_12];
 
     pub fn parse(text: &str) -> anyhow::Result<Vec<Self>> {
         Ok(match text {
+            "5.10" => vec![Self::V5_10],
             "6.1" => vec![Self::V6_1],
             "6.12" => vec![Self::V6_12],
             "all" => Self::ALL.to_vec(),
-            other => bail!("unknown kernel `{other}`: expected 6.1, 6.12 or all"),
+            other => bail!("unknown kernel `{other}`: expected 5.10, 6.1, 6.12 or all"),
         })
     }
 
     pub const fn name(self) -> &'static str {
         match self {
+            Self::V5_10 => "5.10",
             Self::V6_1 => "6.1",
             Self::V6_12 => "6.12",
+        }
+    }
+
+    /// The Debian release whose archive has the series, when it is not the
+    /// host's own (bookworm).
+    const fn foreign_suite(self) -> Option<&'static str> {
+        match self {
+            Self::V5_10 => Some("bullseye"),
+            Self::V6_1 | Self::V6_12 => None,
         }
     }
 
@@ -48,6 +67,8 @@ impl Series {
             return false;
         };
         match self {
+            // linux-image-5.10.0-43-cloud-amd64-unsigned
+            Self::V5_10 => version.starts_with("5.10.0-"),
             // linux-image-6.1.0-56-cloud-amd64-unsigned
             Self::V6_1 => version.starts_with("6.1.0-"),
             // linux-image-6.12.111+deb12-cloud-amd64-unsigned
@@ -56,29 +77,94 @@ impl Series {
     }
 }
 
-/// The newest package of `series` the apt sources offer.
-fn newest_package(series: Series) -> anyhow::Result<String> {
-    let out = Command::new("apt-cache")
+/// How apt is run: the host's configuration, or a private one for a suite
+/// the host does not carry.
+struct Apt {
+    options: Vec<String>,
+}
+
+impl Apt {
+    fn host() -> Self {
+        Self {
+            options: Vec::new(),
+        }
+    }
+
+    /// A private apt state in `dir` for Debian `suite` (its main and
+    /// security archives), with fresh package lists. Signed by the keys
+    /// of the host's `debian-archive-keyring`.
+    fn private(dir: &Path, suite: &str) -> anyhow::Result<Self> {
+        for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
+            fs::create_dir_all(dir.join(sub))?;
+        }
+        let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        fs::write(
+            dir.join("sources.list"),
+            format!(
+                "deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n\
+                 deb [signed-by={keyring}] http://deb.debian.org/debian-security \
+                 {suite}-security main\n"
+            ),
+        )?;
+        let at = |key: &str, path: PathBuf| format!("{key}={}", path.display());
+        let options = [
+            at("Dir::State", dir.to_path_buf()),
+            at("Dir::State::Lists", dir.join("lists")),
+            at("Dir::Cache", dir.join("cache")),
+            at("Dir::Etc::SourceList", dir.join("sources.list")),
+            at("Dir::Etc::SourceParts", dir.join("sources.list.d")),
+            "Dir::State::status=/dev/null".to_string(),
+            // Root downloads into directories `_apt` cannot enter.
+            "APT::Sandbox::User=root".to_string(),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_string(), o])
+        .collect();
+        let apt = Self { options };
+        let status = apt
+            .command("apt-get")
+            .args(["update", "-q"])
+            .status()
+            .context("running apt-get update")?;
+        if !status.success() {
+            bail!("apt-get update for {suite} failed");
+        }
+        Ok(apt)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.args(&self.options);
+        command
+    }
+}
+
+/// The packages of `series` the apt sources offer, newest first.
+fn packages(series: Series, apt: &Apt) -> anyhow::Result<Vec<String>> {
+    let out = apt
+        .command("apt-cache")
         .args([
             "search",
             "--names-only",
-            "^linux-image-6.*-cloud-amd64-unsigned$",
+            "^linux-image-.*-cloud-amd64-unsigned$",
         ])
         .output()
         .context("running apt-cache (is this Debian?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut names: Vec<&str> = text
+    let mut names: Vec<String> = text
         .lines()
         .filter_map(|l| l.split_whitespace().next())
         .filter(|name| series.owns(name))
+        .map(str::to_string)
         .collect();
-    names.sort_by_key(|name| version_key(name));
-    names.last().map(|n| n.to_string()).with_context(|| {
-        format!(
+    names.sort_by_key(|name| std::cmp::Reverse(version_key(name)));
+    if names.is_empty() {
+        bail!(
             "no linux-image {} cloud package in the apt sources (apt-get update?)",
             series.name()
-        )
-    })
+        );
+    }
+    Ok(names)
 }
 
 /// Numbers in a package name, for a version-aware sort.
@@ -92,20 +178,80 @@ fn version_key(name: &str) -> Vec<u64> {
 /// The kernel image of `series`, from the cache or fetched into it.
 /// Returns `(package, vmlinuz path)`.
 pub fn fetch(series: Series, cache: &Path) -> anyhow::Result<(String, PathBuf)> {
-    let package = newest_package(series)?;
-    let dir = cache.join(&package);
-    if let Some(image) = find_vmlinuz(&dir) {
-        return Ok((package, image));
+    // A kernel already unpacked is used as it is: no network needed.
+    let owned: Vec<PathBuf> = fs::read_dir(cache)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| series.owns(n))
+        })
+        .collect();
+    let apt = match series.foreign_suite() {
+        Some(suite) => match Apt::private(&cache.join(format!("apt-{suite}")), suite) {
+            Ok(apt) => apt,
+            Err(e) => return cached(series, &owned).ok_or(e),
+        },
+        None => Apt::host(),
+    };
+    let mut failures = Vec::new();
+    for package in packages(series, &apt)? {
+        let dir = cache.join(&package);
+        if let Some(image) = find_vmlinuz(&dir) {
+            return Ok((package, image));
+        }
+        match download(&apt, &package, cache) {
+            Ok(image) => return Ok((package, image)),
+            Err(e) => {
+                eprintln!("vm-test: {package}: {e:#}; trying an older one");
+                failures.push(format!("{package}: {e:#}"));
+            }
+        }
     }
+    cached(series, &owned).with_context(|| {
+        format!(
+            "no {} kernel could be fetched:\n{}",
+            series.name(),
+            failures.join("\n")
+        )
+    })
+}
+
+/// The newest kernel of `series` already in the cache.
+fn cached(series: Series, owned: &[PathBuf]) -> Option<(String, PathBuf)> {
+    let mut found: Vec<(String, PathBuf)> = owned
+        .iter()
+        .filter_map(|dir| {
+            let name = dir.file_name()?.to_str()?.to_string();
+            Some((name, find_vmlinuz(dir)?))
+        })
+        .collect();
+    found.sort_by_key(|(name, _)| version_key(name));
+    let found = found.pop();
+    if let Some((name, _)) = &found {
+        eprintln!(
+            "vm-test: using the cached {name} ({} series)",
+            series.name()
+        );
+    }
+    found
+}
+
+/// Downloads and unpacks `package` into `cache/package/`; returns its
+/// kernel image.
+fn download(apt: &Apt, package: &str, cache: &Path) -> anyhow::Result<PathBuf> {
+    let dir = cache.join(package);
     let download = cache.join("download");
     fs::create_dir_all(&download)?;
-    let status = Command::new("apt-get")
-        .args(["download", "-q", &package])
+    let status = apt
+        .command("apt-get")
+        .args(["download", "-q", package])
         .current_dir(&download)
         .status()
         .context("running apt-get download")?;
     if !status.success() {
-        bail!("apt-get download {package} failed");
+        bail!("apt-get download failed");
     }
     let deb = fs::read_dir(&download)?
         .flatten()
@@ -115,7 +261,7 @@ pub fn fetch(series: Series, cache: &Path) -> anyhow::Result<(String, PathBuf)> 
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
         })
-        .with_context(|| format!("{package}: no .deb after apt-get download"))?;
+        .context("no .deb after apt-get download")?;
     let unpack = cache.join(format!("{package}.tmp"));
     let _ = fs::remove_dir_all(&unpack);
     let status = Command::new("dpkg-deb")
@@ -134,7 +280,7 @@ pub fn fetch(series: Series, cache: &Path) -> anyhow::Result<(String, PathBuf)> 
     fs::copy(&image, &kept)?;
     fs::remove_dir_all(&unpack)?;
     fs::remove_file(&deb)?;
-    Ok((package, kept))
+    Ok(kept)
 }
 
 fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
@@ -160,6 +306,9 @@ mod tests {
 
     #[test]
     fn packages_are_told_apart_by_series() {
+        assert!(Series::V5_10.owns("linux-image-5.10.0-43-cloud-amd64-unsigned"));
+        assert!(!Series::V5_10.owns("linux-image-6.1.0-56-cloud-amd64-unsigned"));
+        assert!(!Series::V6_1.owns("linux-image-5.10.0-43-cloud-amd64-unsigned"));
         assert!(Series::V6_1.owns("linux-image-6.1.0-56-cloud-amd64-unsigned"));
         assert!(!Series::V6_1.owns("linux-image-6.12.111+deb12-cloud-amd64-unsigned"));
         assert!(Series::V6_12.owns("linux-image-6.12.111+deb12-cloud-amd64-unsigned"));

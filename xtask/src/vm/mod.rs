@@ -1,5 +1,5 @@
 //! `cargo xtask vm-test`: the kernel integration suite (the same test binary
-//! the host runs) on Debian's 6.1 and 6.12 LTS kernels, in qemu.
+//! the host runs) on Debian's 5.10, 6.1 and 6.12 LTS kernels, in qemu.
 //!
 //! Steps: build the suite → fetch each kernel (cached under target/vm) →
 //! one initramfs for all kernels → choose KVM or TCG → boot each kernel, run
