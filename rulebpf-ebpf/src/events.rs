@@ -8,8 +8,10 @@
 //! event is dropped and counted (`RULEBPF_EVENT_COUNTS`).
 //!
 //! Ring buffers are 5.8+; the task helpers (`bpf_get_current_comm` and
-//! friends) reach sock_addr programs through `cgroup_current_func_proto`,
-//! 6.1+.
+//! friends) reach sock_addr programs through `sock_addr_func_proto` on
+//! 5.10 already (probed; the events tests pass on Debian 11's 5.10), and
+//! through `cgroup_current_func_proto` since 6.1.
+//! https://github.com/torvalds/linux/blob/v5.10/net/core/filter.c (sock_addr_func_proto)
 //! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c (cgroup_current_func_proto)
 //! https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/ringbuf.c (bpf_ringbuf_reserve)
 

@@ -136,10 +136,10 @@ impl Support {
                 },
                 Feature {
                     name: EVENTS,
-                    since: "6.1",
+                    since: "5.8",
                     role: "decision events, `rulebpf events` (ring buffer 5.8; the \
-                           connecting task's pid, uid and name in connect hooks 6.1; \
-                           without them: no events, the rules work the same)",
+                           connecting task's pid, uid and name in connect hooks: 5.10 has \
+                           them; without them: no events, the rules work the same)",
                     present: [
                         BpfHelper::BPF_FUNC_ringbuf_reserve,
                         BpfHelper::BPF_FUNC_ringbuf_query,
@@ -256,7 +256,7 @@ impl Support {
         if !self.events() {
             out.push(
                 "this kernel does not give connect hooks a ring buffer and the connecting \
-                 task's pid, uid and name (Linux 6.1): no decision events (`rulebpf events` \
+                 task's pid, uid and name (Linux 5.8): no decision events (`rulebpf events` \
                  stays silent); the rules work the same"
                     .to_string(),
             );

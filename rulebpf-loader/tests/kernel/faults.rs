@@ -357,7 +357,7 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
         TCP_FIN_WAIT2,
     );
     let third = cg.probe(peer.addr, 1, &["--close-first"]);
-    assert_eq!(third, [Probed::Errno(libc::EADDRNOTAVAIL)]);
+    assert_eq!(third, [Probed::Errno(exhausted_errno())]);
     assert_eq!(
         peer.states(),
         [TCP_CLOSE_WAIT, TCP_CLOSE_WAIT],
@@ -374,14 +374,25 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
         TCP_TIME_WAIT,
     );
     let again = cg.probe(peer.addr, 2, &["--close-first"]);
+    if !kernel_shares_ports() {
+        // Bound without SO_REUSEADDR, a socket cannot take a port a
+        // timewait socket holds: the ports come back when TIME_WAIT ends
+        // (60 s), not before, and nothing is reclaimed.
+        assert_eq!(again, [Probed::Errno(exhausted_errno()); 2]);
+        assert_eq!(reclaimed(&cg), 0);
+        return;
+    }
     assert_eq!(sorted_ports(&again), [19200, 19201]);
-    let counters: serde_json::Value =
+    assert_eq!(reclaimed(&cg), 2);
+}
+
+/// The instance counter `reclaimed` of `cg`.
+fn reclaimed(cg: &TestCgroup) -> u64 {
+    let stats: serde_json::Value =
         serde_json::from_str(&rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])).unwrap();
-    assert_eq!(
-        counters[0]["counters"]["reclaimed"].as_u64(),
-        Some(2),
-        "{counters}"
-    );
+    stats[0]["counters"]["reclaimed"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{stats}"))
 }
 
 /// Drops every packet that arrives for the sockets of a cgroup while the
@@ -526,19 +537,20 @@ fn tuples_of_connections_closing_when_their_cgroup_goes_come_back() {
         || cg.status()["attachments"][0]["standing"] == "in_force",
     );
     let again = cg.probe(peer.addr, 10, &["--hold", "--close-first"]);
+    if !kernel_shares_ports() {
+        // Without sharing the ports stay with their TIME_WAIT sockets
+        // until these end (see above): nothing to take back.
+        assert_eq!(again, [Probed::Errno(exhausted_errno()); 10]);
+        assert_eq!(reclaimed(&cg), 0);
+        return;
+    }
     assert_eq!(
         sorted_ports(&again),
         (19300..=19309).collect::<Vec<_>>(),
         "{}",
         service.log_text()
     );
-    let stats: serde_json::Value =
-        serde_json::from_str(&rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])).unwrap();
-    assert_eq!(
-        stats[0]["counters"]["reclaimed"].as_u64(),
-        Some(10),
-        "{stats}"
-    );
+    assert_eq!(reclaimed(&cg), 10);
     let _ = std::io::stdout().flush();
 }
 
@@ -714,6 +726,15 @@ fn occupancy_counts_busy_tuples_after_their_sockets_are_gone() {
         peer.addr.port(),
         TCP_FIN_WAIT2,
     );
+    if !kernel_shares_ports() {
+        // Without sharing no tuple outlives its socket: the occupancy
+        // counts sockets only (none in use, 10 at most), and the range is
+        // full of timewait sockets it does not see (said in the README).
+        assert_eq!(line1_occupancy(&cg), (0, 10));
+        let more = cg.probe(peer.addr, 1, &["--close-first"]);
+        assert_eq!(more, [Probed::Errno(exhausted_errno())]);
+        return;
+    }
     assert_eq!(line1_occupancy(&cg), (10, 10));
     wait_until("run to warn", std::time::Duration::from_secs(20), || {
         service.log_text().contains(&full_warning(&text))
