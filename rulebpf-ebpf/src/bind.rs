@@ -215,8 +215,26 @@ pub(crate) fn bind_in_range<const EVERY_PORT: bool>(
             sharing,
         )
     } else {
+        let mut addr = source;
+        let result = search_candidates(ctx.sock_addr, &mut addr, lo, size, start);
+        // The port tried last, read back from memory: the verifier knows
+        // nothing of it, so every way out of the search continues as one
+        // state (see `search_candidates`).
+        // SAFETY: a field of a local.
+        let port = u16::from_be(unsafe { core::ptr::read_volatile(&raw const addr.port_be) });
+        let tried = size.min(BOUNDED_CANDIDATES);
+        let skipped = if result == 0 {
+            // The candidate's place after `start`.
+            let offset = u32::from(port).wrapping_sub(lo);
+            if offset >= start {
+                offset - start
+            } else {
+                offset + size - start
+            }
+        } else {
+            tried
+        };
         let mut tuple = tuple;
-        let (result, skipped, port) = search_candidates(ctx.sock_addr, source, lo, size, start);
         tuple.origin_port = port;
         (result, skipped, tuple, false)
     };
@@ -290,19 +308,26 @@ fn search_every_port(
 
 /// The search without `bpf_loop`: at most [`BOUNDED_CANDIDATES`] ports
 /// from `start`, each bound with `bpf_bind` until one is free, without
-/// sharing. Returns the last result (0: bound), how many ports the cursor
-/// may skip (the index of the port bound, or all tried), and the port.
-#[inline(always)]
+/// sharing. Returns the last result (0: bound); `addr` holds the port tried
+/// last.
+///
+/// A function of its own so that its loop counter ends with it: the
+/// verifier walks the loop once per iteration and tracks the counter
+/// exactly (it decides the loop's end), so code after the loop that still
+/// held the counter (or a port computed from it) would be walked again for
+/// every iteration that can leave the loop, about 200,000 instructions in
+/// all; returning only the helper's result, every exit continues as the
+/// same state and is walked once.
+#[inline(never)]
 fn search_candidates(
     ctx: *mut bpf_sock_addr,
-    mut addr: SockAddr,
+    addr: &mut SockAddr,
     lo: u32,
     size: u32,
     start: u32,
-) -> (i32, u32, u16) {
+) -> i32 {
     let mut result = -EADDRINUSE;
     let mut index = 0;
-    let mut port = 0;
     // A constant bound, so the 5.10 verifier sees the loop end; the range
     // size ends it earlier.
     while index < BOUNDED_CANDIDATES && index < size {
@@ -310,22 +335,21 @@ fn search_candidates(
         if offset >= size {
             offset -= size;
         }
-        port = (lo + offset) as u16;
-        addr.port_be = port.to_be();
+        addr.port_be = ((lo + offset) as u16).to_be();
         // SAFETY: the hook's context and an address on the stack.
         result = unsafe {
             bpf_bind(
                 ctx,
-                (&raw mut addr).cast::<sockaddr>(),
+                (addr as *mut SockAddr).cast::<sockaddr>(),
                 size_of::<SockAddr>() as i32,
             )
         } as i32;
         if result != -EADDRINUSE {
-            return (result, index, port);
+            break;
         }
         index += 1;
     }
-    (result, index, port)
+    result
 }
 
 /// Sets (or clears) the option that lets the socket share its port:

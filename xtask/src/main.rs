@@ -78,6 +78,9 @@ enum Command {
     /// The bench's server in another network namespace (capacity scenario).
     #[command(hide = true)]
     BenchServer(bench::server::Args),
+    /// Holds the ports listed on stdin until stdin ends (search scenario).
+    #[command(hide = true)]
+    BenchHold,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -101,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ci(options) => ci::run(&options),
         Command::BenchClient(args) => bench::client::run(&args),
         Command::BenchServer(args) => bench::server::run(&args),
+        Command::BenchHold => bench::search::hold(),
     }
 }
 

@@ -70,7 +70,15 @@ impl Rulebpf {
     /// Runs `rulebpf ARGS` (which must include `--json`) and parses what it
     /// prints; fails with its stderr unless it exits 0.
     pub fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
-        let out = Command::new(&self.path).args(args).output()?;
+        self.json_env(args, &[])
+    }
+
+    /// [`Self::json`] with environment variables set for `rulebpf`.
+    pub fn json_env(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Value> {
+        let out = Command::new(&self.path)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()?;
         ensure!(
             out.status.success(),
             "rulebpf {}: {}",

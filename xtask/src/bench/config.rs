@@ -133,10 +133,21 @@ impl Rig {
 
     /// [`Self::attach`] with more `attach` arguments.
     pub fn attach_with(&self, file: &Path, extra: &[&str]) -> anyhow::Result<Value> {
+        self.attach_env(file, extra, &[])
+    }
+
+    /// [`Self::attach_with`] with environment variables set for `rulebpf`
+    /// (what it assumes of the kernel, what it compiles out).
+    pub fn attach_env(
+        &self,
+        file: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Value> {
         let mut args = vec!["attach", "--json", "--cgroup", arg(&self.cgroup)?];
         args.extend_from_slice(extra);
         args.push(arg(file)?);
-        self.rulebpf.json(&args)
+        self.rulebpf.json_env(&args, env)
     }
 
     /// Writes a rule file `name` with `text` among the generated ones.
@@ -145,6 +156,16 @@ impl Rig {
         let path = self.rules_dir.join(name);
         fs::write(&path, text)?;
         Ok(path)
+    }
+
+    /// The bench cgroup.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// The `rulebpf` binary the rig runs.
+    pub fn rulebpf_path(&self) -> &Path {
+        self.rulebpf.path()
     }
 
     /// `rulebpf stats --json` for the bench cgroup.
@@ -172,13 +193,9 @@ impl Rig {
         let cgroup = arg(&self.cgroup)?;
         let (command, ready) = match events {
             Events::CompiledOut => {
-                let mut command = self.rulebpf.command(&["attach", "--cgroup", cgroup]);
-                command.arg(&rules).env("RULEBPF_NO_EVENTS", "1");
-                let out = command.output()?;
-                if !out.status.success() {
-                    bail!("attach: {}", String::from_utf8_lossy(&out.stderr));
-                }
-                return Ok(());
+                return self
+                    .attach_env(&rules, &[], &[("RULEBPF_NO_EVENTS", "1")])
+                    .map(drop);
             }
             Events::Read => {
                 self.attach(&rules)?;

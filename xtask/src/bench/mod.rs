@@ -15,8 +15,10 @@
 //!   no hook, rulebpf with and without port sharing, and nft SNAT, each in a
 //!   fresh network namespace; the connect cost with 90 % of a 1,000-port
 //!   range held; the IPv6 connect rate against no hook.
-//! * Last, what decision events cost ([`events`]), and each piece of the
-//!   hook on its own ([`pieces`]), in rounds of their own.
+//! * Last, what decision events cost ([`events`]), each piece of the hook
+//!   on its own ([`pieces`]), in rounds of their own, and how often the
+//!   port search without `bpf_loop` fails while a port is free
+//!   ([`search`]).
 //!
 //! | module | its one job |
 //! |---|---|
@@ -26,6 +28,7 @@
 //! | [`events`] | what decision events cost: compiled out, nobody listening, read, logged |
 //! | [`bpf`] | pinned BPF objects: a program's run time (`kernel.bpf_stats_enabled`), a jump slot emptied |
 //! | [`pieces`] | each piece of the hook on its own, IPv4 and IPv6, with the ns of each program |
+//! | [`search`] | the bounded search (no `bpf_loop`) beside the search of every port, by occupancy |
 //! | [`nft`] | the nft SNAT peer: its ruleset and why it is set up that way |
 //! | [`server`] | the loopback server: a port-recording listener per destination port (and `bench-server`, in a namespace) |
 //! | [`client`] | the client process inside the bench cgroup, and running it |
@@ -45,6 +48,7 @@ mod events;
 mod nft;
 mod pieces;
 mod report;
+pub mod search;
 pub mod server;
 
 use std::{collections::BTreeMap, fs, net::Ipv4Addr, path::Path, time::Instant};
@@ -169,10 +173,12 @@ impl Bench {
         let costs = capacity::costs(&self.rig, &self.client, size)?;
         let events = events::measure(self, size)?;
         let pieces = pieces::measure(self, size)?;
+        let search = search::measure(self, size)?;
         Ok(Report::new(size, &configs, &measured, attach)
             .with(capacity, costs)
             .with_events(events)
-            .with_pieces(pieces))
+            .with_pieces(pieces)
+            .with_search(search))
     }
 
     /// Attach cost and footprint per rule count; writes the rule files the

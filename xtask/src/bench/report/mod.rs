@@ -83,6 +83,12 @@ impl Report {
         self
     }
 
+    /// With the bounded search beside the search of every port.
+    pub fn with_search(mut self, search: Value) -> Self {
+        self.json["search"] = search;
+        self
+    }
+
     /// Writes BENCHMARKS.{json,svg,md} into `out_dir`.
     pub fn write(&self, out_dir: &Path, echo: Echo) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(&self.json)?;
