@@ -184,8 +184,18 @@ pub(crate) fn bind_in_range<const EVERY_PORT: bool>(
     tuple: TupleKey,
     sharing: bool,
 ) -> Result<Bound, i32> {
-    let lo = u32::from(verdict.org_lo);
-    let size = verdict.range_size();
+    let start = take_start(verdict);
+    if EVERY_PORT {
+        search_every_port(ctx, source, verdict, start, protocol, tuple, sharing)
+    } else {
+        search_bounded(ctx.sock_addr, source, verdict, start, tuple)
+    }
+}
+
+/// Where this connect's search starts in the range: the rule's cursor,
+/// which it advances by one.
+#[inline(always)]
+fn take_start(verdict: &Verdict) -> u32 {
     let start = match RULEBPF_CURSOR.get_ptr_mut(verdict.rule) {
         Some(ptr) => {
             // Read, then advance with an atomic add whose result is unused: the
@@ -201,75 +211,45 @@ pub(crate) fn bind_in_range<const EVERY_PORT: bool>(
         None => 0,
     };
     // checked_rem: no division-by-zero panic path for the verifier to see.
-    let start = start.checked_rem(u64::from(size)).unwrap_or(0) as u32;
-    let (result, skipped, tuple, tracked) = if EVERY_PORT {
-        search_every_port(
-            ctx,
-            source,
-            verdict.key,
-            lo,
-            size,
-            start,
-            protocol,
-            tuple,
-            sharing,
-        )
-    } else {
-        let mut addr = source;
-        let result = search_candidates(ctx.sock_addr, &mut addr, lo, size, start);
-        // The port tried last, read back from memory: the verifier knows
-        // nothing of it, so every way out of the search continues as one
-        // state (see `search_candidates`).
-        // SAFETY: a field of a local.
-        let port = u16::from_be(unsafe { core::ptr::read_volatile(&raw const addr.port_be) });
-        let tried = size.min(BOUNDED_CANDIDATES);
-        let skipped = if result == 0 {
-            // The candidate's place after `start`.
-            let offset = u32::from(port).wrapping_sub(lo);
-            if offset >= start {
-                offset - start
-            } else {
-                offset + size - start
-            }
-        } else {
-            tried
-        };
-        let mut tuple = tuple;
-        tuple.origin_port = port;
-        (result, skipped, tuple, false)
-    };
-    // What this search skipped (all it tried, when it failed), the next
-    // one need not try again. (Looked up again: one pointer kept across
-    // the search would double what the verifier walks.)
-    if (result == 0 || !EVERY_PORT)
-        && let Some(ptr) = RULEBPF_CURSOR.get_ptr_mut(verdict.rule)
-    {
-        // SAFETY: as above.
+    start
+        .checked_rem(u64::from(verdict.range_size()))
+        .unwrap_or(0) as u32
+}
+
+/// Moves the rule's cursor past `skipped` ports: what a search skipped,
+/// the next one need not try again. (Looked up again: one pointer kept
+/// across the search would double what the verifier walks.)
+#[inline(always)]
+fn skip(verdict: &Verdict, skipped: u32) {
+    if let Some(ptr) = RULEBPF_CURSOR.get_ptr_mut(verdict.rule) {
+        // SAFETY: as in `take_start`.
         unsafe { atomic_add(ptr, u64::from(skipped)) };
     }
-    match result {
-        0 => Ok(Bound { tuple, tracked }),
-        r if r == -EADDRINUSE => Err(EADDRNOTAVAIL),
-        r => Err(-r),
+}
+
+/// connect()'s errno for a search that ended with `result` (a negative
+/// errno of `bpf_bind`; `-EADDRINUSE`: every port tried was in use).
+#[inline(always)]
+fn failed(result: i32) -> i32 {
+    if result == -EADDRINUSE {
+        EADDRNOTAVAIL
+    } else {
+        -result
     }
 }
 
 /// The search with `bpf_loop` (5.17+): every port of the range, one
-/// connect. Returns the last result (0: bound), the index of the port
-/// bound, the tuple with that port, and whether the tuple is recorded.
-#[allow(clippy::too_many_arguments)]
+/// connect.
 #[inline(always)]
 fn search_every_port(
     ctx: &SockAddrContext,
     source: SockAddr,
-    key: u64,
-    lo: u32,
-    size: u32,
+    verdict: &Verdict,
     start: u32,
     protocol: Protocol,
     tuple: TupleKey,
     sharing: bool,
-) -> (i32, u32, TupleKey, bool) {
+) -> Result<Bound, i32> {
     // A kernel that refuses the option (before 6.0) still gets the tuples
     // recorded: harmless, the socket just does not share its port.
     if sharing {
@@ -278,10 +258,10 @@ fn search_every_port(
     let mut search = Search {
         ctx: ctx.sock_addr,
         tuple,
-        key,
+        key: verdict.key,
         addr: source,
-        lo,
-        size,
+        lo: u32::from(verdict.org_lo),
+        size: verdict.range_size(),
         start,
         sharing: u32::from(sharing),
         protocol: protocol as u32,
@@ -292,24 +272,66 @@ fn search_every_port(
     // without the verifier walking each iteration.
     unsafe {
         bpf_loop(
-            size,
+            search.size,
             try_candidate as *mut c_void,
             (&raw mut search).cast(),
             0,
         )
     };
-    (
-        search.result,
-        search.index,
-        search.tuple,
-        search.sharing == 1,
-    )
+    if search.result != 0 {
+        return Err(failed(search.result));
+    }
+    skip(verdict, search.index);
+    Ok(Bound {
+        tuple: search.tuple,
+        tracked: search.sharing == 1,
+    })
 }
 
-/// The search without `bpf_loop`: at most [`BOUNDED_CANDIDATES`] ports
-/// from `start`, each bound with `bpf_bind` until one is free, without
-/// sharing. Returns the last result (0: bound); `addr` holds the port tried
-/// last.
+/// The search without `bpf_loop` (before 5.17): at most
+/// [`BOUNDED_CANDIDATES`] ports from `start`, without sharing; a failed
+/// search moves the cursor past all it tried.
+#[inline(always)]
+fn search_bounded(
+    ctx: *mut bpf_sock_addr,
+    source: SockAddr,
+    verdict: &Verdict,
+    start: u32,
+    tuple: TupleKey,
+) -> Result<Bound, i32> {
+    let (lo, size) = (u32::from(verdict.org_lo), verdict.range_size());
+    let mut addr = source;
+    let result = bind_first_free(ctx, &mut addr, lo, size, start);
+    if result != 0 {
+        skip(verdict, size.min(BOUNDED_CANDIDATES));
+        return Err(failed(result));
+    }
+    // The port bound, read back from memory: the verifier knows nothing of
+    // it, so every way out of the search continues as one state (see
+    // `bind_first_free`).
+    // SAFETY: a field of a local.
+    let port = u16::from_be(unsafe { core::ptr::read_volatile(&raw const addr.port_be) });
+    // Its place after `start`: the ports before it were in use.
+    let offset = u32::from(port).wrapping_sub(lo);
+    skip(
+        verdict,
+        if offset >= start {
+            offset - start
+        } else {
+            offset + size - start
+        },
+    );
+    let mut tuple = tuple;
+    tuple.origin_port = port;
+    Ok(Bound {
+        tuple,
+        tracked: false,
+    })
+}
+
+/// The loop of [`search_bounded`]: the ports from `start` on, each bound
+/// with `bpf_bind` until one is free. Returns the last result (0: bound);
+/// `addr` holds the port tried last.
 ///
 /// A function of its own so that its loop counter ends with it: the
 /// verifier walks the loop once per iteration and tracks the counter
@@ -319,7 +341,7 @@ fn search_every_port(
 /// all; returning only the helper's result, every exit continues as the
 /// same state and is walked once.
 #[inline(never)]
-fn search_candidates(
+fn bind_first_free(
     ctx: *mut bpf_sock_addr,
     addr: &mut SockAddr,
     lo: u32,
