@@ -467,13 +467,19 @@ The port search on kernels without `bpf_loop` (before 5.17: at most {} ports per
          connect, from the rule's cursor; forced here with `RULEBPF_ASSUME_NO_LOOP=1`) beside the \
          search of every port: connects that failed although a port of the range was free. A \
          random share of the range is held by sockets outside the cgroup; each connect is a UDP \
-         socket closed before the next, so a port is always free. \"expected\" is the share of \
-         connects whose candidates are all held when holes lie at random, (held / size)^{}.\n",
-        j["search"]["candidates"], j["search"]["candidates"]
+         socket closed before the next, so a port is always free. \"p\" is the chance that the \
+         {} ports after a random start are all held, (held / size)^{}: the cursor moves from one \
+         free port to the next, so what fails is a connect whose search meets a run of more than \
+         {} held ports, once per lap of the range (a run of that length is rare below 99.5 %: \
+         none here).\n",
+        j["search"]["candidates"],
+        j["search"]["candidates"],
+        j["search"]["candidates"],
+        j["search"]["candidates"]
     )?;
     writeln!(
         md,
-        "| range | held | failed, every port | failed, bounded | expected (bounded) | µs per connect (every port / bounded) |"
+        "| range | held | failed, every port | failed, bounded | p | µs per connect, probe included (every port / bounded) |"
     )?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
     for r in results {
