@@ -303,7 +303,10 @@ fn search_bounded(
     let mut addr = source;
     let result = bind_first_free(ctx, &mut addr, lo, size, start);
     if result != 0 {
-        skip(verdict, size.min(BOUNDED_CANDIDATES));
+        // Past all it tried: `take_start` moved the cursor by one already.
+        // (Skipping one more would leave a port never tried when the range
+        // is one more than the candidates, 1,025 ports.)
+        skip(verdict, size.min(BOUNDED_CANDIDATES) - 1);
         return Err(failed(result));
     }
     // The port bound, read back from memory: the verifier knows nothing of

@@ -241,7 +241,7 @@ impl Support {
                 "this kernel has no bpf_loop (Linux 5.17): a connect tries at most {} ports of \
                  a range, from the rule's cursor on; a range of more ports can refuse a \
                  connect while a port is free elsewhere in it (the next connects go on \
-                 from there)",
+                 from there); origin ports are not shared among destinations",
                 rulebpf_common::BOUNDED_CANDIDATES
             ));
         }

@@ -95,11 +95,13 @@ fn without_bpf_loop_a_range_of_up_to_1024_ports_is_searched_whole() {
 /// In a larger range the first connect tries ports 0..1024 of the range
 /// (its cursor starts at 0) and fails although one port further on is
 /// free: the window the bounded search leaves. It moves the cursor past
-/// what it tried, so the next connect finds the port.
+/// what it tried, so the next connect finds the port. One port more than
+/// the candidates, the free one last: a cursor moved one port too far
+/// would wrap onto the first port again and never try the last.
 #[test]
 fn without_bpf_loop_a_larger_range_can_refuse_once_and_the_next_connect_finds_the_port() {
-    let (lo, hi, free) = (13000, 14499, 14400);
-    assert!(u32::from(free - lo) >= BOUNDED_CANDIDATES);
+    let (lo, hi, free) = (13000, 14024, 14024);
+    assert_eq!(u32::from(hi - lo) + 1, BOUNDED_CANDIDATES + 1);
     let cg = TestCgroup::new("bounded-window");
     let server = Listener::on([127, 0, 0, 2]);
     let _held = hold_all_but(lo, hi, free);

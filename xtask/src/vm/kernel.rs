@@ -178,6 +178,7 @@ fn version_key(name: &str) -> Vec<u64> {
 /// The kernel image of `series`, from the cache or fetched into it.
 /// Returns `(package, vmlinuz path)`.
 pub fn fetch(series: Series, cache: &Path) -> anyhow::Result<(String, PathBuf)> {
+    fs::create_dir_all(cache)?;
     // A kernel already unpacked is used as it is: no network needed.
     let owned: Vec<PathBuf> = fs::read_dir(cache)?
         .flatten()
@@ -195,8 +196,12 @@ pub fn fetch(series: Series, cache: &Path) -> anyhow::Result<(String, PathBuf)> 
         },
         None => Apt::host(),
     };
+    let listed = match packages(series, &apt) {
+        Ok(listed) => listed,
+        Err(e) => return cached(series, &owned).ok_or(e),
+    };
     let mut failures = Vec::new();
-    for package in packages(series, &apt)? {
+    for package in listed {
         let dir = cache.join(&package);
         if let Some(image) = find_vmlinuz(&dir) {
             return Ok((package, image));
