@@ -173,6 +173,19 @@ impl TestCgroup {
         rulebpf_ok(&args)
     }
 
+    /// `rulebpf attach` with the rules in `text`, `env` set for rulebpf
+    /// (what it assumes of the kernel); asserts success and returns what it
+    /// warned (its stderr).
+    pub fn attach_warned(&self, text: &str, env: &[(&str, &str)]) -> String {
+        let file = self.rules_file("tcpoport.ini", text);
+        let out = rulebpf_with_env(
+            &["attach", "--cgroup", self.arg(), file.to_str().unwrap()],
+            env,
+        );
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     /// `rulebpf probe` from this cgroup.
     pub fn probe(&self, dest: SocketAddr, count: u32, extra: &[&str]) -> Vec<Probed> {
         probe_from(&self.path, dest, count, extra)

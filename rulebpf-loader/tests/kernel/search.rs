@@ -66,13 +66,7 @@ fn raise_open_files() {
 
 /// `attach` with the bounded search, whatever the kernel has.
 fn attach_bounded(cg: &TestCgroup, rules: &str) {
-    let file = cg.rules_file("r.ini", rules);
-    let out = rulebpf_with_env(
-        &["attach", "--cgroup", cg.arg(), file.to_str().unwrap()],
-        &[("RULEBPF_ASSUME_NO_LOOP", "1")],
-    );
-    assert!(out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = cg.attach_warned(rules, &[("RULEBPF_ASSUME_NO_LOOP", "1")]);
     assert!(stderr.contains("no bpf_loop (Linux 5.17)"), "{stderr}");
 }
 

@@ -181,13 +181,10 @@ fn without_kernel_support_sharing_falls_back_to_one_socket_per_port() {
     let cg = TestCgroup::new("nosupport");
     let a = Listener::on([127, 0, 0, 2]);
     let b = Listener::on([127, 0, 0, 3]);
-    let file = cg.rules_file("r.ini", "127.0.0.0/8 * : 23610\n");
-    let out = rulebpf_with_env(
-        &["attach", "--cgroup", cg.arg(), file.to_str().unwrap()],
+    let stderr = cg.attach_warned(
+        "127.0.0.0/8 * : 23610\n",
         &[("RULEBPF_ASSUME_NO_SHARING", "1")],
     );
-    assert!(out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not shared among destinations"), "{stderr}");
     let mut agent = Agent::start(&cg.path);
     let (id, port) = agent.tcp(a.addr).unwrap();
