@@ -23,27 +23,34 @@ const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 
+/// bpf(2) with `cmd` and its part of `union bpf_attr` as `attr`; the
+/// kernel's answer, or the error, naming `what` was done to `pin`.
+fn bpf(cmd: libc::c_long, attr: &mut [u64], what: &str, pin: &Path) -> anyhow::Result<i64> {
+    // SAFETY: bpf(2) with an attr the size it reads; what its words point
+    // to outlives the call (the caller's locals).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            size_of_val(attr) as u32,
+        )
+    };
+    ensure!(
+        ret >= 0,
+        "{what} {}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(ret)
+}
+
 /// A descriptor of the object pinned at `pin` (`BPF_OBJ_GET`).
 fn open_pin(pin: &Path) -> anyhow::Result<OwnedFd> {
     let path = CString::new(pin.as_os_str().as_encoded_bytes())?;
     // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-    let mut attr = [0u64; 2];
-    attr[0] = path.as_ptr() as u64;
-    // SAFETY: bpf(2) with an attr the size it reads; `path` outlives it.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    ensure!(
-        fd >= 0,
-        "opening {}: {}",
-        pin.display(),
-        std::io::Error::last_os_error()
-    );
+    let mut attr = [path.as_ptr() as u64, 0];
+    let fd = bpf(BPF_OBJ_GET, &mut attr, "opening", pin)?;
     // SAFETY: a descriptor the kernel just gave us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
@@ -56,24 +63,8 @@ pub fn empty_jump_slot(pin: &Path) -> anyhow::Result<()> {
     let map = open_pin(pin)?;
     let key: u32 = 0;
     // union bpf_attr for BPF_MAP_*_ELEM: map_fd, pad, key, value, flags.
-    let mut attr = [0u64; 4];
-    attr[0] = map.as_raw_fd() as u64;
-    attr[1] = (&raw const key) as u64;
-    // SAFETY: bpf(2) with an attr the size it reads; `key` outlives it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            attr.as_mut_ptr(),
-            size_of_val(&attr) as u32,
-        )
-    };
-    ensure!(
-        ret == 0,
-        "emptying {}: {}",
-        pin.display(),
-        std::io::Error::last_os_error()
-    );
+    let mut attr = [map.as_raw_fd() as u64, (&raw const key) as u64, 0, 0];
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr, "emptying", pin)?;
     Ok(())
 }
 

@@ -314,18 +314,8 @@ pub fn costs(rig: &Rig, client: &Client, size: Size) -> anyhow::Result<Value> {
         "costs.ini",
         &format!("{v4} {BUSY_PORT} : {WIDE}\n{v6} {V6_PORT} : {V6}\n"),
     )?;
-    let count = size.cost_connects.to_string();
     let rate = |ip: IpAddr, port: u16, hold: u32| -> anyhow::Result<f64> {
-        let took = client.time(&[
-            "--ip",
-            &ip.to_string(),
-            "--port",
-            &port.to_string(),
-            "--count",
-            &count,
-            "--hold",
-            &hold.to_string(),
-        ])?;
+        let took = client.connects_to(ip, port, size.cost_connects, hold)?;
         Ok(f64::from(size.cost_connects) / took.as_secs_f64())
     };
     let (mut empty, mut busy, mut v6_hook, mut v6_none) = (vec![], vec![], vec![], vec![]);

@@ -175,7 +175,28 @@ impl Client {
 
     /// `count` connections to `port`, one after the other: how long they took.
     pub fn connects(&self, port: u16, count: u32) -> anyhow::Result<Duration> {
-        self.time(&["--port", &port.to_string(), "--count", &count.to_string()])
+        self.connects_to(IpAddr::V4(SERVER_IP), port, count, 0)
+    }
+
+    /// `count` connections to `ip:port`, one after the other, while `hold`
+    /// others stay open: how long they took.
+    pub fn connects_to(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        count: u32,
+        hold: u32,
+    ) -> anyhow::Result<Duration> {
+        self.time(&[
+            "--ip",
+            &ip.to_string(),
+            "--port",
+            &port.to_string(),
+            "--count",
+            &count.to_string(),
+            "--hold",
+            &hold.to_string(),
+        ])
     }
 
     /// One connection to `port` sending `bytes`: how long it took.

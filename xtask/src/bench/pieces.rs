@@ -79,7 +79,6 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
         "pieces-range.ini",
         &format!("{v4} {V4_PORT} : {V4_RANGE}\n{v6} {V6_PORT} : {V6_RANGE}\n"),
     )?;
-    let count = size.cost_connects.to_string();
     let _stats = StatsOn::new()?;
     // [piece][family]: rates per counted round; ns and runs per program.
     let families = [(v4, V4_PORT, "connect4"), (v6, V6_PORT, "connect6")];
@@ -118,14 +117,7 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
                         })
                         .collect::<anyhow::Result<_>>()?;
                     let before = counters(&programs)?;
-                    let took = client.time(&[
-                        "--ip",
-                        &ip.to_string(),
-                        "--port",
-                        &port.to_string(),
-                        "--count",
-                        &count,
-                    ])?;
+                    let took = client.connects_to(ip, port, size.cost_connects, 0)?;
                     let after = counters(&programs)?;
                     let rate = f64::from(size.cost_connects) / took.as_secs_f64();
                     out.push((f, rate, before, after));

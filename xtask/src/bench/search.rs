@@ -66,14 +66,14 @@ pub(super) fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
             "held": held,
             "expected_bounded_failures": expected_failures(size, held),
         });
+        let file = bench.rig.write_file(
+            "search.ini",
+            &format!("127.0.0.2 9 : {}-{} udp\n", range.lo, range.hi),
+        )?;
         for (search, env) in [
             ("every_port", &[][..]),
             ("bounded", &[("RULEBPF_ASSUME_NO_LOOP", "1")][..]),
         ] {
-            let file = bench.rig.write_file(
-                "search.ini",
-                &format!("127.0.0.2 9 : {}-{} udp\n", range.lo, range.hi),
-            )?;
             bench.rig.attach_env(&file, &[], env)?;
             let result = probe(bench, &netns, connects);
             bench.rig.detach();
