@@ -179,7 +179,9 @@ fn version_key(name: &str) -> Vec<u64> {
 /// Returns `(package, vmlinuz path)`.
 pub fn fetch(series: Series, cache: &Path) -> anyhow::Result<(String, PathBuf)> {
     fs::create_dir_all(cache)?;
-    // A kernel already unpacked is used as it is: no network needed.
+    // The kernels of the series already unpacked: what is used when apt
+    // cannot list or fetch one (no network, a suite gone from the mirror).
+    // apt is still asked first, so a newer package is picked up.
     let owned: Vec<PathBuf> = fs::read_dir(cache)?
         .flatten()
         .map(|e| e.path())
