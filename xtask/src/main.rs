@@ -81,6 +81,21 @@ enum Command {
     /// Holds the ports listed on stdin until stdin ends (search scenario).
     #[command(hide = true)]
     BenchHold,
+    /// Only the pieces of the hook (the bench's section), printed: to
+    /// measure one change to the hook on its own.
+    #[command(hide = true)]
+    BenchPieces {
+        /// Counted rounds (one uncounted warm-up round comes first).
+        #[arg(long, default_value_t = 7)]
+        rounds: usize,
+        /// Connects per round and family.
+        #[arg(long, default_value_t = 3000)]
+        connects: u32,
+        /// Another rulebpf binary, measured with port sharing on beside
+        /// this build (a change against the code before it).
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +120,11 @@ fn main() -> anyhow::Result<()> {
         Command::BenchClient(args) => bench::client::run(&args),
         Command::BenchServer(args) => bench::server::run(&args),
         Command::BenchHold => bench::search::hold(),
+        Command::BenchPieces {
+            rounds,
+            connects,
+            baseline,
+        } => bench::run_pieces(rounds, connects, baseline.as_deref()),
     }
 }
 

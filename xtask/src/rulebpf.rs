@@ -44,6 +44,11 @@ impl Rulebpf {
         Ok(Self { path })
     }
 
+    /// Another build of rulebpf, at `path` (the bench's baseline).
+    pub fn at(path: PathBuf) -> Self {
+        Self { path }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

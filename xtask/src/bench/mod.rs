@@ -146,6 +146,38 @@ pub fn run(size: Size, out_dir: &Path, echo: Echo) -> anyhow::Result<()> {
     result
 }
 
+/// The pieces section alone, printed as BENCHMARKS.md would show it.
+pub fn run_pieces(rounds: usize, connects: u32, baseline: Option<&Path>) -> anyhow::Result<()> {
+    let size = Size {
+        cost_rounds: rounds,
+        cost_connects: connects,
+        ..Size::FULL
+    };
+    let rulebpf = Rulebpf::built()?;
+    let cgroup = rulebpf.cgroup2_mount()?.join(CGROUP);
+    fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    let bench = Bench {
+        rig: Rig::new(rulebpf, cgroup.clone(), target_dir().join("bench-rules")),
+        client: Client::new(cgroup.clone()),
+        server: Server::start()?,
+    };
+    let baseline = baseline.map(|path| {
+        Rig::new(
+            Rulebpf::at(path.to_path_buf()),
+            cgroup.clone(),
+            target_dir().join("bench-rules"),
+        )
+    });
+    let result = pieces::measure_against(&bench, size, baseline.as_ref());
+    bench.rig.all_off();
+    let _ = fs::remove_dir(&cgroup);
+    print!(
+        "{}",
+        report::markdown::pieces_section(&serde_json::json!({ "pieces": result? }))?
+    );
+    Ok(())
+}
+
 struct Bench {
     rig: Rig,
     client: Client,

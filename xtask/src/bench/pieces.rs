@@ -19,6 +19,7 @@ use super::{
     Bench, Size,
     bpf::{Program, StatsOn, empty_jump_slot},
     capacity::{Netns, Server},
+    config::Rig,
     report::median,
 };
 
@@ -36,16 +37,20 @@ enum Piece {
     Lookup,
     Exclusive,
     Shared,
+    SharedMany,
     Listened,
+    /// Port sharing on, with the baseline binary (`bench-pieces` only).
+    Baseline,
 }
 
 impl Piece {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::NoHook,
         Self::TailCall,
         Self::Lookup,
         Self::Exclusive,
         Self::Shared,
+        Self::SharedMany,
         Self::Listened,
     ];
 
@@ -56,7 +61,9 @@ impl Piece {
             Self::Lookup => "rule set, origin 0 (lookup only)",
             Self::Exclusive => "origin range, --port-sharing off",
             Self::Shared => "origin range, port sharing on",
+            Self::SharedMany => "port sharing on, 100,000 rules before it",
             Self::Listened => "port sharing on, events read",
+            Self::Baseline => "port sharing on, baseline binary",
         }
     }
 }
@@ -66,6 +73,18 @@ impl Piece {
 const PROGRAMS: [&str; 3] = ["connect", "sock_ops", "sock_release"];
 
 pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
+    measure_against(bench, size, None)
+}
+
+/// [`measure`], plus "port sharing on" with another build of rulebpf
+/// (`baseline`) alternated with the others in the same rounds: a change to
+/// the hook measured against the code before it, in one run
+/// (`xtask bench-pieces --baseline OLD_BINARY`).
+pub fn measure_against(bench: &Bench, size: Size, baseline: Option<&Rig>) -> anyhow::Result<Value> {
+    let pieces: Vec<Piece> = Piece::ALL
+        .into_iter()
+        .chain(baseline.map(|_| Piece::Baseline))
+        .collect();
     let netns = Netns::fresh("pieces")?;
     let v4 = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
     let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
@@ -79,14 +98,21 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
         "pieces-range.ini",
         &format!("{v4} {V4_PORT} : {V4_RANGE}\n{v6} {V6_PORT} : {V6_RANGE}\n"),
     )?;
+    let many = bench.rig.write_file(
+        "pieces-range-many.ini",
+        &format!(
+            "{}{v4} {V4_PORT} : {V4_RANGE}\n{v6} {V6_PORT} : {V6_RANGE}\n",
+            filler_rules(MANY_RULES)?
+        ),
+    )?;
     let _stats = StatsOn::new()?;
     // [piece][family]: rates per counted round; ns and runs per program.
     let families = [(v4, V4_PORT, "connect4"), (v6, V6_PORT, "connect6")];
-    let mut rates = vec![vec![Vec::<f64>::new(); 2]; Piece::ALL.len()];
-    let mut spent = vec![vec![[(0u64, 0u64); PROGRAMS.len()]; 2]; Piece::ALL.len()];
-    let mut last = vec![[0.0; 2]; Piece::ALL.len()];
+    let mut rates = vec![vec![Vec::<f64>::new(); 2]; pieces.len()];
+    let mut spent = vec![vec![[(0u64, 0u64); PROGRAMS.len()]; 2]; pieces.len()];
+    let mut last = vec![[0.0; 2]; pieces.len()];
     for round in 0..=size.cost_rounds {
-        for (p, &piece) in Piece::ALL.iter().enumerate() {
+        for (p, &piece) in pieces.iter().enumerate() {
             let on = match piece {
                 Piece::NoHook => Ok(()),
                 Piece::TailCall => bench.rig.attach_with(&zero, &[]).map(drop).and_then(|()| {
@@ -99,6 +125,11 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
                     .attach_with(&ranged, &["--port-sharing", "off"])
                     .map(drop),
                 Piece::Shared => bench.rig.attach_with(&ranged, &[]).map(drop),
+                Piece::SharedMany => bench.rig.attach_with(&many, &[]).map(drop),
+                Piece::Baseline => baseline
+                    .expect("only with a baseline")
+                    .attach_with(&ranged, &[])
+                    .map(drop),
                 Piece::Listened => bench
                     .rig
                     .attach_with(&ranged, &[])
@@ -126,6 +157,9 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
             });
             bench.rig.reader_off();
             bench.rig.detach();
+            if let Some(baseline) = baseline {
+                baseline.detach();
+            }
             for (f, rate, before, after) in measured? {
                 last[p][f] = rate;
                 if round > 0 {
@@ -139,7 +173,7 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
         }
         eprintln!(
             "round {round} pieces: {}",
-            Piece::ALL
+            pieces
                 .iter()
                 .zip(&last)
                 .map(|(piece, r)| format!("{} {:.0}/{:.0}", piece.name(), r[0], r[1]))
@@ -150,7 +184,7 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
     let paired =
         |a: &[f64], b: &[f64]| median(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>());
     let connects = u64::from(size.cost_connects) * size.cost_rounds as u64;
-    let rows: Vec<Value> = Piece::ALL
+    let rows: Vec<Value> = pieces
         .iter()
         .enumerate()
         .map(|(p, piece)| {
@@ -183,6 +217,27 @@ pub fn measure(bench: &Bench, size: Size) -> anyhow::Result<Value> {
         "connects_per_round": size.cost_connects,
         "results": rows,
     }))
+}
+
+/// Rules before the measured ones in the [`Piece::SharedMany`] file.
+const MANY_RULES: u32 = 100_000;
+
+/// `n` rules that never match the measured destinations, half IPv4 and
+/// half IPv6 (documentation prefixes), with their own ports and ranges:
+/// both automata and the port tables grow as with a real file of `n` rules.
+fn filler_rules(n: u32) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(n as usize * 40);
+    for i in 0..n {
+        let [_, b, c, d] = (i / 2).to_be_bytes();
+        let (port, origin) = (1000 + i % 7, 40000 + i % 13);
+        if i % 2 == 0 {
+            writeln!(text, "10.{b}.{c}.{d} {port} : {origin}")?;
+        } else {
+            writeln!(text, "2001:db8::{b:x}:{c:x}:{d:x} {port} : {origin}")?;
+        }
+    }
+    Ok(text)
 }
 
 /// `(run_time_ns, run_cnt)` of each program (zeros for none).

@@ -401,6 +401,13 @@ fn events(j: &Value, md: &mut String) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pieces section on its own (`xtask bench-pieces`).
+pub fn pieces_section(j: &Value) -> anyhow::Result<String> {
+    let mut md = String::new();
+    pieces(j, &mut md)?;
+    Ok(md)
+}
+
 /// Each piece of the hook on its own (absent from runs made before).
 fn pieces(j: &Value, md: &mut String) -> anyhow::Result<()> {
     let Some(results) = j["pieces"]["results"].as_array() else {

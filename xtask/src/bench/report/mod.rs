@@ -9,7 +9,7 @@
 //! the same round, which cancels drift between rounds (this is why the runs
 //! are interleaved).
 
-mod markdown;
+pub(super) mod markdown;
 mod svg;
 
 use std::{collections::BTreeMap, fs, path::Path, thread};
