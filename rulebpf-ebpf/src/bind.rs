@@ -281,7 +281,11 @@ fn search_every_port(
     if search.result != 0 {
         return Err(failed(search.result));
     }
-    skip(verdict, search.index);
+    // Most connects bind the cursor's own port: nothing to skip, and no
+    // second atomic on the cursor's cache line, which every CPU writes.
+    if search.index > 0 {
+        skip(verdict, search.index);
+    }
     Ok(Bound {
         tuple: search.tuple,
         tracked: search.sharing == 1,

@@ -234,7 +234,15 @@ pub fn rulebpf_release(ctx: SockContext) -> i32 {
 #[sock_ops]
 pub fn rulebpf_sockops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
+    // Decided from the context alone, before the socket's storage is
+    // looked up: most callbacks of a followed connection (SYN_SENT to
+    // ESTABLISHED, CLOSE_WAIT, LAST_ACK, ...) change nothing here.
+    let wanted = match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => true,
+        BPF_SOCK_OPS_STATE_CB => matches!(ctx.arg(1), TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSE),
+        _ => false,
+    };
+    if !wanted {
         return 1;
     }
     // SAFETY: `sk` of a sock_ops context (a full socket for these ops).
