@@ -428,6 +428,23 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     start.elapsed()
 }
 
+/// Whether both connect hooks are attached to the cgroup at `path` (the
+/// last two programs an instance attaches), asked of the kernel
+/// (`BPF_PROG_QUERY`).
+pub fn hooks_attached(path: &Path) -> bool {
+    use rulebpf_loader::{
+        model::program::{Hook, ProgramKind},
+        sys::bpf::attached_programs,
+    };
+    use std::os::fd::AsFd as _;
+    let Ok(dir) = fs::File::open(path) else {
+        return false;
+    };
+    [Hook::Connect4, Hook::Connect6].into_iter().all(|hook| {
+        attached_programs(dir.as_fd(), ProgramKind::Hook(hook)).is_ok_and(|ids| !ids.is_empty())
+    })
+}
+
 /// A `rulebpf run` process for a test cgroup; SIGTERM on drop.
 pub struct RunningService {
     pub child: Child,
