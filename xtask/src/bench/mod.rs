@@ -126,24 +126,12 @@ pub enum Echo {
 }
 
 pub fn run(size: Size, out_dir: &Path, echo: Echo) -> anyhow::Result<()> {
-    let rulebpf = Rulebpf::built()?;
     ensure!(
         which("nft").is_some(),
         "nft not found: apt-get install nftables"
     );
     fs::create_dir_all(out_dir)?;
-    let cgroup = rulebpf.cgroup2_mount()?.join(CGROUP);
-    fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
-    let bench = Bench {
-        // Generated rule files are inputs, not results: keep them out of the tree.
-        rig: Rig::new(rulebpf, cgroup.clone(), target_dir().join("bench-rules")),
-        client: Client::new(cgroup.clone()),
-        server: Server::start()?,
-    };
-    let result = bench.run_all(size).and_then(|r| r.write(out_dir, echo));
-    bench.rig.all_off();
-    let _ = fs::remove_dir(&cgroup);
-    result
+    with_bench(|bench, _| bench.run_all(size).and_then(|r| r.write(out_dir, echo)))
 }
 
 /// The pieces section alone, printed as BENCHMARKS.md would show it.
@@ -153,29 +141,39 @@ pub fn run_pieces(rounds: usize, connects: u32, baseline: Option<&Path>) -> anyh
         cost_connects: connects,
         ..Size::FULL
     };
+    let pieces = with_bench(|bench, cgroup| {
+        let baseline = baseline.map(|path| {
+            Rig::new(
+                Rulebpf::at(path.to_path_buf()),
+                cgroup.to_path_buf(),
+                target_dir().join("bench-rules"),
+            )
+        });
+        pieces::measure_against(bench, size, baseline.as_ref())
+    })?;
+    print!(
+        "{}",
+        report::markdown::pieces_section(&serde_json::json!({ "pieces": pieces }))?
+    );
+    Ok(())
+}
+
+/// Runs `measure` with the bench's cgroup, rig, client and server, then
+/// takes everything down, whatever `measure` answered.
+fn with_bench<T>(measure: impl FnOnce(&Bench, &Path) -> anyhow::Result<T>) -> anyhow::Result<T> {
     let rulebpf = Rulebpf::built()?;
     let cgroup = rulebpf.cgroup2_mount()?.join(CGROUP);
     fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     let bench = Bench {
+        // Generated rule files are inputs, not results: keep them out of the tree.
         rig: Rig::new(rulebpf, cgroup.clone(), target_dir().join("bench-rules")),
         client: Client::new(cgroup.clone()),
         server: Server::start()?,
     };
-    let baseline = baseline.map(|path| {
-        Rig::new(
-            Rulebpf::at(path.to_path_buf()),
-            cgroup.clone(),
-            target_dir().join("bench-rules"),
-        )
-    });
-    let result = pieces::measure_against(&bench, size, baseline.as_ref());
+    let result = measure(&bench, &cgroup);
     bench.rig.all_off();
     let _ = fs::remove_dir(&cgroup);
-    print!(
-        "{}",
-        report::markdown::pieces_section(&serde_json::json!({ "pieces": result? }))?
-    );
-    Ok(())
+    result
 }
 
 struct Bench {
