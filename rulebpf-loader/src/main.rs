@@ -14,9 +14,10 @@ use rulebpf_loader::with_causes;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run(_)) {
+    if !matches!(cli.command, Command::Run(_) | Command::Nri(_)) {
         // One-shot commands: warnings (a kernel feature missing, ...) as
-        // `warning: ...` lines on stderr; `run` sets up its own logger.
+        // `warning: ...` lines on stderr; `run` and `nri` set up their own
+        // logger.
         env_logger::Builder::new()
             .filter_level(log::LevelFilter::Warn)
             .format(|out, record| {

@@ -9,7 +9,9 @@
 //!    then the rules' fuzz target for 60 s (`cargo fuzz`, from the seeds
 //!    committed in `rulebpf-loader/rules/fuzz/corpus`): runs and exec/s;
 //! 4. `bench --smoke` into `target/bench-smoke`: the bench still works (the
-//!    figures are BENCHMARKS.md's, from a full run); only where it wrote is shown;
+//!    figures are BENCHMARKS.md's, from a full run); only where it wrote is
+//!    shown; then `cri-test`: the NRI plugin under a real containerd, its
+//!    summary line;
 //! 5. `vm-test --kernel all`: the kernel suite on Linux 5.10, 6.1 and 6.12 in qemu,
 //!    passing tests not shown, then its wall time;
 //! 6. `systemd-test`: the Debian package on Debian 12 under systemd in qemu,
@@ -93,6 +95,11 @@ fn bench_and_vm(options: &Options, guests: &mut Counts) -> anyhow::Result<()> {
             bench::Echo::Paths,
         )?;
     }
+    step("cargo xtask cri-test (the NRI plugin under containerd, pods through the CRI)");
+    let start = Instant::now();
+    let result = crate::cri::run();
+    println!("cri-test wall time: {} s", start.elapsed().as_secs());
+    result?;
     if options.skip_vm {
         step("vm-test skipped (--skip-vm)");
         return Ok(());

@@ -17,8 +17,10 @@
 //! the listener they read origin ports from and the table of origin-port
 //! ranges are `rulebpf-testkit`'s, shared with the kernel tests.
 
+mod apt;
 mod bench;
 mod ci;
+mod cri;
 mod deb;
 mod demo;
 mod libtest;
@@ -69,6 +71,12 @@ enum Command {
     /// the rulebpf drop-in N times: every first connect must get the rule's
     /// origin port (needs mmdebstrap, qemu-system-x86, zstd, cpio).
     SystemdTest(vm::systemd::Options),
+    /// rulebpf's NRI plugin under a real containerd (Debian trixie's,
+    /// fetched with apt), driven through its CRI socket as the kubelet
+    /// drives it: annotated pods' first connects must leave from the
+    /// rule's range, others from OS ports; the plugin is restarted halfway;
+    /// removed pods leave nothing (needs root, runc, busybox-static).
+    CriTest,
     /// The CI sequence (scripts/test.sh runs it after installing what is
     /// missing): fmt, clippy, cargo test, bench smoke, vm-test, totals.
     Ci(ci::Options),
@@ -120,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchClient(args) => bench::client::run(&args),
         Command::BenchServer(args) => bench::server::run(&args),
         Command::BenchHold => bench::search::hold(),
+        Command::CriTest => cri::run(),
         Command::BenchPieces {
             rounds,
             connects,

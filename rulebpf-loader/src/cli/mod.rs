@@ -8,6 +8,7 @@ mod detach;
 mod error;
 mod events;
 mod firewall;
+mod nri;
 mod probe;
 mod run;
 mod status;
@@ -132,6 +133,14 @@ pub enum Command {
         /// createRuntime or poststop.
         stage: oci::Stage,
     },
+    /// Kubernetes: an NRI plugin of the container runtime (containerd 1.7+
+    /// with NRI enabled, CRI-O 1.26+). A pod annotated
+    /// `io.rulebpf.instance: NAME` gets instance NAME on its cgroup before
+    /// any of its containers runs (an annotated pod whose rules cannot be
+    /// put in force is refused); running pods are handled when the plugin
+    /// connects; a removed pod's attachment goes. Create the instances
+    /// first (`rulebpf attach --name NAME RULES`, or `rulebpf run`).
+    Nri(nri::NriArgs),
 }
 
 /// Runs one command.
@@ -152,6 +161,7 @@ pub fn run(command: Command) -> Result<(), CliError> {
         Command::SystemdDropin(args) => units::dropin(args),
         Command::SystemdAttach { name } => units::attach_own_cgroup(&name),
         Command::OciHook { stage } => units::oci_hook(stage),
+        Command::Nri(args) => nri::nri(args),
     }
 }
 

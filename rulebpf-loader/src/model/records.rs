@@ -81,8 +81,8 @@ pub struct Attachment {
     pub cgroup_id: u64,
     /// Seconds since the Unix epoch.
     pub attached_at: u64,
-    /// Who asked: `attach`, `run` (which re-attaches a re-created path), or
-    /// the OCI hook for a container.
+    /// Who asked: `attach`, `run` (which re-attaches a re-created path),
+    /// the OCI hook for a container, or `rulebpf nri` for a pod.
     pub by: AttachedBy,
 }
 
@@ -91,7 +91,13 @@ pub struct Attachment {
 pub enum AttachedBy {
     Attach,
     Run,
-    Container { id: String },
+    Container {
+        id: String,
+    },
+    /// The pod's sandbox id, as the runtime names it.
+    Pod {
+        id: String,
+    },
 }
 
 /// A rule set (`set-N.json`).

@@ -15,10 +15,11 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context as _, bail};
+
+use crate::apt::{self, Apt};
 
 /// A kernel series of the matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,68 +75,6 @@ impl Series {
             // linux-image-6.12.111+deb12-cloud-amd64-unsigned
             Self::V6_12 => version.starts_with("6.12.") && version.contains('+'),
         }
-    }
-}
-
-/// How apt is run: the host's configuration, or a private one for a suite
-/// the host does not carry.
-struct Apt {
-    options: Vec<String>,
-}
-
-impl Apt {
-    fn host() -> Self {
-        Self {
-            options: Vec::new(),
-        }
-    }
-
-    /// A private apt state in `dir` for Debian `suite` (its main and
-    /// security archives), with fresh package lists. Signed by the keys
-    /// of the host's `debian-archive-keyring`.
-    fn private(dir: &Path, suite: &str) -> anyhow::Result<Self> {
-        for sub in ["lists/partial", "cache/archives/partial", "sources.list.d"] {
-            fs::create_dir_all(dir.join(sub))?;
-        }
-        let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
-        fs::write(
-            dir.join("sources.list"),
-            format!(
-                "deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n\
-                 deb [signed-by={keyring}] http://deb.debian.org/debian-security \
-                 {suite}-security main\n"
-            ),
-        )?;
-        let at = |key: &str, path: PathBuf| format!("{key}={}", path.display());
-        let options = [
-            at("Dir::State", dir.to_path_buf()),
-            at("Dir::State::Lists", dir.join("lists")),
-            at("Dir::Cache", dir.join("cache")),
-            at("Dir::Etc::SourceList", dir.join("sources.list")),
-            at("Dir::Etc::SourceParts", dir.join("sources.list.d")),
-            "Dir::State::status=/dev/null".to_string(),
-            // Root downloads into directories `_apt` cannot enter.
-            "APT::Sandbox::User=root".to_string(),
-        ]
-        .into_iter()
-        .flat_map(|o| ["-o".to_string(), o])
-        .collect();
-        let apt = Self { options };
-        let status = apt
-            .command("apt-get")
-            .args(["update", "-q"])
-            .status()
-            .context("running apt-get update")?;
-        if !status.success() {
-            bail!("apt-get update for {suite} failed");
-        }
-        Ok(apt)
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(program);
-        command.args(&self.options);
-        command
     }
 }
 
@@ -249,37 +188,9 @@ fn cached(series: Series, owned: &[PathBuf]) -> Option<(String, PathBuf)> {
 /// kernel image.
 fn download(apt: &Apt, package: &str, cache: &Path) -> anyhow::Result<PathBuf> {
     let dir = cache.join(package);
-    let download = cache.join("download");
-    fs::create_dir_all(&download)?;
-    let status = apt
-        .command("apt-get")
-        .args(["download", "-q", package])
-        .current_dir(&download)
-        .status()
-        .context("running apt-get download")?;
-    if !status.success() {
-        bail!("apt-get download failed");
-    }
-    let deb = fs::read_dir(&download)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-        })
-        .context("no .deb after apt-get download")?;
+    let deb = apt.download(package, &cache.join("download"))?;
     let unpack = cache.join(format!("{package}.tmp"));
-    let _ = fs::remove_dir_all(&unpack);
-    let status = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(&unpack)
-        .status()
-        .context("running dpkg-deb")?;
-    if !status.success() {
-        bail!("dpkg-deb -x {} failed", deb.display());
-    }
+    apt::unpack(&deb, &unpack)?;
     // Keep only the image: the modules are not needed and are large.
     fs::create_dir_all(&dir)?;
     let image = find_vmlinuz(&unpack).context("no boot/vmlinuz-* in the package")?;

@@ -1,0 +1,90 @@
+//! `rulebpf nri`: the Kubernetes agent, an NRI plugin of the container
+//! runtime, reconnecting whenever the runtime restarts.
+
+use std::{path::PathBuf, thread, time::Duration};
+
+use clap::Args;
+use rulebpf_loader::integrations::nri::{
+    plugin::{DEFAULT_SOCKET, Ended, Plugin},
+    pods::Selector,
+};
+
+use super::CliError;
+
+#[derive(Args, Debug)]
+pub struct NriArgs {
+    /// The runtime's NRI socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Only pods with this label too (KEY=VALUE), besides the annotation.
+    #[arg(long, value_parser = parse_selector)]
+    selector: Option<Selector>,
+    /// The plugin's two-digit index: its place among the runtime's NRI
+    /// plugins.
+    #[arg(long, default_value = "50", value_parser = parse_index)]
+    index: String,
+    /// Written once the pods already running were handled (a readiness
+    /// probe can test for it).
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// error, warn, info (a line per pod it acts on) or debug.
+    #[arg(long, default_value = "info")]
+    log_level: log::LevelFilter,
+}
+
+/// How long to wait before connecting again to a runtime that closed the
+/// socket or is not there (yet).
+const RECONNECT: Duration = Duration::from_secs(1);
+
+pub fn nri(args: NriArgs) -> Result<(), CliError> {
+    // Our lines at --log-level, libraries' at warn (as `run`).
+    env_logger::Builder::new()
+        .filter_level(args.log_level.min(log::LevelFilter::Warn))
+        .filter_module("rulebpf_loader", args.log_level)
+        .filter_module("rulebpf", args.log_level)
+        .format_timestamp_millis()
+        .init();
+    let plugin = Plugin {
+        socket: args.socket,
+        name: "rulebpf".into(),
+        index: args.index,
+        selector: args.selector,
+        ready_file: args.ready_file,
+    };
+    loop {
+        match plugin.serve() {
+            Ok(Ended::Shutdown) => {
+                log::info!("the runtime asked the plugin to stop");
+                return Ok(());
+            }
+            Ok(Ended::Closed) => {
+                log::warn!("the runtime closed the NRI connection; connecting again")
+            }
+            Err(e) => log::warn!("{e}; connecting again in {RECONNECT:?}"),
+        }
+        if let Some(ready) = &plugin.ready_file {
+            // Not ready while not connected: pods started now are not seen.
+            let _ = std::fs::remove_file(ready);
+        }
+        thread::sleep(RECONNECT);
+    }
+}
+
+fn parse_selector(text: &str) -> Result<Selector, String> {
+    let (key, value) = text
+        .split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    Ok(Selector {
+        key: key.into(),
+        value: value.into(),
+    })
+}
+
+fn parse_index(text: &str) -> Result<String, String> {
+    if text.len() == 2 && text.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(text.into())
+    } else {
+        Err(format!("{text:?}: the index is two digits, 00 to 99"))
+    }
+}

@@ -1,0 +1,237 @@
+//! `rulebpf nri`: one connection to the runtime's NRI socket, served until
+//! the runtime closes it.
+//!
+//! The plugin registers (`Runtime.RegisterPlugin` on connection 2) and
+//! serves the runtime's calls on connection 1: `Configure` (it subscribes
+//! to the run, stop and remove events of pods), `Synchronize` (the pods
+//! already there: annotated ones get their instance, as at their start),
+//! `StateChange` (one pod event), `Shutdown`. The runtime calls one plugin
+//! at a time and waits for each answer, so one thread, reading and
+//! answering in turn, is all it takes; the answer to `RunPodSandbox` is
+//! sent once the instance is in force (or the error that makes the runtime
+//! refuse the pod).
+//!
+//! The runtime's `Configure` may arrive before its answer to
+//! `RegisterPlugin`: both connections are read by the same loop.
+//! https://github.com/containerd/nri/blob/v0.8.0/pkg/adaptation/plugin.go
+
+use std::{
+    fs,
+    io::{self, Read as _, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use super::{
+    api::{self, Configure, Event, StateChange, Synchronize},
+    pods::{self, PodError, Selector},
+    ttrpc::{
+        CODE_UNIMPLEMENTED, CODE_UNKNOWN, Demux, Message, PLUGIN_CONN, RUNTIME_CONN, Request,
+        Response, Status, WireError,
+    },
+};
+
+/// The runtime's NRI socket, unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/var/run/nri/nri.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NriError {
+    #[error(
+        "connecting to the runtime's NRI socket {path}: {source} (is NRI enabled in the runtime's configuration?)"
+    )]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("NRI connection: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("the runtime refused the plugin's registration: {} (code {})", .0.message, .0.code)]
+    Registration(Status),
+}
+
+/// Who the plugin is and what it acts on.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    pub socket: PathBuf,
+    /// The plugin's name and two-digit index, which orders plugins.
+    pub name: String,
+    pub index: String,
+    pub selector: Option<Selector>,
+    /// Written once the pods already there were handled (a readiness
+    /// probe's file).
+    pub ready_file: Option<PathBuf>,
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The runtime closed the socket (it stopped or restarted).
+    Closed,
+    /// The runtime asked the plugin to stop (`Shutdown`).
+    Shutdown,
+}
+
+impl Plugin {
+    /// Serves one connection to the runtime.
+    pub fn serve(&self) -> Result<Ended, NriError> {
+        let mut socket = UnixStream::connect(&self.socket).map_err(|source| NriError::Connect {
+            path: self.socket.clone(),
+            source,
+        })?;
+        let register = Message::Request {
+            stream: 1,
+            request: Request {
+                service: api::RUNTIME_SERVICE.into(),
+                method: "RegisterPlugin".into(),
+                payload: api::register_plugin(&self.name, &self.index),
+                timeout_nano: 0,
+            },
+        };
+        socket.write_all(&register.frames(RUNTIME_CONN))?;
+        let mut demux = Demux::new();
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            let n = socket.read(&mut buf)?;
+            if n == 0 {
+                return Ok(Ended::Closed);
+            }
+            for (conn, message) in demux.feed(&buf[..n])? {
+                match (conn, message) {
+                    (PLUGIN_CONN, Message::Request { stream, request }) => {
+                        let (response, shutdown) = self.answer(&request);
+                        socket.write_all(
+                            &Message::Response { stream, response }.frames(PLUGIN_CONN),
+                        )?;
+                        if shutdown {
+                            return Ok(Ended::Shutdown);
+                        }
+                    }
+                    (RUNTIME_CONN, Message::Response { response, .. }) => {
+                        if let Some(status) = response.failure() {
+                            return Err(NriError::Registration(status.clone()));
+                        }
+                        log::info!(
+                            "registered with the runtime as {}-{}",
+                            self.index,
+                            self.name
+                        );
+                    }
+                    // Nothing else is spoken on these connections.
+                    (conn, message) => log::debug!("ignored on NRI connection {conn}: {message:?}"),
+                }
+            }
+        }
+    }
+
+    /// The answer to one call of the runtime, and whether to stop.
+    fn answer(&self, request: &Request) -> (Response, bool) {
+        if request.service != api::PLUGIN_SERVICE {
+            return (unimplemented(request), false);
+        }
+        let answered = match request.method.as_str() {
+            "Configure" => Configure::decode(&request.payload).map(|c| {
+                log::info!("runtime {} {}", c.runtime_name, c.runtime_version);
+                Response::ok(api::configure_response(&[
+                    Event::RunPodSandbox,
+                    Event::StopPodSandbox,
+                    Event::RemovePodSandbox,
+                ]))
+            }),
+            "Synchronize" => Synchronize::decode(&request.payload).map(|s| self.synchronize(&s)),
+            "StateChange" => StateChange::decode(&request.payload).map(|c| self.state_change(&c)),
+            "Shutdown" => return (Response::ok(Vec::new()), true),
+            // Later NRI versions call RunPodSandbox and the like directly,
+            // and fall back to StateChange on this answer.
+            _ => return (unimplemented(request), false),
+        };
+        let response = answered.unwrap_or_else(|e| {
+            log::error!("NRI {}: {e}", request.method);
+            Response::error(CODE_UNKNOWN, e.to_string())
+        });
+        (response, false)
+    }
+
+    /// The pods already there: each annotated one gets its instance as at
+    /// its start. A failure cannot refuse a running pod: it is logged.
+    fn synchronize(&self, sync: &Synchronize) -> Response {
+        for pod in &sync.pods {
+            if let Err(e) = pods::plan(Event::RunPodSandbox, pod, self.selector.as_ref())
+                .and_then(|action| self.act(pod, action))
+            {
+                log::error!("pod {}/{} already running: {e}", pod.namespace, pod.name);
+            }
+        }
+        // The last part of a synchronization (NRI v0.8+ sends it in parts;
+        // v0.6 in one, without `more`).
+        if !sync.more
+            && let Some(ready) = &self.ready_file
+            && let Err(e) = write_ready(ready)
+        {
+            log::error!("writing {}: {e}", ready.display());
+        }
+        Response::ok(api::synchronize_response(sync.more))
+    }
+
+    /// One pod event; an error refuses the pod's start.
+    fn state_change(&self, change: &StateChange) -> Response {
+        let Some(event) = change.event else {
+            return Response::ok(Vec::new());
+        };
+        let pod = &change.pod;
+        match pods::plan(event, pod, self.selector.as_ref()).and_then(|a| self.act(pod, a)) {
+            Ok(()) => Response::ok(Vec::new()),
+            Err(e) => {
+                log::error!("pod {}/{}: {e}", pod.namespace, pod.name);
+                Response::error(CODE_UNKNOWN, format!("rulebpf: {e}"))
+            }
+        }
+    }
+
+    fn act(&self, pod: &api::PodSandbox, action: pods::PodAction) -> Result<(), PodError> {
+        let said = match &action {
+            pods::PodAction::Attach {
+                instance, cgroup, ..
+            } => Some(format!(
+                "instance {instance} in force on cgroup {}",
+                cgroup.display()
+            )),
+            pods::PodAction::Detach { instance, .. } => {
+                Some(format!("instance {instance} detached"))
+            }
+            pods::PodAction::Nothing => None,
+        };
+        let start = Instant::now();
+        pods::act(action)?;
+        if let Some(said) = said {
+            log::info!(
+                "pod {}/{} ({}): {said} ({:.1} ms)",
+                pod.namespace,
+                pod.name,
+                pod.id,
+                start.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        Ok(())
+    }
+}
+
+fn unimplemented(request: &Request) -> Response {
+    Response::error(
+        CODE_UNIMPLEMENTED,
+        format!("{}/{} is not implemented", request.service, request.method),
+    )
+}
+
+/// The readiness file, created root-only (its content says nothing secret,
+/// but nothing here is written world-readable by accident).
+fn write_ready(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(b"synchronized\n")
+}
