@@ -29,7 +29,11 @@ for name in $names; do
     done
 done
 
+# The guard on the pods' parent cgroup (kubepods.slice with the systemd
+# cgroup driver, kubepods with cgroupfs): pods started while the plugin is
+# away are refused until it is back.
 rulebpf nri --socket "${NRI_SOCKET:-/var/run/nri/nri.sock}" \
+    --guard "${RULEBPF_GUARD:-kubepods.slice}" \
     --ready-file /run/rulebpf/nri-ready ${RULEBPF_SELECTOR:+--selector "$RULEBPF_SELECTOR"} &
 
 # The first of them to end ends the container.

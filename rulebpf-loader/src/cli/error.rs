@@ -42,6 +42,8 @@ pub enum CliError {
     #[error(transparent)]
     Oci(#[from] ContainerError),
     #[error(transparent)]
+    Guard(#[from] rulebpf_loader::kernel::guard::GuardError),
+    #[error(transparent)]
     Unit(#[from] systemd::UnitError),
     #[error(transparent)]
     Dropin(#[from] systemd::DropinError),

@@ -1,12 +1,17 @@
 //! `rulebpf nri`: the Kubernetes agent, an NRI plugin of the container
 //! runtime, reconnecting whenever the runtime restarts.
 
-use std::{path::PathBuf, thread, time::Duration};
+use std::{cell::RefCell, path::PathBuf, thread, time::Duration};
 
 use clap::Args;
-use rulebpf_loader::integrations::nri::{
-    plugin::{DEFAULT_SOCKET, Ended, Plugin},
-    pods::Selector,
+use rulebpf_loader::{
+    instance,
+    integrations::nri::{
+        plugin::{DEFAULT_SOCKET, Ended, Plugin},
+        pods::Selector,
+    },
+    kernel::guard::{self, Guard},
+    sys::cgroup::{Cgroup, cgroup2_mount},
 };
 
 use super::CliError;
@@ -27,6 +32,17 @@ pub struct NriArgs {
     /// probe can test for it).
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// The parent cgroup of the node's pods (the kubelet's `kubepods`, or
+    /// `kubepods.slice`): a guard there refuses the connects of pods the
+    /// plugin has not seen (started while it was down) until it finds
+    /// them. Installed (or replaced) at start; it stays when the plugin
+    /// stops (`rulebpf detach --cgroup CG` removes it).
+    #[arg(long)]
+    guard: Option<PathBuf>,
+    /// Take the guard off --guard CG (and remove its pinned map), then
+    /// exit.
+    #[arg(long, requires = "guard")]
+    remove_guard: bool,
     /// error, warn, info (a line per pod it acts on) or debug.
     #[arg(long, default_value = "info")]
     log_level: log::LevelFilter,
@@ -44,12 +60,33 @@ pub fn nri(args: NriArgs) -> Result<(), CliError> {
         .filter_module("rulebpf", args.log_level)
         .format_timestamp_millis()
         .init();
+    if args.remove_guard {
+        let path = args.guard.as_deref().expect("required by clap");
+        let cgroup = Cgroup::resolve(path)?;
+        let removed = guard::remove(&cgroup)?;
+        instance::remove_guard_dir()?;
+        println!(
+            "pods' guard off {} ({removed} programs)",
+            cgroup.path.display()
+        );
+        return Ok(());
+    }
+    let guard = match &args.guard {
+        Some(path) => {
+            let cgroup = Cgroup::resolve(path)?;
+            let guard = Guard::load(&instance::guard_dir()?, &cgroup, &cgroup2_mount()?)?;
+            Some(RefCell::new(guard))
+        }
+        None => None,
+    };
     let plugin = Plugin {
         socket: args.socket,
         name: "rulebpf".into(),
         index: args.index,
         selector: args.selector,
         ready_file: args.ready_file,
+        guard,
+        synced: RefCell::default(),
     };
     loop {
         match plugin.serve() {

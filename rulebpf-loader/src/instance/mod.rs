@@ -292,6 +292,23 @@ impl Instance {
     }
 }
 
+/// The pods' guard's pin directory (`rulebpf nri --guard`), created
+/// root-only like every directory of rulebpf's.
+pub fn guard_dir() -> Result<SecureDir, InstanceError> {
+    let tops = Tops::create()?;
+    Ok(tops
+        .pins
+        .subdir(layout::GUARD_DIR, true)?
+        .expect("created when missing"))
+}
+
+/// Removes the pods' guard's pins (its maps), once its programs are off
+/// every cgroup.
+pub fn remove_guard_dir() -> Result<bool, InstanceError> {
+    let tops = Tops::create()?;
+    Ok(tops.pins.remove_tree(layout::GUARD_DIR)?)
+}
+
 /// Removes record directories that have no pins (left by a crash, or by
 /// the previous layout's detach); returns their names.
 pub fn collect_orphan_records() -> Result<Vec<String>, InstanceError> {

@@ -7,6 +7,7 @@
 //! attach     one attach and one detach path for every program kind
 //! counters   the hook's counters and occupancy, read from the pinned maps
 //! events     the decision-event ring, its control word and counts
+//! guard      Kubernetes: the pods' guard on the pods' parent cgroup
 //! integrity  an instance's pins checked against what its programs use
 //! ```
 //!
@@ -17,6 +18,7 @@ pub mod attach;
 pub mod counters;
 pub mod entry;
 pub mod events;
+pub mod guard;
 pub mod integrity;
 pub mod program;
 pub mod rule_set;

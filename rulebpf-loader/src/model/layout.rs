@@ -91,6 +91,12 @@ pub fn events_socket(name: &str) -> String {
 /// probe, with the boot's id (a dot file: no instance).
 pub const KERNEL_CACHE: &str = ".kernel";
 
+/// The pods' guard's pins (Kubernetes), in the pin directory: a name no
+/// instance can have (`+`), and without a dot, which bpffs refuses in
+/// names (`bpf_lookup`: "reserved for future extensions").
+/// https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/inode.c
+pub const GUARD_DIR: &str = "+guard";
+
 /// The pin directory of rule set `generation`.
 pub fn set_dir(generation: u64) -> String {
     format!("set-{generation}")

@@ -295,6 +295,35 @@ pub fn attach_program(
     unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.map(drop)
 }
 
+/// Attaches `program` of `kind` to `cgroup` with `BPF_F_ALLOW_OVERRIDE`
+/// (no link): it runs for every descendant cgroup that has no program of
+/// its own for that hook, and replaces the program attached so before (an
+/// atomic swap, no gap). The pods' guard attaches so.
+/// https://github.com/torvalds/linux/blob/v6.12/kernel/bpf/cgroup.c (__cgroup_bpf_attach, compute_effective_progs)
+pub fn attach_overridable(
+    cgroup: BorrowedFd<'_>,
+    kind: ProgramKind,
+    program: BorrowedFd<'_>,
+) -> io::Result<()> {
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_F_ALLOW_OVERRIDE: u32 = 1 << 0;
+    #[repr(C)]
+    struct Attach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+    }
+    let mut attr = Attach {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: attach_type(kind),
+        attach_flags: BPF_F_ALLOW_OVERRIDE,
+    };
+    // SAFETY: `Attach` is the BPF_PROG_ATTACH layout.
+    unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.map(drop)
+}
+
 /// Detaches program `program_id` of `kind` from `cgroup` where it was
 /// attached without a link (`BPF_PROG_ATTACH`, as systemd's `BPFProgram=`
 /// does).

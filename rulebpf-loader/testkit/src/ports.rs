@@ -16,6 +16,7 @@
 //! | slot | ports | used by |
 //! |---|---|---|
 //! | [`CRI_TEST`] | 11000-11099 | `cargo xtask cri-test`: the instance its annotated pods name |
+//! | [`GUARD_TESTS`] | 11100-11199 | `rulebpf-loader/tests/kernel/guard.rs` |
 //! | [`SEARCH_TESTS`] | 12000-16999 | `rulebpf-loader/tests/kernel/search.rs` |
 //! | [`EVENT_TESTS`] | 17000-17999 | `rulebpf-loader/tests/kernel/events.rs` |
 //! | [`PATH_TESTS`] | 18000-18999 | `rulebpf-loader/tests/kernel/paths.rs` |
@@ -69,6 +70,8 @@ impl fmt::Display for PortSlot {
 
 /// `cargo xtask cri-test` (the instance its annotated pods name).
 pub const CRI_TEST: PortSlot = PortSlot::new("cri-test", 11000, 11099);
+/// `rulebpf-loader/tests/kernel/guard.rs` (the pods' guard).
+pub const GUARD_TESTS: PortSlot = PortSlot::new("guard tests", 11100, 11199);
 /// `rulebpf-loader/tests/kernel/search.rs` (the port search without
 /// `bpf_loop`: ranges larger than one connect's candidates).
 pub const SEARCH_TESTS: PortSlot = PortSlot::new("search tests", 12000, 16999);
@@ -103,8 +106,9 @@ pub const SHARING_TESTS: PortSlot = PortSlot::new("sharing tests", 23500, 23999)
 pub const BENCH: PortSlot = PortSlot::new("bench", 24000, 31999);
 
 /// Every slot of the table, in port order.
-pub const ALL: [PortSlot; 15] = [
+pub const ALL: [PortSlot; 16] = [
     CRI_TEST,
+    GUARD_TESTS,
     SEARCH_TESTS,
     EVENT_TESTS,
     PATH_TESTS,

@@ -13,6 +13,7 @@ mod events;
 mod families;
 mod faults;
 mod firewall;
+mod guard;
 mod hardening;
 mod harness;
 mod instances;

@@ -7,8 +7,11 @@
 //! Pods annotated `io.rulebpf.instance` each run one container whose first
 //! action is a connect to a listener here; the port the listener sees must
 //! be the rule's for every annotated pod and the OS's for every other one.
-//! Halfway, the plugin is killed and started again. At the end every pod
-//! is removed and the instance must list no attachment. The last line
+//! The plugin runs with its guard on the pods' parent cgroup. Halfway, it
+//! is killed; two pods started meanwhile (one annotated) must not get out
+//! (the guard refuses their connects) and must get their ports once the
+//! plugin is back. At the end every pod is removed and the instance must
+//! list no attachment. The last line
 //! sums it up: `cri-test: N pods, ...`.
 
 mod api;
@@ -54,6 +57,9 @@ pub fn run() -> anyhow::Result<()> {
         format!("127.0.0.2 {} : {}\n", server.port(), ports::CRI_TEST),
     )?;
     rulebpf.show(&["attach", "--name", INSTANCE, path_arg(&rules)?])?;
+    // The pods' parent, which the kubelet makes at its start (`kubepods`):
+    // the plugin's guard goes there.
+    fs::create_dir_all(rulebpf.cgroup2_mount()?.join(PODS_CGROUP))?;
     let result = (|| {
         let containerd = Containerd::start(&bin, Path::new(RUN_DIR), IMAGE)?;
         let outcome = with_containerd(&rulebpf, &containerd, &image_tar, &server);
@@ -63,6 +69,9 @@ pub fn run() -> anyhow::Result<()> {
         outcome
     })();
     let _ = rulebpf.command(&["detach", "--name", INSTANCE]).output();
+    let _ = rulebpf
+        .command(&["nri", "--guard", PODS_CGROUP, "--remove-guard"])
+        .output();
     remove_pod_cgroups();
     let summary = result?;
     println!("{summary}");
@@ -81,10 +90,137 @@ struct Tally {
     os_ports: usize,
     /// Pods the runtime refused (RunPodSandbox failed).
     refused: usize,
+    /// Pods started while the plugin was down whose first connect the
+    /// guard refused, and of them, those that got their port from a
+    /// second container once the plugin was back.
+    held: usize,
+    held_then_served: usize,
     /// How long RunPodSandbox took, with the annotation (the plugin
     /// attached the instance) and without.
     run_pod_ms: [Vec<f64>; 2],
 }
+
+impl Tally {
+    /// Counts the port a pod's connect left from.
+    fn saw(&mut self, uid: &str, annotated: bool, port: u16) -> anyhow::Result<()> {
+        let from_rule = ports::CRI_TEST.contains(port);
+        if annotated {
+            self.annotated += 1;
+            if from_rule {
+                self.rule_ports += 1;
+            } else {
+                self.escaped += 1;
+            }
+        } else {
+            self.bare += 1;
+            ensure!(
+                !from_rule,
+                "pod {uid} has no annotation but left from rule port {port}"
+            );
+            self.os_ports += 1;
+        }
+        Ok(())
+    }
+}
+
+/// One pod of the test and what the kubelet would pass for it.
+struct TestPod {
+    uid: String,
+    parent: String,
+    annotated: bool,
+}
+
+impl TestPod {
+    fn new(i: usize, annotated: bool) -> Self {
+        let uid = format!("cri-test-{i}");
+        let parent = format!("/{PODS_CGROUP}/pod{uid}");
+        Self {
+            uid,
+            parent,
+            annotated,
+        }
+    }
+
+    fn config(&self) -> Pod<'_> {
+        let annotations: &[(&str, &str)] = if self.annotated {
+            &[("io.rulebpf.instance", INSTANCE)]
+        } else {
+            &[]
+        };
+        Pod {
+            name: &self.uid,
+            uid: &self.uid,
+            namespace: "default",
+            annotations,
+            cgroup_parent: &self.parent,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        if self.annotated {
+            "annotated"
+        } else {
+            "no annotation"
+        }
+    }
+}
+
+/// RunPodSandbox; the pod's id and how long the call took.
+fn run_pod(cri: &Client, pod: &TestPod) -> anyhow::Result<(String, Duration)> {
+    let start = Instant::now();
+    let answer = cri.call(
+        &format!("{}/RunPodSandbox", api::RUNTIME),
+        &api::run_pod(&pod.config()),
+    )?;
+    Ok((api::string_field(&answer, 1)?, start.elapsed()))
+}
+
+/// Creates and starts a container in the pod whose first action is a
+/// connect to `server`; the origin port the server saw, or `None` when no
+/// connection came within `wait`.
+fn connect_from(
+    cri: &Client,
+    server: &Listener,
+    pod_id: &str,
+    pod: &TestPod,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<Option<u16>> {
+    let command = [
+        "/bin/busybox",
+        "sh",
+        "-c",
+        &format!(
+            "echo {} | /bin/busybox nc 127.0.0.2 {}",
+            pod.uid,
+            server.port()
+        ),
+    ];
+    let container = api::string_field(
+        &cri.call(
+            &format!("{}/CreateContainer", api::RUNTIME),
+            &api::create_container(pod_id, &pod.config(), name, IMAGE, &command),
+        )?,
+        1,
+    )?;
+    cri.call(
+        &format!("{}/StartContainer", api::RUNTIME),
+        &api::by_id(&container),
+    )?;
+    match server.take_within(1, wait).as_slice() {
+        [] => Ok(None),
+        &[port] => Ok(Some(port)),
+        more => bail!(
+            "pod {}: the listener saw {more:?}, not one connection",
+            pod.uid
+        ),
+    }
+}
+
+/// How long a pod's connect may take to reach the listener; and how long
+/// the test waits to be sure a refused one never comes.
+const CONNECT_WAIT: Duration = Duration::from_secs(20);
+const REFUSED_WAIT: Duration = Duration::from_secs(3);
 
 fn with_containerd(
     rulebpf: &Rulebpf,
@@ -106,87 +242,31 @@ fn with_containerd(
     let mut pods = Vec::new();
     for i in 0..ANNOTATED + BARE {
         if i == (ANNOTATED + BARE) / 2 {
-            eprintln!("cri-test: restarting the plugin");
-            agent = agent.restart(rulebpf, &containerd.nri_socket, &ready)?;
+            agent = while_plugin_down(
+                rulebpf, containerd, &cri, server, agent, &mut tally, &mut pods,
+            )?;
         }
         // Every fifth pod carries no annotation.
-        let annotated = i % 5 != 4;
-        let uid = format!("cri-test-{i}");
-        let parent = format!("/{PODS_CGROUP}/pod{uid}");
-        let annotations: &[(&str, &str)] = if annotated {
-            &[("io.rulebpf.instance", INSTANCE)]
-        } else {
-            &[]
-        };
-        let pod = Pod {
-            name: &uid,
-            uid: &uid,
-            namespace: "default",
-            annotations,
-            cgroup_parent: &parent,
-        };
-        let start = Instant::now();
-        let answer = cri.call(
-            &format!("{}/RunPodSandbox", api::RUNTIME),
-            &api::run_pod(&pod),
-        );
-        let took = start.elapsed();
-        let pod_id = match answer {
-            Ok(answer) => api::string_field(&answer, 1)?,
+        let pod = TestPod::new(i, i % 5 != 4);
+        let (pod_id, took) = match run_pod(&cri, &pod) {
+            Ok(started) => started,
             Err(e) => {
-                eprintln!("cri-test: pod {uid} refused: {e:#}");
+                eprintln!("cri-test: pod {} refused: {e:#}", pod.uid);
                 tally.refused += 1;
                 continue;
             }
         };
-        tally.run_pod_ms[usize::from(annotated)].push(took.as_secs_f64() * 1e3);
+        tally.run_pod_ms[usize::from(pod.annotated)].push(took.as_secs_f64() * 1e3);
         pods.push(pod_id.clone());
-        let command = [
-            "/bin/busybox",
-            "sh",
-            "-c",
-            &format!("echo {uid} | /bin/busybox nc 127.0.0.2 {}", server.port()),
-        ];
-        let container = api::string_field(
-            &cri.call(
-                &format!("{}/CreateContainer", api::RUNTIME),
-                &api::create_container(&pod_id, &pod, "client", IMAGE, &command),
-            )?,
-            1,
-        )?;
-        cri.call(
-            &format!("{}/StartContainer", api::RUNTIME),
-            &api::by_id(&container),
-        )?;
-        let seen = server.take_within(1, Duration::from_secs(20));
-        let &[port] = seen.as_slice() else {
-            bail!("pod {uid}: the listener saw {seen:?}, not one connection");
-        };
-        let from_rule = ports::CRI_TEST.contains(port);
+        let port = connect_from(&cri, server, &pod_id, &pod, "client", CONNECT_WAIT)?
+            .with_context(|| format!("pod {}: no connection came", pod.uid))?;
         eprintln!(
-            "cri-test: pod {uid} ({}): origin port {port}, RunPodSandbox {:.0} ms",
-            if annotated {
-                "annotated"
-            } else {
-                "no annotation"
-            },
+            "cri-test: pod {} ({}): origin port {port}, RunPodSandbox {:.0} ms",
+            pod.uid,
+            pod.kind(),
             took.as_secs_f64() * 1e3
         );
-        if annotated {
-            tally.annotated += 1;
-            if from_rule {
-                tally.rule_ports += 1;
-            } else {
-                tally.escaped += 1;
-            }
-        } else {
-            tally.bare += 1;
-            ensure!(
-                !from_rule,
-                "pod {uid} has no annotation but left from rule port {port}"
-            );
-            tally.os_ports += 1;
-        }
+        tally.saw(&pod.uid, pod.annotated, port)?;
     }
     for pod_id in &pods {
         cri.call(
@@ -214,6 +294,12 @@ fn with_containerd(
         tally.refused
     );
     ensure!(
+        tally.held == 2 && tally.held_then_served == 2,
+        "of the 2 pods started while the plugin was down, {} were held and {} served after",
+        tally.held,
+        tally.held_then_served
+    );
+    ensure!(
         attachments == 0,
         "{attachments} attachments left after every pod was removed"
     );
@@ -224,7 +310,8 @@ fn with_containerd(
     };
     Ok(format!(
         "cri-test: {} pods ({} annotated, {} without), {} OS ports among annotated pods, \
-         {} rule ports, {} OS ports without annotation, {} refused; containerd {version}; \
+         {} rule ports, {} OS ports without annotation, {} refused; plugin killed: {} pods \
+         started meanwhile held by the guard, {} served once it was back; containerd {version}; \
          RunPodSandbox median {:.0} ms annotated, {:.0} ms without, of which the plugin's \
          attach (in force before RunPodSandbox returns) median {:.1} ms, max {:.1} ms; \
          attachments left after removal: {attachments}",
@@ -235,11 +322,75 @@ fn with_containerd(
         tally.rule_ports,
         tally.os_ports,
         tally.refused,
+        tally.held,
+        tally.held_then_served,
         median(&tally.run_pod_ms[1]),
         median(&tally.run_pod_ms[0]),
         median(&attach_ms),
         attach_ms.iter().copied().fold(0.0, f64::max),
     ))
+}
+
+/// The plugin killed (a crash): one annotated pod and one without are
+/// started meanwhile, which the runtime does without asking anyone. Their
+/// first connects must not leave (the guard refuses them); once the plugin
+/// is back (it finds them at Synchronize), a second container in each must
+/// get its port: the rule's, the OS's.
+fn while_plugin_down(
+    rulebpf: &Rulebpf,
+    containerd: &Containerd,
+    cri: &Client,
+    server: &Listener,
+    mut agent: Agent,
+    tally: &mut Tally,
+    pods: &mut Vec<String>,
+) -> anyhow::Result<Agent> {
+    eprintln!("cri-test: killing the plugin");
+    agent.kill();
+    let mut held = Vec::new();
+    for (i, annotated) in [(100, true), (101, false)] {
+        let pod = TestPod::new(i, annotated);
+        let (pod_id, _) = run_pod(cri, &pod)?;
+        pods.push(pod_id.clone());
+        match connect_from(cri, server, &pod_id, &pod, "first", REFUSED_WAIT)? {
+            None => {
+                eprintln!(
+                    "cri-test: pod {} ({}), plugin down: connect refused",
+                    pod.uid,
+                    pod.kind()
+                );
+                tally.held += 1;
+            }
+            Some(port) => {
+                eprintln!(
+                    "cri-test: pod {} ({}), plugin down: left from {port}",
+                    pod.uid,
+                    pod.kind()
+                );
+                if annotated && !ports::CRI_TEST.contains(port) {
+                    tally.escaped += 1;
+                }
+            }
+        }
+        held.push((pod, pod_id));
+    }
+    let agent = Agent::start(
+        rulebpf,
+        &containerd.nri_socket,
+        &containerd.dir.join("nri-ready"),
+    )?;
+    for (pod, pod_id) in &held {
+        let port = connect_from(cri, server, pod_id, pod, "second", CONNECT_WAIT)?
+            .with_context(|| format!("pod {}: no connection once the plugin was back", pod.uid))?;
+        eprintln!(
+            "cri-test: pod {} ({}), plugin back: origin port {port}",
+            pod.uid,
+            pod.kind()
+        );
+        tally.saw(&pod.uid, pod.annotated, port)?;
+        tally.held_then_served += 1;
+    }
+    Ok(agent)
 }
 
 /// How long each of the plugin's attaches took, from its log (`... in
@@ -296,6 +447,8 @@ impl Agent {
                 path_arg(socket)?,
                 "--ready-file",
                 path_arg(ready)?,
+                "--guard",
+                PODS_CGROUP,
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -316,18 +469,16 @@ impl Agent {
         Ok(agent)
     }
 
-    /// Kills the plugin (SIGKILL: a crash) and starts it again.
-    fn restart(mut self, rulebpf: &Rulebpf, socket: &Path, ready: &Path) -> anyhow::Result<Self> {
+    /// Kills the plugin (SIGKILL: a crash).
+    fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        Self::start(rulebpf, socket, ready)
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

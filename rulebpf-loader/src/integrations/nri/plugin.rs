@@ -13,9 +13,18 @@
 //!
 //! The runtime's `Configure` may arrive before its answer to
 //! `RegisterPlugin`: both connections are read by the same loop.
+//!
+//! With the pods' guard (`--guard`, `kernel::guard`), every pod the plugin
+//! sees starting or running is admitted (its cgroup id written into the
+//! guard's pinned map) once its instance, if annotated, is in force, and
+//! forgotten at its removal; pods the runtime started while the plugin was
+//! away are refused by the guard until the plugin, back, finds them at
+//! `Synchronize`.
 //! https://github.com/containerd/nri/blob/v0.8.0/pkg/adaptation/plugin.go
 
 use std::{
+    cell::RefCell,
+    collections::HashSet,
     fs,
     io::{self, Read as _, Write as _},
     os::unix::net::UnixStream,
@@ -31,6 +40,7 @@ use super::{
         Response, Status, WireError,
     },
 };
+use crate::{kernel::guard::Guard, sys::cgroup::Cgroup};
 
 /// The runtime's NRI socket, unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/nri/nri.sock";
@@ -50,7 +60,6 @@ pub enum NriError {
 }
 
 /// Who the plugin is and what it acts on.
-#[derive(Debug, Clone)]
 pub struct Plugin {
     pub socket: PathBuf,
     /// The plugin's name and two-digit index, which orders plugins.
@@ -60,6 +69,11 @@ pub struct Plugin {
     /// Written once the pods already there were handled (a readiness
     /// probe's file).
     pub ready_file: Option<PathBuf>,
+    /// The pods' guard, when installed.
+    pub guard: Option<RefCell<Guard>>,
+    /// Pod cgroups admitted during a synchronization (it may come in
+    /// parts): the guard forgets the others at its end.
+    pub synced: RefCell<HashSet<u64>>,
 }
 
 /// How a connection ended.
@@ -155,11 +169,32 @@ impl Plugin {
     /// its start. A failure cannot refuse a running pod: it is logged.
     fn synchronize(&self, sync: &Synchronize) -> Response {
         for pod in &sync.pods {
-            if let Err(e) = pods::plan(Event::RunPodSandbox, pod, self.selector.as_ref())
+            match pods::plan(Event::RunPodSandbox, pod, self.selector.as_ref())
                 .and_then(|action| self.act(pod, action))
             {
-                log::error!("pod {}/{} already running: {e}", pod.namespace, pod.name);
+                Ok(()) => {
+                    if let Some(id) = self.admit(pod) {
+                        self.synced.borrow_mut().insert(id);
+                    }
+                }
+                Err(e) => log::error!("pod {}/{} already running: {e}", pod.namespace, pod.name),
             }
+        }
+        if !sync.more
+            && let Some(guard) = &self.guard
+        {
+            let mut guard = guard.borrow_mut();
+            guard.retain(&self.synced.take());
+            // Only now: every running pod is admitted.
+            if let Err(e) = guard.attach() {
+                log::error!("{e}");
+                return Response::error(CODE_UNKNOWN, e.to_string());
+            }
+            log::info!(
+                "pods' guard in force on {}; it has refused {} connects of pods not seen yet",
+                guard.cgroup().path.display(),
+                guard.refused()
+            );
         }
         // The last part of a synchronization (NRI v0.8+ sends it in parts;
         // v0.6 in one, without `more`).
@@ -179,7 +214,16 @@ impl Plugin {
         };
         let pod = &change.pod;
         match pods::plan(event, pod, self.selector.as_ref()).and_then(|a| self.act(pod, a)) {
-            Ok(()) => Response::ok(Vec::new()),
+            Ok(()) => {
+                match event {
+                    Event::RunPodSandbox => {
+                        self.admit(pod);
+                    }
+                    Event::RemovePodSandbox => self.forget(pod),
+                    Event::StopPodSandbox => {}
+                }
+                Response::ok(Vec::new())
+            }
             Err(e) => {
                 log::error!("pod {}/{}: {e}", pod.namespace, pod.name);
                 Response::error(CODE_UNKNOWN, format!("rulebpf: {e}"))
@@ -212,6 +256,41 @@ impl Plugin {
             );
         }
         Ok(())
+    }
+}
+
+impl Plugin {
+    /// Lets `pod` past the guard; its cgroup id, or `None` without a guard
+    /// or for a pod outside any known cgroup (no cgroup parent: the
+    /// runtime's default cgroup, which the guard does not cover).
+    fn admit(&self, pod: &api::PodSandbox) -> Option<u64> {
+        let guard = self.guard.as_ref()?;
+        let cgroup = pods::pod_cgroup(pod)
+            .ok()
+            .and_then(|relative| Cgroup::resolve(&relative).ok())?;
+        match guard.borrow_mut().admit(cgroup.id) {
+            Ok(()) => Some(cgroup.id),
+            Err(e) => {
+                log::error!(
+                    "pod {}/{}: admitting it past the guard: {e}",
+                    pod.namespace,
+                    pod.name
+                );
+                None
+            }
+        }
+    }
+
+    fn forget(&self, pod: &api::PodSandbox) {
+        let Some(guard) = &self.guard else {
+            return;
+        };
+        if let Some(cgroup) = pods::pod_cgroup(pod)
+            .ok()
+            .and_then(|relative| Cgroup::resolve(&relative).ok())
+        {
+            guard.borrow_mut().forget(cgroup.id);
+        }
     }
 }
 

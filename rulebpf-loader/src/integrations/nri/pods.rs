@@ -123,7 +123,7 @@ pub fn plan(
 }
 
 /// The pod's cgroup, relative to the cgroup2 mount.
-fn pod_cgroup(pod: &PodSandbox) -> Result<PathBuf, PodError> {
+pub fn pod_cgroup(pod: &PodSandbox) -> Result<PathBuf, PodError> {
     let parent = pod.cgroup_parent.as_str();
     if parent.is_empty() {
         return Err(PodError::NoCgroupParent {
