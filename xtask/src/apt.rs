@@ -32,12 +32,19 @@ impl Apt {
             fs::create_dir_all(dir.join(sub))?;
         }
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        // Unstable has no security archive.
+        let security = if suite == "sid" {
+            String::new()
+        } else {
+            format!(
+                "deb [signed-by={keyring}] http://deb.debian.org/debian-security \
+                 {suite}-security main\n"
+            )
+        };
         fs::write(
             dir.join("sources.list"),
             format!(
-                "deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n\
-                 deb [signed-by={keyring}] http://deb.debian.org/debian-security \
-                 {suite}-security main\n"
+                "deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n{security}"
             ),
         )?;
         let at = |key: &str, path: PathBuf| format!("{key}={}", path.display());

@@ -97,7 +97,7 @@ fn bench_and_vm(options: &Options, guests: &mut Counts) -> anyhow::Result<()> {
     }
     step("cargo xtask cri-test (the NRI plugin under containerd, pods through the CRI)");
     let start = Instant::now();
-    let result = crate::cri::run();
+    let result = crate::cri::run(crate::cri::DEFAULT_SUITE);
     println!("cri-test wall time: {} s", start.elapsed().as_secs());
     result?;
     if options.skip_vm {

@@ -76,7 +76,11 @@ enum Command {
     /// drives it: annotated pods' first connects must leave from the
     /// rule's range, others from OS ports; the plugin is restarted halfway;
     /// removed pods leave nothing (needs root, runc, busybox-static).
-    CriTest,
+    CriTest {
+        /// The Debian suite whose containerd runs: trixie (1.7) or sid (2.x).
+        #[arg(long, default_value = cri::DEFAULT_SUITE)]
+        suite: String,
+    },
     /// The CI sequence (scripts/test.sh runs it after installing what is
     /// missing): fmt, clippy, cargo test, bench smoke, vm-test, totals.
     Ci(ci::Options),
@@ -128,7 +132,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchClient(args) => bench::client::run(&args),
         Command::BenchServer(args) => bench::server::run(&args),
         Command::BenchHold => bench::search::hold(),
-        Command::CriTest => cri::run(),
+        Command::CriTest { suite } => cri::run(&suite),
         Command::BenchPieces {
             rounds,
             connects,

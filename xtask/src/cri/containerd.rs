@@ -1,5 +1,6 @@
 //! A containerd of its own for the test: Debian trixie's package (1.7,
-//! the first with NRI; bookworm's 1.6 has only the old exec-hook NRI),
+//! the first with NRI; bookworm's 1.6 has only the old exec-hook NRI; sid
+//! has 2.x),
 //! fetched with a private apt state and unpacked under the target
 //! directory, run with a configuration that keeps every path of its own
 //! (`/var/lib/containerd` and the host's sockets are never touched), NRI
@@ -17,18 +18,19 @@ use anyhow::{Context as _, bail, ensure};
 
 use crate::apt::{self, Apt};
 
-/// The Debian suite whose containerd the test runs.
-const SUITE: &str = "trixie";
+/// The Debian suite whose containerd the test runs unless told otherwise
+/// (`sid` has 2.x).
+pub const DEFAULT_SUITE: &str = "trixie";
 
-/// The containerd binaries (`usr/bin` of the unpacked package): from the
-/// cache when there, else fetched.
-pub fn fetch(cache: &Path) -> anyhow::Result<PathBuf> {
-    let root = cache.join("containerd");
+/// The containerd binaries of Debian `suite` (`usr/bin` of the unpacked
+/// package): from the cache when there, else fetched.
+pub fn fetch(cache: &Path, suite: &str) -> anyhow::Result<PathBuf> {
+    let root = cache.join(format!("containerd-{suite}"));
     let bin = root.join("usr/bin");
     if bin.join("containerd").exists() {
         return Ok(bin);
     }
-    let apt = Apt::private(&cache.join(format!("apt-{SUITE}")), SUITE)?;
+    let apt = Apt::private(&cache.join(format!("apt-{suite}")), suite)?;
     let deb = apt.download("containerd", &cache.join("download"))?;
     apt::unpack(&deb, &root)?;
     fs::remove_file(&deb)?;

@@ -44,10 +44,13 @@ const PODS_CGROUP: &str = "rulebpf-cri-test";
 const ANNOTATED: usize = 20;
 const BARE: usize = 5;
 
-pub fn run() -> anyhow::Result<()> {
+pub use containerd::DEFAULT_SUITE;
+
+/// Runs the test against the containerd of Debian `suite`.
+pub fn run(suite: &str) -> anyhow::Result<()> {
     let rulebpf = Rulebpf::built()?;
     let cache = target_dir().join("cri");
-    let bin = containerd::fetch(&cache)?;
+    let bin = containerd::fetch(&cache, suite)?;
     let image_tar = cache.join("busybox-oci.tar");
     image::write(IMAGE, &image_tar)?;
     let server = Listener::on([127, 0, 0, 2]);
