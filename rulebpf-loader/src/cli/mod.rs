@@ -165,6 +165,18 @@ pub fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
+/// The logger of the long-running commands (`run`, `nri`): rulebpf's own
+/// lines and the hook's (target `rulebpf`) at `level`, libraries' (aya's
+/// loader chatter) at warn, with millisecond timestamps.
+fn service_logger(level: log::LevelFilter) {
+    env_logger::Builder::new()
+        .filter_level(level.min(log::LevelFilter::Warn))
+        .filter_module("rulebpf_loader", level)
+        .filter_module("rulebpf", level)
+        .format_timestamp_millis()
+        .init();
+}
+
 /// Warns on stderr about origin ranges the kernel may hand out as ephemeral
 /// ports, and TCP timestamps off with sharing (see `ephemeral`).
 fn warn_ports(set: &RuleSet, sharing: Sharing, reserving: bool) {

@@ -53,13 +53,7 @@ pub struct NriArgs {
 const RECONNECT: Duration = Duration::from_secs(1);
 
 pub fn nri(args: NriArgs) -> Result<(), CliError> {
-    // Our lines at --log-level, libraries' at warn (as `run`).
-    env_logger::Builder::new()
-        .filter_level(args.log_level.min(log::LevelFilter::Warn))
-        .filter_module("rulebpf_loader", args.log_level)
-        .filter_module("rulebpf", args.log_level)
-        .format_timestamp_millis()
-        .init();
+    super::service_logger(args.log_level);
     if args.remove_guard {
         let path = args.guard.as_deref().expect("required by clap");
         let cgroup = Cgroup::resolve(path)?;

@@ -48,14 +48,7 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<(), CliError> {
-    // Our own lines and the hook's (target `rulebpf`) at --log-level;
-    // libraries (aya's loader chatter) at warn.
-    env_logger::Builder::new()
-        .filter_level(args.log_level.min(log::LevelFilter::Warn))
-        .filter_module("rulebpf_loader", args.log_level)
-        .filter_module("rulebpf", args.log_level)
-        .format_timestamp_millis()
-        .init();
+    super::service_logger(args.log_level);
     let ports = args.ports;
     let options = service::Options {
         name: instance_name(&args.at)?,

@@ -276,23 +276,8 @@ pub fn attach_program(
     kind: ProgramKind,
     program: BorrowedFd<'_>,
 ) -> io::Result<()> {
-    const BPF_PROG_ATTACH: libc::c_long = 8;
     const BPF_F_ALLOW_MULTI: u32 = 1 << 1;
-    #[repr(C)]
-    struct Attach {
-        target_fd: u32,
-        attach_bpf_fd: u32,
-        attach_type: u32,
-        attach_flags: u32,
-    }
-    let mut attr = Attach {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_bpf_fd: program.as_raw_fd() as u32,
-        attach_type: attach_type(kind),
-        attach_flags: BPF_F_ALLOW_MULTI,
-    };
-    // SAFETY: `Attach` is the BPF_PROG_ATTACH layout.
-    unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.map(drop)
+    prog_attach(cgroup, kind, program, BPF_F_ALLOW_MULTI)
 }
 
 /// Attaches `program` of `kind` to `cgroup` with `BPF_F_ALLOW_OVERRIDE`
@@ -305,8 +290,18 @@ pub fn attach_overridable(
     kind: ProgramKind,
     program: BorrowedFd<'_>,
 ) -> io::Result<()> {
-    const BPF_PROG_ATTACH: libc::c_long = 8;
     const BPF_F_ALLOW_OVERRIDE: u32 = 1 << 0;
+    prog_attach(cgroup, kind, program, BPF_F_ALLOW_OVERRIDE)
+}
+
+/// `BPF_PROG_ATTACH` of `program` to `cgroup` with `flags`.
+fn prog_attach(
+    cgroup: BorrowedFd<'_>,
+    kind: ProgramKind,
+    program: BorrowedFd<'_>,
+    flags: u32,
+) -> io::Result<()> {
+    const BPF_PROG_ATTACH: libc::c_long = 8;
     #[repr(C)]
     struct Attach {
         target_fd: u32,
@@ -318,7 +313,7 @@ pub fn attach_overridable(
         target_fd: cgroup.as_raw_fd() as u32,
         attach_bpf_fd: program.as_raw_fd() as u32,
         attach_type: attach_type(kind),
-        attach_flags: BPF_F_ALLOW_OVERRIDE,
+        attach_flags: flags,
     };
     // SAFETY: `Attach` is the BPF_PROG_ATTACH layout.
     unsafe { sys_bpf(BPF_PROG_ATTACH, &mut attr) }.map(drop)
