@@ -39,6 +39,8 @@ const IMAGE: &str = "localhost/rulebpf/busybox:test";
 const INSTANCE: &str = "cri-test";
 /// Where containerd keeps everything of this run.
 const RUN_DIR: &str = "/run/rulebpf-cri-test";
+/// rulebpf's pins (the default of `RULEBPF_PIN_DIR`).
+const PIN_DIR: &str = "/sys/fs/bpf/rulebpf";
 /// The pods' parent cgroup (cgroupfs driver), as the kubelet's `kubepods`.
 const PODS_CGROUP: &str = "rulebpf-cri-test";
 const ANNOTATED: usize = 20;
@@ -288,8 +290,19 @@ fn with_containerd(
         .and_then(|all| all.iter().find(|i| i["name"] == INSTANCE))
         .map(|i| i["attachments"].as_array().map_or(0, Vec::len))
         .context("the instance is gone from status")?;
+    // Nor pins: each attachment's links live in a `cg-ID` directory of the
+    // instance's pins.
+    let pins: Vec<String> = fs::read_dir(Path::new(PIN_DIR).join(INSTANCE))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("cg-"))
+        .collect();
     drop(agent);
     let attach_ms = attach_times()?;
+    ensure!(
+        pins.is_empty(),
+        "attachment pins left after every pod was removed: {pins:?}"
+    );
     ensure!(
         tally.escaped == 0 && tally.refused == 0,
         "{} annotated pods left from OS ports, {} pods refused",
@@ -317,7 +330,7 @@ fn with_containerd(
          started meanwhile held by the guard, {} served once it was back; containerd {version}; \
          RunPodSandbox median {:.0} ms annotated, {:.0} ms without, of which the plugin's \
          attach (in force before RunPodSandbox returns) median {:.1} ms, max {:.1} ms; \
-         attachments left after removal: {attachments}",
+         attachments and their pins left after removal: {attachments}",
         tally.annotated + tally.bare,
         tally.annotated,
         tally.bare,
