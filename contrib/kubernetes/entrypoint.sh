@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # The DaemonSet's process: one `rulebpf run` per instance file of the
 # ConfigMap (NAME.ini -> instance NAME, reloaded when the ConfigMap
 # changes), then, once every instance is loaded, the NRI plugin. If any of
@@ -34,7 +34,8 @@ done
 # away are refused until it is back.
 rulebpf nri --socket "${NRI_SOCKET:-/var/run/nri/nri.sock}" \
     --guard "${RULEBPF_GUARD:-kubepods.slice}" \
-    --ready-file /run/rulebpf/nri-ready ${RULEBPF_SELECTOR:+--selector "$RULEBPF_SELECTOR"} &
+    --ready-file /run/rulebpf/nri-ready ${RULEBPF_SELECTOR:+--selector "$RULEBPF_SELECTOR"} \
+    ${RULEBPF_NAMESPACES:+$(printf -- '--namespace %s ' $RULEBPF_NAMESPACES)} &
 
 # The first of them to end ends the container.
 wait -n

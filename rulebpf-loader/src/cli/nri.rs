@@ -8,7 +8,7 @@ use rulebpf_loader::{
     instance,
     integrations::nri::{
         plugin::{DEFAULT_SOCKET, Ended, Plugin},
-        pods::Selector,
+        pods::{Scope, Selector},
     },
     kernel::guard::{self, Guard},
     sys::cgroup::{Cgroup, cgroup2_mount},
@@ -24,6 +24,11 @@ pub struct NriArgs {
     /// Only pods with this label too (KEY=VALUE), besides the annotation.
     #[arg(long, value_parser = parse_selector)]
     selector: Option<Selector>,
+    /// Only pods of this namespace may name an instance (repeatable; none:
+    /// every namespace). An annotated pod of another one is refused: the
+    /// annotation is written by whoever writes the pod.
+    #[arg(long = "namespace")]
+    namespaces: Vec<String>,
     /// The plugin's two-digit index: its place among the runtime's NRI
     /// plugins.
     #[arg(long, default_value = "50", value_parser = parse_index)]
@@ -35,8 +40,8 @@ pub struct NriArgs {
     /// The parent cgroup of the node's pods (the kubelet's `kubepods`, or
     /// `kubepods.slice`): a guard there refuses the connects of pods the
     /// plugin has not seen (started while it was down) until it finds
-    /// them. Installed (or replaced) at start; it stays when the plugin
-    /// stops (`rulebpf detach --cgroup CG` removes it).
+    /// them. Attached once the running pods are admitted; it stays when
+    /// the plugin stops (`--remove-guard` takes it off).
     #[arg(long)]
     guard: Option<PathBuf>,
     /// Take the guard off --guard CG (and remove its pinned map), then
@@ -77,11 +82,19 @@ pub fn nri(args: NriArgs) -> Result<(), CliError> {
         socket: args.socket,
         name: "rulebpf".into(),
         index: args.index,
-        selector: args.selector,
+        scope: Scope {
+            selector: args.selector,
+            namespaces: args.namespaces,
+        },
         ready_file: args.ready_file,
         guard,
         synced: RefCell::default(),
+        sandboxes: RefCell::default(),
     };
+    if let Some(ready) = &plugin.ready_file {
+        // Left by a plugin that was killed: not ready until synchronized.
+        let _ = std::fs::remove_file(ready);
+    }
     loop {
         match plugin.serve() {
             Ok(Ended::Shutdown) => {

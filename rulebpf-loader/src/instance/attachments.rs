@@ -33,6 +33,22 @@ impl Instance {
         let missing = attach::missing(&open, &record.programs())?;
         let recorded = record.attachments.iter().any(|a| a.cgroup_id == cgroup.id);
         if missing.is_empty() && recorded {
+            // Attached already, maybe for someone else now: a pod whose
+            // sandbox the kubelet re-created keeps its cgroup, and the old
+            // sandbox's removal must not take the new one's rules away.
+            if record
+                .attachments
+                .iter()
+                .any(|a| a.cgroup_id == cgroup.id && a.by != by)
+            {
+                let mut record = record;
+                for a in &mut record.attachments {
+                    if a.cgroup_id == cgroup.id {
+                        a.by = by.clone();
+                    }
+                }
+                self.write_record(&record)?;
+            }
             return Ok(false);
         }
         // Recorded first, so that status never shows rules in force on a

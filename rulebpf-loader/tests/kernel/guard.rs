@@ -40,6 +40,10 @@ fn the_guard_refuses_pods_it_was_not_told_about_and_yields_to_an_instance() {
     let (seen, unseen) = (pods.child("pod-seen"), pods.child("pod-unseen"));
     let container = seen.join("container");
     std::fs::create_dir_all(&container).unwrap();
+    // A pod of a QoS class: two levels below (`kubepods/burstable/pod<uid>`).
+    let burstable = pods.child("burstable").join("pod-burstable");
+    let burstable_container = burstable.join("container");
+    std::fs::create_dir_all(&burstable_container).unwrap();
     let once = |cgroup: &Path| probe_from(cgroup, server.addr, 1, &[]);
     let mut g = Guard::load(
         &instance::guard_dir().unwrap(),
@@ -53,6 +57,16 @@ fn the_guard_refuses_pods_it_was_not_told_about_and_yields_to_an_instance() {
     g.admit(resolve(&seen).id).unwrap();
     g.attach().unwrap();
     assert_eq!(once(&unseen), [Probed::Errno(EPERM)], "a pod not seen");
+    assert_eq!(
+        once(&burstable_container),
+        [Probed::Errno(EPERM)],
+        "a QoS-class pod not seen"
+    );
+    g.admit(resolve(&burstable).id).unwrap();
+    assert!(
+        matches!(once(&burstable_container)[..], [Probed::Port(p)] if is_os_port(p)),
+        "an admitted QoS-class pod's container"
+    );
     assert!(
         matches!(once(&seen)[..], [Probed::Port(p)] if is_os_port(p)),
         "an admitted pod"
@@ -80,12 +94,12 @@ fn the_guard_refuses_pods_it_was_not_told_about_and_yields_to_an_instance() {
     );
     g.forget(resolve(&seen).id);
     assert_eq!(once(&seen), [Probed::Errno(EPERM)], "a forgotten pod");
-    assert!(g.refused() >= 2, "refused: {}", g.refused());
+    assert!(g.refused() >= 3, "refused: {}", g.refused());
     rulebpf_ok(&["detach", "--cgroup", own_pod.to_str().unwrap()]);
     assert_eq!(guard::remove(&resolve(&pods.path)).unwrap(), 2);
     assert!(
         matches!(once(&unseen)[..], [Probed::Port(_)]),
         "guard removed"
     );
-    server.take(4);
+    server.take(5);
 }

@@ -299,6 +299,11 @@ fn with_containerd(
         .collect();
     drop(agent);
     let attach_ms = attach_times()?;
+    let guard_refused = guard_refused()?;
+    ensure!(
+        guard_refused >= 2,
+        "the guard counted {guard_refused} refused connects; the held pods' were not its"
+    );
     ensure!(
         pins.is_empty(),
         "attachment pins left after every pod was removed: {pins:?}"
@@ -418,6 +423,24 @@ fn attach_times() -> anyhow::Result<Vec<f64>> {
         .filter(|l| l.contains(" in force on cgroup "))
         .filter_map(|l| l.rsplit_once('(')?.1.strip_suffix(" ms)")?.parse().ok())
         .collect())
+}
+
+/// What the plugin's guard had refused when it last synchronized (its log:
+/// `... it has refused N connects ...`).
+fn guard_refused() -> anyhow::Result<u64> {
+    let log = fs::read_to_string(target_dir().join("cri/nri.log"))?;
+    Ok(log
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.split_once("it has refused ")?
+                .1
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0))
 }
 
 /// The CRI sees an imported image once containerd's image event reached

@@ -24,7 +24,7 @@
 
 use std::{
     cell::RefCell,
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
     io::{self, Read as _, Write as _},
     os::unix::net::UnixStream,
@@ -34,7 +34,7 @@ use std::{
 
 use super::{
     api::{self, Configure, Event, StateChange, Synchronize},
-    pods::{self, PodError, Selector},
+    pods::{self, PodError, Scope},
     ttrpc::{
         CODE_UNIMPLEMENTED, CODE_UNKNOWN, Demux, Message, PLUGIN_CONN, RUNTIME_CONN, Request,
         Response, Status, WireError,
@@ -65,7 +65,7 @@ pub struct Plugin {
     /// The plugin's name and two-digit index, which orders plugins.
     pub name: String,
     pub index: String,
-    pub selector: Option<Selector>,
+    pub scope: Scope,
     /// Written once the pods already there were handled (a readiness
     /// probe's file).
     pub ready_file: Option<PathBuf>,
@@ -74,6 +74,11 @@ pub struct Plugin {
     /// Pod cgroups admitted during a synchronization (it may come in
     /// parts): the guard forgets the others at its end.
     pub synced: RefCell<HashSet<u64>>,
+    /// Sandbox id -> the cgroup id admitted for it: a removed sandbox is
+    /// forgotten by id (its cgroup may be gone already), and a pod cgroup
+    /// stays admitted while another sandbox of it lives (the kubelet
+    /// re-creates a pod's sandbox in the same cgroup).
+    pub sandboxes: RefCell<HashMap<String, u64>>,
 }
 
 /// How a connection ended.
@@ -102,6 +107,9 @@ impl Plugin {
             },
         };
         socket.write_all(&register.frames(RUNTIME_CONN))?;
+        // What a connection cut in the middle of a synchronization knew.
+        self.synced.take();
+        self.sandboxes.take();
         let mut demux = Demux::new();
         let mut buf = vec![0; 64 << 10];
         loop {
@@ -169,14 +177,14 @@ impl Plugin {
     /// its start. A failure cannot refuse a running pod: it is logged.
     fn synchronize(&self, sync: &Synchronize) -> Response {
         for pod in &sync.pods {
-            match pods::plan(Event::RunPodSandbox, pod, self.selector.as_ref())
+            match pods::plan(Event::RunPodSandbox, pod, &self.scope)
                 .and_then(|action| self.act(pod, action))
+                .and_then(|()| self.admit(pod))
             {
-                Ok(()) => {
-                    if let Some(id) = self.admit(pod) {
-                        self.synced.borrow_mut().insert(id);
-                    }
+                Ok(Some(id)) => {
+                    self.synced.borrow_mut().insert(id);
                 }
+                Ok(None) => {}
                 Err(e) => log::error!("pod {}/{} already running: {e}", pod.namespace, pod.name),
             }
         }
@@ -213,17 +221,18 @@ impl Plugin {
             return Response::ok(Vec::new());
         };
         let pod = &change.pod;
-        match pods::plan(event, pod, self.selector.as_ref()).and_then(|a| self.act(pod, a)) {
-            Ok(()) => {
-                match event {
-                    Event::RunPodSandbox => {
-                        self.admit(pod);
-                    }
-                    Event::RemovePodSandbox => self.forget(pod),
-                    Event::StopPodSandbox => {}
+        let done = pods::plan(event, pod, &self.scope)
+            .and_then(|a| self.act(pod, a))
+            .and_then(|()| match event {
+                Event::RunPodSandbox => self.admit(pod).map(drop),
+                Event::RemovePodSandbox => {
+                    self.forget(pod);
+                    Ok(())
                 }
-                Response::ok(Vec::new())
-            }
+                Event::StopPodSandbox => Ok(()),
+            });
+        match done {
+            Ok(()) => Response::ok(Vec::new()),
             Err(e) => {
                 log::error!("pod {}/{}: {e}", pod.namespace, pod.name);
                 Response::error(CODE_UNKNOWN, format!("rulebpf: {e}"))
@@ -260,36 +269,46 @@ impl Plugin {
 }
 
 impl Plugin {
-    /// Lets `pod` past the guard; its cgroup id, or `None` without a guard
+    /// Lets `pod` past the guard: its cgroup id, or `None` without a guard
     /// or for a pod outside any known cgroup (no cgroup parent: the
-    /// runtime's default cgroup, which the guard does not cover).
-    fn admit(&self, pod: &api::PodSandbox) -> Option<u64> {
-        let guard = self.guard.as_ref()?;
-        let cgroup = pods::pod_cgroup(pod)
+    /// runtime's default cgroup, which the guard does not cover). An error
+    /// (the guard's map refused the entry) refuses the pod: started, all
+    /// its connects would be refused.
+    fn admit(&self, pod: &api::PodSandbox) -> Result<Option<u64>, PodError> {
+        let Some(guard) = &self.guard else {
+            return Ok(None);
+        };
+        let Some(cgroup) = pods::pod_cgroup(pod)
             .ok()
-            .and_then(|relative| Cgroup::resolve(&relative).ok())?;
-        match guard.borrow_mut().admit(cgroup.id) {
-            Ok(()) => Some(cgroup.id),
-            Err(e) => {
-                log::error!(
-                    "pod {}/{}: admitting it past the guard: {e}",
-                    pod.namespace,
-                    pod.name
-                );
-                None
-            }
-        }
+            .and_then(|relative| Cgroup::resolve(&relative).ok())
+        else {
+            return Ok(None);
+        };
+        guard
+            .borrow_mut()
+            .admit(cgroup.id)
+            .map_err(|e| PodError::Guard {
+                pod: pod.id.clone(),
+                source: Box::new(e),
+            })?;
+        self.sandboxes
+            .borrow_mut()
+            .insert(pod.id.clone(), cgroup.id);
+        Ok(Some(cgroup.id))
     }
 
+    /// A removed sandbox: its cgroup leaves the guard's map unless another
+    /// sandbox of the same pod cgroup lives.
     fn forget(&self, pod: &api::PodSandbox) {
         let Some(guard) = &self.guard else {
             return;
         };
-        if let Some(cgroup) = pods::pod_cgroup(pod)
-            .ok()
-            .and_then(|relative| Cgroup::resolve(&relative).ok())
-        {
-            guard.borrow_mut().forget(cgroup.id);
+        let mut sandboxes = self.sandboxes.borrow_mut();
+        let Some(id) = sandboxes.remove(&pod.id) else {
+            return;
+        };
+        if !sandboxes.values().any(|&other| other == id) {
+            guard.borrow_mut().forget(id);
         }
     }
 }

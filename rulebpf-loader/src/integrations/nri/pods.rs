@@ -38,6 +38,8 @@ pub enum PodError {
         name: String,
         source: NameError,
     },
+    #[error("pod {pod}: namespace {namespace} may not name an instance (rulebpf nri --namespace)")]
+    NamespaceNotAllowed { pod: String, namespace: String },
     #[error("pod {pod}: the runtime gave no cgroup parent: its cgroup is unknown")]
     NoCgroupParent { pod: String },
     #[error("pod {pod}: cgroup parent {parent:?} is not a cgroupfs path or a systemd slice")]
@@ -46,6 +48,11 @@ pub enum PodError {
         "pod {pod}: no instance {instance} (create it first: rulebpf attach --name {instance} RULES)"
     )]
     NoInstance { pod: String, instance: InstanceName },
+    #[error("pod {pod}: admitting it past the pods' guard: {source}")]
+    Guard {
+        pod: String,
+        source: Box<crate::kernel::guard::GuardError>,
+    },
     #[error("pod {pod}, instance {instance}: {source}")]
     Instance {
         pod: String,
@@ -60,6 +67,17 @@ pub enum PodError {
 pub struct Selector {
     pub key: String,
     pub value: String,
+}
+
+/// Which pods may ask for an instance: the annotation is written by
+/// whoever writes the pod, so without a limit any namespace could take
+/// another's origin ports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub selector: Option<Selector>,
+    /// Namespaces whose pods may name an instance (`--namespace`); empty:
+    /// every namespace.
+    pub namespaces: Vec<String>,
 }
 
 /// What to do for one pod event.
@@ -81,18 +99,23 @@ pub enum PodAction {
 /// Decides what `event` means for `pod`. An error refuses the pod (the
 /// runtime fails `RunPodSandbox`): only for an annotated pod whose rules
 /// cannot be put in force.
-pub fn plan(
-    event: Event,
-    pod: &PodSandbox,
-    selector: Option<&Selector>,
-) -> Result<PodAction, PodError> {
+pub fn plan(event: Event, pod: &PodSandbox, scope: &Scope) -> Result<PodAction, PodError> {
     let Some(name) = pod.annotations.get(ANNOTATION) else {
         return Ok(PodAction::Nothing);
     };
-    if let Some(selector) = selector
+    if let Some(selector) = &scope.selector
         && pod.labels.get(&selector.key) != Some(&selector.value)
     {
         return Ok(PodAction::Nothing);
+    }
+    if !scope.namespaces.is_empty() && !scope.namespaces.contains(&pod.namespace) {
+        if event != Event::RunPodSandbox {
+            return Ok(PodAction::Nothing);
+        }
+        return Err(PodError::NamespaceNotAllowed {
+            pod: pod.id.clone(),
+            namespace: pod.namespace.clone(),
+        });
     }
     let instance = match InstanceName::new(name) {
         Ok(instance) => instance,
@@ -245,7 +268,7 @@ mod tests {
     fn an_annotated_pod_gets_its_instance_on_the_pod_cgroup() {
         let p = pod(&[(ANNOTATION, "gw")], "/kubepods/besteffort/pod0a9e");
         assert_eq!(
-            plan(Event::RunPodSandbox, &p, None).unwrap(),
+            plan(Event::RunPodSandbox, &p, &Scope::default()).unwrap(),
             PodAction::Attach {
                 instance: name("gw"),
                 cgroup: "kubepods/besteffort/pod0a9e".into(),
@@ -253,14 +276,14 @@ mod tests {
             }
         );
         assert_eq!(
-            plan(Event::RemovePodSandbox, &p, None).unwrap(),
+            plan(Event::RemovePodSandbox, &p, &Scope::default()).unwrap(),
             PodAction::Detach {
                 instance: name("gw"),
                 pod: "4f1c".into()
             }
         );
         assert_eq!(
-            plan(Event::StopPodSandbox, &p, None).unwrap(),
+            plan(Event::StopPodSandbox, &p, &Scope::default()).unwrap(),
             PodAction::Nothing
         );
     }
@@ -268,7 +291,9 @@ mod tests {
     #[test]
     fn systemd_slices_are_expanded() {
         let p = pod(&[(ANNOTATION, "gw")], "kubepods-besteffort-pod0a9e.slice");
-        let PodAction::Attach { cgroup, .. } = plan(Event::RunPodSandbox, &p, None).unwrap() else {
+        let PodAction::Attach { cgroup, .. } =
+            plan(Event::RunPodSandbox, &p, &Scope::default()).unwrap()
+        else {
             panic!()
         };
         assert_eq!(
@@ -279,13 +304,19 @@ mod tests {
 
     #[test]
     fn pods_without_the_annotation_or_the_selector_are_never_touched() {
-        let selector = Selector {
-            key: "app".into(),
-            value: "gateway".into(),
+        let selector = Scope {
+            selector: Some(Selector {
+                key: "app".into(),
+                value: "gateway".into(),
+            }),
+            ..Scope::default()
         };
-        let other = Selector {
-            key: "app".into(),
-            value: "web".into(),
+        let other = Scope {
+            selector: Some(Selector {
+                key: "app".into(),
+                value: "web".into(),
+            }),
+            ..Scope::default()
         };
         let bare = pod(&[("other", "x")], "/kubepods/pod1");
         let annotated = pod(&[(ANNOTATION, "gw")], "/kubepods/pod1");
@@ -294,20 +325,46 @@ mod tests {
             Event::StopPodSandbox,
             Event::RemovePodSandbox,
         ] {
+            assert_eq!(plan(event, &bare, &selector).unwrap(), PodAction::Nothing);
             assert_eq!(
-                plan(event, &bare, Some(&selector)).unwrap(),
+                plan(event, &bare, &Scope::default()).unwrap(),
                 PodAction::Nothing
             );
-            assert_eq!(plan(event, &bare, None).unwrap(), PodAction::Nothing);
-            assert_eq!(
-                plan(event, &annotated, Some(&other)).unwrap(),
-                PodAction::Nothing
-            );
+            assert_eq!(plan(event, &annotated, &other).unwrap(), PodAction::Nothing);
         }
         assert!(matches!(
-            plan(Event::RunPodSandbox, &annotated, Some(&selector)).unwrap(),
+            plan(Event::RunPodSandbox, &annotated, &selector).unwrap(),
             PodAction::Attach { .. }
         ));
+    }
+
+    #[test]
+    fn only_the_namespaces_given_may_name_an_instance() {
+        let scope = Scope {
+            namespaces: vec!["dmz".into()],
+            ..Scope::default()
+        };
+        let mut p = pod(&[(ANNOTATION, "gw")], "/kubepods/pod1");
+        p.namespace = "dmz".into();
+        assert!(matches!(
+            plan(Event::RunPodSandbox, &p, &scope).unwrap(),
+            PodAction::Attach { .. }
+        ));
+        p.namespace = "default".into();
+        assert!(matches!(
+            plan(Event::RunPodSandbox, &p, &scope),
+            Err(PodError::NamespaceNotAllowed { .. })
+        ));
+        assert_eq!(
+            plan(Event::RemovePodSandbox, &p, &scope).unwrap(),
+            PodAction::Nothing
+        );
+        // A pod without the annotation is never refused for its namespace.
+        let bare = pod(&[], "/kubepods/pod2");
+        assert_eq!(
+            plan(Event::RunPodSandbox, &bare, &scope).unwrap(),
+            PodAction::Nothing
+        );
     }
 
     #[test]
@@ -321,16 +378,19 @@ mod tests {
             "a/b.slice",
         ] {
             let p = pod(&[(ANNOTATION, "gw")], parent);
-            assert!(plan(Event::RunPodSandbox, &p, None).is_err(), "{parent:?}");
+            assert!(
+                plan(Event::RunPodSandbox, &p, &Scope::default()).is_err(),
+                "{parent:?}"
+            );
         }
         let bad_name = pod(&[(ANNOTATION, "../x")], "/kubepods/pod1");
         assert!(matches!(
-            plan(Event::RunPodSandbox, &bad_name, None),
+            plan(Event::RunPodSandbox, &bad_name, &Scope::default()),
             Err(PodError::BadInstanceName { .. })
         ));
         // Nothing was attached for it: its removal is not an error.
         assert_eq!(
-            plan(Event::RemovePodSandbox, &bad_name, None).unwrap(),
+            plan(Event::RemovePodSandbox, &bad_name, &Scope::default()).unwrap(),
             PodAction::Nothing
         );
     }
