@@ -225,22 +225,9 @@ impl TestCgroup {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         let _ = rulebpf(&["detach", "--cgroup", self.arg()]);
-        remove_cgroup_tree(&self.path);
+        rulebpf_testkit::cgroup::remove_tree(&self.path);
         let _ = fs::remove_dir_all(&self.rules_dir);
     }
-}
-
-/// Removes a cgroup and its descendants, deepest first (a cgroup's
-/// directory goes only once it has no child).
-fn remove_cgroup_tree(path: &Path) {
-    if let Ok(entries) = fs::read_dir(path) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(path);
 }
 
 /// Instance `name`'s entry of `rulebpf status --json` (Null: none).

@@ -531,19 +531,8 @@ fn remove_pod_cgroups() {
     let mut roots: Vec<PathBuf> = vec![PathBuf::from("/sys/fs/cgroup").join(PODS_CGROUP)];
     roots.extend(mounts.flatten().map(|e| e.path().join(PODS_CGROUP)));
     for root in roots {
-        remove_tree(&root);
+        rulebpf_testkit::cgroup::remove_tree(&root);
     }
-}
-
-fn remove_tree(dir: &Path) {
-    if let Ok(entries) = fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&entry.path());
-            }
-        }
-    }
-    let _ = fs::remove_dir(dir);
 }
 
 fn path_arg(path: &Path) -> anyhow::Result<&str> {
