@@ -421,6 +421,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     start.elapsed()
 }
 
+/// Whether the suite runs in `cargo xtask vm-test`'s guest (its init sets
+/// `RULEBPF_VM_GUEST=1`): an emulated machine, where wall-clock bounds
+/// measure qemu's scheduling more than rulebpf.
+pub fn in_vm_guest() -> bool {
+    std::env::var_os("RULEBPF_VM_GUEST").is_some_and(|v| v == "1")
+}
+
 /// Whether both connect hooks are attached to the cgroup at `path` (the
 /// last two programs an instance attaches), asked of the kernel
 /// (`BPF_PROG_QUERY`).

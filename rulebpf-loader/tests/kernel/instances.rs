@@ -80,6 +80,15 @@ fn run_follows_a_cgroup_through_20_recreations() {
     let name = cg.status()["name"].as_str().unwrap().to_string();
     let status = || instance_status(&name);
     let mut worst = Duration::ZERO;
+    // On the host, the bound of issue 11 (measured: a few ms). In vm-test's
+    // emulated guest the time is the emulated CPUs' scheduling more than
+    // `run`'s, and a loaded guest was seen past 100 ms once: there the test
+    // proves that `run` follows, and prints how fast.
+    let bound = if in_vm_guest() {
+        Duration::from_secs(10)
+    } else {
+        Duration::from_millis(100)
+    };
     for cycle in 0..20 {
         fs::remove_dir(&cg.path).unwrap();
         // Gone: `run` removes the attachment (and its pins) at once.
@@ -100,8 +109,8 @@ fn run_follows_a_cgroup_through_20_recreations() {
         // landed would count its own time against `run`.
         while !hooks_attached(&cg.path) {
             assert!(
-                made.elapsed() < Duration::from_millis(100),
-                "cycle {cycle}: no connect hooks on the cgroup 100 ms after the mkdir"
+                made.elapsed() < bound,
+                "cycle {cycle}: no connect hooks on the cgroup {bound:?} after the mkdir"
             );
             thread::sleep(Duration::from_micros(200));
         }

@@ -89,6 +89,8 @@ fn init_script(contents: &Contents<'_>) -> String {
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin HOME=/ RUST_BACKTRACE=1
+# Tells the suite it runs in an emulated guest (harness::in_vm_guest).
+export RULEBPF_VM_GUEST=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
