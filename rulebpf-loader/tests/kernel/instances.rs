@@ -327,13 +327,29 @@ fn a_crash_at_any_moment_leaves_status_true_to_the_kernel() {
 
 /// An instance of the previous layout (`/sys/fs/bpf/rulebpf/cg-<id>/`, its
 /// links pinned there) is replaced by the first attach of this version,
-/// under a connect storm: never an OS port.
+/// under a connect storm: never an OS port, never a failed connect, and no
+/// tuple left behind by the sockets both instances saw.
+///
+/// 64 ports, not a handful. The storm's connections end with a passive
+/// close, and under load the kernel can drop that FIN: one that spins in
+/// `bh_lock_sock()` while the server's socket turns into a timewait one is
+/// lost ("really marginal" natively, tcp_input.c, `tcp_rcv_state_process`;
+/// in vm-test's emulated 6.12 guest, 2 to 20 loss probes per 1,500
+/// connects). The client's port then stays in LAST_ACK until the loss
+/// probe, and with 9 ports toward one destination nine such overlapping
+/// filled the range: the old instance, alone and binding one socket per
+/// port, refused hundreds of connects before the upgrade had attached
+/// anything (one CI run in three). What the small range also found, a
+/// tuple kept across the overlap and never given back, is asked of the new
+/// instance directly at the end.
+/// https://github.com/torvalds/linux/blob/v6.12/net/ipv4/tcp_input.c (tcp_rcv_state_process, TCP_FIN_WAIT1)
 #[test]
 fn the_previous_layout_is_replaced_without_a_gap() {
+    const RANGE: std::ops::RangeInclusive<u16> = 21800..=21863;
     let cg = TestCgroup::new("upgrade");
     let server = Listener::on([127, 0, 0, 2]);
     let p = server.port();
-    let file = cg.rules_file("u.ini", &format!("127.0.0.2 {p} : 21761-21769\n"));
+    let file = cg.rules_file("u.ini", &format!("127.0.0.2 {p} : 21800-21863\n"));
     // Make a previous-layout instance: a real instance's links moved to
     // cg-<id>/ (the old pins held links of connect programs just the same),
     // binding one socket per port as the previous layout did.
@@ -359,7 +375,7 @@ fn the_previous_layout_is_replaced_without_a_gap() {
         )
         .unwrap();
     }
-    assert!(in_range(&cg.probe(server.addr, 1, &[]), 21761, 21769));
+    assert!(RANGE.contains(&only_port(&cg.probe(server.addr, 1, &[]))));
 
     let results = thread::scope(|s| {
         let storm = s.spawn(|| cg.probe(server.addr, 1500, &[]));
@@ -367,21 +383,39 @@ fn the_previous_layout_is_replaced_without_a_gap() {
         rulebpf_ok(&["attach", "--cgroup", cg.arg(), file.to_str().unwrap()]);
         storm.join().unwrap()
     });
+    let stats = || rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()]);
     let stray: Vec<(usize, &Probed)> = results
         .iter()
         .enumerate()
-        .filter(|(_, r)| !matches!(r, Probed::Port(p) if (21761..=21769).contains(p)))
+        .filter(|(_, r)| !matches!(r, Probed::Port(p) if RANGE.contains(p)))
         .collect();
     assert!(
         stray.is_empty(),
-        "a connect got another port (or failed) during the upgrade: {stray:?} of {}",
-        results.len()
+        "a connect got another port (or failed) during the upgrade: {stray:?} of {}\n{}",
+        results.len(),
+        stats()
     );
     assert!(
         !std::path::Path::new(&legacy).exists(),
         "the previous layout's pins stay"
     );
     server.take(results.len() + 1);
+    // The new instance (the cgroup's other entry): once the storm's last
+    // connections have closed, no port of its range is busy. A socket the
+    // old instance bound and the new one kept has its tuple recorded, and
+    // given back at its close like any other.
+    wait_until(
+        "the new instance to hold no tuple",
+        Duration::from_secs(10),
+        || {
+            let v: serde_json::Value = serde_json::from_str(&stats()).unwrap();
+            v.as_array().unwrap().iter().any(|i| {
+                i["instance"] != old.name.as_str()
+                    && i["rules"][0]["in_use"] == 0
+                    && i["rules"][0]["sockets"] == 0
+            })
+        },
+    );
 }
 
 #[test]
