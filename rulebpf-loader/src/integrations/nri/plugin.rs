@@ -179,7 +179,7 @@ impl Plugin {
         for pod in &sync.pods {
             match pods::plan(Event::RunPodSandbox, pod, &self.scope)
                 .and_then(|action| self.act(pod, action))
-                .and_then(|()| self.admit(pod))
+                .and_then(|attached| self.admit(pod, attached))
             {
                 Ok(Some(id)) => {
                     self.synced.borrow_mut().insert(id);
@@ -223,8 +223,8 @@ impl Plugin {
         let pod = &change.pod;
         let done = pods::plan(event, pod, &self.scope)
             .and_then(|a| self.act(pod, a))
-            .and_then(|()| match event {
-                Event::RunPodSandbox => self.admit(pod).map(drop),
+            .and_then(|attached| match event {
+                Event::RunPodSandbox => self.admit(pod, attached).map(drop),
                 Event::RemovePodSandbox => {
                     self.forget(pod);
                     Ok(())
@@ -240,7 +240,11 @@ impl Plugin {
         }
     }
 
-    fn act(&self, pod: &api::PodSandbox, action: pods::PodAction) -> Result<(), PodError> {
+    fn act(
+        &self,
+        pod: &api::PodSandbox,
+        action: pods::PodAction,
+    ) -> Result<Option<Cgroup>, PodError> {
         let said = match &action {
             pods::PodAction::Attach {
                 instance, cgroup, ..
@@ -254,7 +258,7 @@ impl Plugin {
             pods::PodAction::Nothing => None,
         };
         let start = Instant::now();
-        pods::act(action)?;
+        let attached = pods::act(action)?;
         if let Some(said) = said {
             log::info!(
                 "pod {}/{} ({}): {said} ({:.1} ms)",
@@ -264,7 +268,7 @@ impl Plugin {
                 start.elapsed().as_secs_f64() * 1e3
             );
         }
-        Ok(())
+        Ok(attached)
     }
 }
 
@@ -273,15 +277,22 @@ impl Plugin {
     /// or for a pod outside any known cgroup (no cgroup parent: the
     /// runtime's default cgroup, which the guard does not cover). An error
     /// (the guard's map refused the entry) refuses the pod: started, all
-    /// its connects would be refused.
-    fn admit(&self, pod: &api::PodSandbox) -> Result<Option<u64>, PodError> {
+    /// its connects would be refused. `attached`: the pod's cgroup as its
+    /// instance was just attached to it (the same cgroup, not resolved
+    /// again).
+    fn admit(
+        &self,
+        pod: &api::PodSandbox,
+        attached: Option<Cgroup>,
+    ) -> Result<Option<u64>, PodError> {
         let Some(guard) = &self.guard else {
             return Ok(None);
         };
-        let Some(cgroup) = pods::pod_cgroup(pod)
-            .ok()
-            .and_then(|relative| Cgroup::resolve(&relative).ok())
-        else {
+        let Some(cgroup) = attached.or_else(|| {
+            pods::pod_cgroup(pod)
+                .ok()
+                .and_then(|relative| Cgroup::resolve(&relative).ok())
+        }) else {
             return Ok(None);
         };
         guard

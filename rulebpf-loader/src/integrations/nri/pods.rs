@@ -193,10 +193,11 @@ fn slice_path(name: &str) -> Option<PathBuf> {
     Some(path)
 }
 
-/// Does what [`plan`] decided.
-pub fn act(action: PodAction) -> Result<(), PodError> {
+/// Does what [`plan`] decided. Returns the pod's cgroup when it attached
+/// to it (the guard admits the same cgroup, resolved once).
+pub fn act(action: PodAction) -> Result<Option<Cgroup>, PodError> {
     match action {
-        PodAction::Nothing => Ok(()),
+        PodAction::Nothing => Ok(None),
         PodAction::Attach {
             instance,
             cgroup,
@@ -219,7 +220,7 @@ pub fn act(action: PodAction) -> Result<(), PodError> {
             opened
                 .attach(&cgroup, AttachedBy::Pod { id: pod.clone() })
                 .map_err(fail)?;
-            Ok(())
+            Ok(Some(cgroup))
         }
         PodAction::Detach { instance, pod } => {
             let fail = |source| PodError::Instance {
@@ -230,7 +231,7 @@ pub fn act(action: PodAction) -> Result<(), PodError> {
             let _lock = CommandLock::acquire(&instance).map_err(fail)?;
             // Removed meanwhile: nothing to undo.
             let Some(opened) = Instance::open(&instance).map_err(fail)? else {
-                return Ok(());
+                return Ok(None);
             };
             let by = AttachedBy::Pod { id: pod.clone() };
             for attachment in opened.record().map_err(fail)?.attachments {
@@ -238,7 +239,7 @@ pub fn act(action: PodAction) -> Result<(), PodError> {
                     opened.detach_id(attachment.cgroup_id).map_err(fail)?;
                 }
             }
-            Ok(())
+            Ok(None)
         }
     }
 }
