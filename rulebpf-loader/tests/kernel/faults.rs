@@ -402,7 +402,7 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
         peer.addr.port(),
         TCP_TIME_WAIT,
     );
-    let before = proc_net_tcp_lines(19200..=19201);
+    let before = our_sockets(19200..=19201, peer.addr.port(), |f| f.join(" "));
     let again = cg.probe(peer.addr, 2, &["--close-first"]);
     if !kernel_shares_ports() {
         // Bound without SO_REUSEADDR, a socket cannot take a port a
@@ -417,7 +417,7 @@ fn a_tuple_the_peer_still_holds_is_not_handed_out_again() {
         reclaimed(&cg),
         timewait,
         "timewait sockets among our two FIN_WAIT2 ones: {timewait}; /proc/net/tcp \
-         before the connects:\n{before}\n{}",
+         before the connects:\n{before:#?}\n{}",
         rulebpf_ok(&["stats", "--json", "--cgroup", cg.arg()])
     );
 }
@@ -434,21 +434,6 @@ fn our_timers(local: std::ops::RangeInclusive<u16>, remote_port: u16) -> Vec<u8>
     our_sockets(local, remote_port, |f| {
         u8::from_str_radix(f[5].split(':').next().unwrap(), 16).unwrap()
     })
-}
-
-/// The /proc/net/tcp lines (IPv4) of local ports in `local`.
-fn proc_net_tcp_lines(local: std::ops::RangeInclusive<u16>) -> String {
-    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |field: &str| u16::from_str_radix(field.rsplit(':').next().unwrap(), 16).unwrap();
-    text.lines()
-        .skip(1)
-        .filter(|line| {
-            line.split_whitespace()
-                .nth(1)
-                .is_some_and(|l| local.contains(&port(l)))
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The instance counter `reclaimed` of `cg`.

@@ -349,7 +349,10 @@ fn the_previous_layout_is_replaced_without_a_gap() {
     let cg = TestCgroup::new("upgrade");
     let server = Listener::on([127, 0, 0, 2]);
     let p = server.port();
-    let file = cg.rules_file("u.ini", &format!("127.0.0.2 {p} : 21800-21863\n"));
+    let file = cg.rules_file(
+        "u.ini",
+        &format!("127.0.0.2 {p} : {}-{}\n", RANGE.start(), RANGE.end()),
+    );
     // Make a previous-layout instance: a real instance's links moved to
     // cg-<id>/ (the old pins held links of connect programs just the same),
     // binding one socket per port as the previous layout did.
